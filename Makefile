@@ -18,15 +18,18 @@ install: $(STAMP)
 
 # Regenerate the Python code (and .pyi stubs) for the v1 API. The proto path is the
 # import path, so the output needs no rewriting.
+PROTOC = $(PY) -m grpc_tools.protoc -Iprotos \
+	--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+	--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc
+PROTOS = $$(find protos/gyoza -name '*.proto' | sort)
+
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos \
-		--python_out=. --pyi_out=. --grpc_python_out=. \
-		$$(find protos/gyoza -name '*.proto' | sort)
+	$(PROTOC) --python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTOS)
 
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d) && \
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp \
-		$$(find protos/gyoza -name '*.proto' | sort) && \
+	$(PROTOC) --python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp \
+		$(PROTOS) && \
 	diff -r -x __init__.py -x __pycache__ -x '*.pyc' $$tmp/gyoza/api/v1 gyoza/api/v1 && \
 	rm -rf $$tmp && echo "generated code is up to date"
 
