@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto proto-check lint test bench serve all clean
+.PHONY: install proto proto-check lint services test bench serve all clean
 
 all: lint proto-check test
 
@@ -39,8 +39,23 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	cd protos && ../$(VENV)/bin/buf lint
 
-test: $(STAMP)
-	$(VENV)/bin/pytest
+# Start what the tests need: the Docker engine, a throwaway PostgreSQL on
+# 127.0.0.1 (port GYOZA_PG_PORT, default 54329) and the test image gyoza-test/busybox:latest.
+# As root on a machine that lacks the system packages, install them first. The
+# PostgreSQL URL is left in .tmp/postgres-url for `test`.
+services:
+	@if [ "$$(id -u)" = 0 ] && { ! command -v dockerd >/dev/null 2>&1 || \
+		! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		! test -x /bin/busybox; }; then scripts/install-system.sh; fi
+	scripts/start-dockerd.sh
+	@mkdir -p .tmp
+	scripts/start-postgres.sh > .tmp/postgres-url
+	scripts/make-test-image.sh
+
+# GYOZA_TEST_POSTGRES_URL from the environment wins over the local cluster's URL.
+test: $(STAMP) services
+	GYOZA_TEST_POSTGRES_URL="$${GYOZA_TEST_POSTGRES_URL:-$$(cat .tmp/postgres-url)}" \
+		$(VENV)/bin/pytest
 
 bench: $(STAMP)
 	$(PY) -m bench
