@@ -1,0 +1,1 @@
+"""gyoza benchmarks (`make bench`)."""

@@ -1,0 +1,337 @@
+"""``gyoza.api.v1.AgentService``: the agents' stream and the fleet views.
+
+The servicer is transport glue: it reads the agent's messages, hands them to the run
+controller in order, and writes what the controller answers. Rules (DESIGN.md): Hello
+first; every run-scoped message fenced by ``(run_id, attempt)``; reports applied exactly
+once and acknowledged only once committed; a silent agent is lost after its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from gyoza.api.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    op_run_pb2,
+    resources_pb2,
+)
+from gyoza.models.errors import NotFound
+from gyoza.models.resources import EventType, FailureClass
+from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
+from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState, struct_dict
+
+log = logging.getLogger("gyoza.agents")
+
+#: How long a new stream may take to send its Hello.
+HELLO_TIMEOUT_S = 30.0
+
+_EVENT_TYPES = {
+    resources_pb2.EVENT_TYPE_STARTED: EventType.STARTED,
+    resources_pb2.EVENT_TYPE_INFO: EventType.INFO,
+    resources_pb2.EVENT_TYPE_PROGRESS: EventType.PROGRESS,
+    resources_pb2.EVENT_TYPE_ERROR: EventType.ERROR,
+    resources_pb2.EVENT_TYPE_COMPLETED: EventType.COMPLETED,
+    resources_pb2.EVENT_TYPE_FAILED: EventType.FAILED,
+    resources_pb2.EVENT_TYPE_CANCELLED: EventType.CANCELLED,
+}
+
+_FAILURE_CLASSES = {
+    value: FailureClass(name.removeprefix("FAILURE_CLASS_"))
+    for name, value in resources_pb2.FailureClass.items()
+    if value != resources_pb2.FAILURE_CLASS_UNSPECIFIED
+}
+
+_STREAMS = {
+    op_run_pb2.LOG_STREAM_STDOUT: "stdout",
+    op_run_pb2.LOG_STREAM_STDERR: "stderr",
+}
+
+
+class _Refused(Exception):
+    """A malformed report; answered with a Nack, the stream goes on."""
+
+
+class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
+    """Serves agent streams and the fleet views."""
+
+    def __init__(self, controller: RunController, sessions: SessionRegistry) -> None:
+        self.controller = controller
+        self.sessions = sessions
+        controller.link = sessions
+
+    async def Connect(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[agent_service_pb2.ConnectRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """One agent session, from Hello to the end of the stream."""
+        loop = asyncio.get_running_loop()
+        iterator = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(iterator), HELLO_TIMEOUT_S)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "expected a Hello first")
+            return
+        if first.WhichOneof("message") != "hello":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the first message on an agent stream must be a Hello",
+            )
+            return
+        hello = first.hello
+        if not hello.agent_name.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.agent_name is empty")
+            return
+        session = AgentSession(
+            name=hello.agent_name,
+            labels=dict(hello.labels),
+            version=hello.version,
+            capacity=hello.capacity,
+            state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
+        )
+        session.touch(loop.time())
+        held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
+        reconciliation = await self.controller.agent_connected(session.name, held)
+        settings = self.controller.settings
+        welcome = agent_service_pb2.Welcome(
+            session_id=session.session_id,
+            heartbeat_interval=_duration(settings.heartbeat_interval_s),
+            lease_timeout=_duration(settings.lease_timeout_s),
+            resume=[_ack(a) for a in reconciliation.resume],
+        )
+        session.send(agent_service_pb2.ConnectResponse(welcome=welcome))
+        for nack in reconciliation.drop:
+            session.send(agent_service_pb2.ConnectResponse(nack=_nack(nack)))
+        self.sessions.open(session)
+        # The previous session's cancels may have been queued before this one existed.
+        for run_id, attempt, reason in reconciliation.cancel:
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    cancel=agent_service_pb2.Cancel(run_id=run_id, attempt=attempt, reason=reason)
+                )
+            )
+        log.info(
+            "agent connected",
+            extra={"agent": session.name, "session": session.session_id, "held": len(held)},
+        )
+        self.controller.agent_ready()
+
+        inbound: asyncio.Queue[agent_service_pb2.ConnectRequest | None] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._read(iterator, session, inbound)),
+            asyncio.create_task(self._process(session, inbound)),
+            asyncio.create_task(self._write(session, context)),
+            asyncio.create_task(self._lease(session)),
+        ]
+        ended = SessionState.DISCONNECTED
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning(
+                        "agent stream failed",
+                        extra={"agent": session.name, "error": repr(task.exception())},
+                    )
+                if task is tasks[3] and not task.cancelled() and task.exception() is None:
+                    ended = SessionState.LOST
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.sessions.close(session, ended):
+                self.controller.agent_disconnected(session.name, session.last_seen)
+                log.info("agent disconnected", extra={"agent": session.name, "state": ended.value})
+
+    async def _read(
+        self,
+        iterator: AsyncIterator[agent_service_pb2.ConnectRequest],
+        session: AgentSession,
+        inbound: asyncio.Queue[agent_service_pb2.ConnectRequest | None],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        async for message in iterator:
+            session.touch(loop.time())
+            if message.WhichOneof("message") == "heartbeat":
+                self.sessions.refresh_capacity(session, message.heartbeat.capacity)
+                self.controller.agent_ready()
+                continue
+            inbound.put_nowait(message)
+
+    async def _process(
+        self,
+        session: AgentSession,
+        inbound: asyncio.Queue[agent_service_pb2.ConnectRequest | None],
+    ) -> None:
+        while True:
+            message = await inbound.get()
+            if message is None:
+                return
+            kind = message.WhichOneof("message")
+            if kind == "reports":
+                await self._reports(session, message.reports)
+            elif kind == "assignment_reply":
+                reply = message.assignment_reply
+                await self.controller.reply(
+                    session.name, reply.run_id, reply.attempt, reply.accepted, reply.reason
+                )
+            elif kind == "hello":
+                session.send(
+                    agent_service_pb2.ConnectResponse(
+                        nack=agent_service_pb2.Nack(
+                            code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                            reason="HELLO_REPEATED",
+                            message="Hello is only valid as the first message of a stream",
+                        )
+                    )
+                )
+            else:
+                session.send(
+                    agent_service_pb2.ConnectResponse(
+                        nack=agent_service_pb2.Nack(
+                            code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                            reason="EMPTY_MESSAGE",
+                            message="the message carries no known field",
+                        )
+                    )
+                )
+
+    async def _reports(self, session: AgentSession, batch: agent_service_pb2.ReportBatch) -> None:
+        reports: list[ReportIn] = []
+        nacks: list[NackOut] = []
+        for report in batch.reports:
+            try:
+                reports.append(_report_in(report))
+            except _Refused as exc:
+                nacks.append(
+                    NackOut(
+                        report.run_id, report.attempt, report.seq, "INVALID_ARGUMENT",
+                        "MALFORMED_REPORT", str(exc),
+                    )
+                )
+        acks, refused = await self.controller.apply_reports(session.name, reports)
+        if acks:
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    acks=agent_service_pb2.AckBatch(acks=[_ack(a) for a in acks])
+                )
+            )
+        for nack in [*nacks, *refused]:
+            session.send(agent_service_pb2.ConnectResponse(nack=_nack(nack)))
+
+    async def _write(
+        self, session: AgentSession, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        while True:
+            message = await session.outbox.get()
+            if message is None:
+                return
+            await context.write(message)
+
+    async def _lease(self, session: AgentSession) -> None:
+        """Return when the agent has been silent past its lease."""
+        loop = asyncio.get_running_loop()
+        lease = self.controller.settings.lease_timeout_s
+        while True:
+            remaining = session.last_seen + lease - loop.time()
+            if remaining <= 0:
+                log.warning("agent silent past its lease", extra={"agent": session.name})
+                return
+            await asyncio.sleep(remaining)
+
+    async def ListAgents(  # noqa: N802
+        self,
+        request: agent_service_pb2.ListAgentsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_service_pb2.ListAgentsResponse:
+        """The agents with capacity, reservations and runs."""
+        agents = [
+            self.sessions.describe(session)
+            for name, session in sorted(self.sessions.known.items())
+            if request.include_disconnected or name in self.sessions.sessions
+        ]
+        return agent_service_pb2.ListAgentsResponse(agents=agents)
+
+    async def DrainAgent(  # noqa: N802
+        self,
+        request: agent_service_pb2.DrainAgentRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_service_pb2.DrainAgentResponse:
+        """Tell an agent to take no new work."""
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is empty")
+        try:
+            session = self.sessions.drain(request.name)
+        except NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise
+        return agent_service_pb2.DrainAgentResponse(agent=self.sessions.describe(session))
+
+
+def _report_in(report: agent_service_pb2.Report) -> ReportIn:
+    if not report.run_id or report.attempt < 1 or report.seq < 1:
+        raise _Refused("a report needs run_id, attempt >= 1 and seq >= 1")
+    when = (
+        report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
+    )
+    body = report.WhichOneof("body")
+    if body == "logs":
+        return ReportIn(
+            run_id=report.run_id,
+            attempt=report.attempt,
+            seq=report.seq,
+            time=when,
+            lines=tuple(
+                (line.text, _STREAMS.get(line.stream, "stdout")) for line in report.logs.lines
+            ),
+        )
+    if body != "event":
+        raise _Refused("a report carries neither an event nor log lines")
+    event = report.event
+    kind = _EVENT_TYPES.get(event.type)
+    if kind is None:
+        raise _Refused(f"agents cannot report events of type {event.type}")
+    return ReportIn(
+        run_id=report.run_id,
+        attempt=report.attempt,
+        seq=report.seq,
+        time=when,
+        event_type=kind,
+        message=event.message,
+        progress=event.progress,
+        payload=struct_dict(event.payload),
+        outputs=struct_dict(event.outputs) if event.HasField("outputs") else None,
+        failure_class=_FAILURE_CLASSES.get(event.failure_class),
+        exit_code=event.exit_code if event.HasField("exit_code") else None,
+        error_message=event.error_message,
+        duration_ms=event.duration_ms,
+    )
+
+
+def _ack(ack: AckOut) -> agent_service_pb2.Ack:
+    return agent_service_pb2.Ack(run_id=ack.run_id, attempt=ack.attempt, seq=ack.seq)
+
+
+def _nack(nack: NackOut) -> agent_service_pb2.Nack:
+    return agent_service_pb2.Nack(
+        run_id=nack.run_id,
+        attempt=nack.attempt,
+        seq=nack.seq,
+        code=grpc.StatusCode[nack.code].value[0],
+        reason=nack.reason,
+        message=nack.message,
+        drop_attempt=nack.drop_attempt,
+    )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value

@@ -1,0 +1,274 @@
+"""Agent sessions: one per connected agent's ``Connect`` stream.
+
+A session owns the outbound queue of its stream (assignments, cancels, acks, nacks,
+drain), the agent's lease (last time it was heard from) and its declared capacity. The
+registry is the :class:`~gyoza.server.control.AgentLink` through which the run controller
+reaches agents; it also answers the fleet views (ListAgents, DrainAgent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from google.protobuf import json_format, struct_pb2
+
+from gyoza.api.v1 import agent_pb2, agent_service_pb2, resources_pb2
+from gyoza.models.errors import NotFound
+from gyoza.models.op_run import OpRun
+from gyoza.models.resources import Constraints
+from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
+
+log = logging.getLogger("gyoza.sessions")
+
+
+class SessionState(enum.Enum):
+    """Connection state of an agent as the server sees it."""
+
+    CONNECTED = "CONNECTED"
+    DRAINING = "DRAINING"
+    LOST = "LOST"
+    DISCONNECTED = "DISCONNECTED"
+
+
+@dataclass
+class AgentSession:
+    """One agent's live stream.
+
+    Parameters
+    ----------
+    name : str
+        The agent's unique name.
+    """
+
+    name: str
+    session_id: str = field(default_factory=lambda: f"ses_{uuid.uuid4().hex[:12]}")
+    labels: dict[str, str] = field(default_factory=dict)
+    version: str = ""
+    capacity: agent_pb2.Capacity = field(default_factory=agent_pb2.Capacity)
+    connected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    last_seen_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    last_seen: float = 0.0  # event-loop time, for the lease
+    state: SessionState = SessionState.CONNECTED
+    outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
+        default_factory=asyncio.Queue
+    )
+
+    def send(self, message: agent_service_pb2.ConnectResponse) -> bool:
+        """Queue a message for the stream; False once the session is closed."""
+        if self.state in (SessionState.DISCONNECTED, SessionState.LOST):
+            return False
+        self.outbox.put_nowait(message)
+        return True
+
+    def close(self) -> None:
+        """End the stream: the writer stops at the sentinel."""
+        self.outbox.put_nowait(None)
+
+    def touch(self, loop_time: float) -> None:
+        """The agent was heard from: its lease starts again."""
+        self.last_seen = loop_time
+        self.last_seen_at = datetime.now(UTC)
+
+
+class SessionRegistry:
+    """The live sessions by agent name, and agents known since the server started."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.sessions: dict[str, AgentSession] = {}
+        #: Last session of every agent seen since start (for ListAgents).
+        self.known: dict[str, AgentSession] = {}
+
+    # -- AgentLink ------------------------------------------------------
+    def is_connected(self, agent: str) -> bool:
+        """True when the agent has a live session."""
+        return agent in self.sessions
+
+    def send_assignment(self, agent: str, run: OpRun, placement: Placement) -> bool:
+        """Queue an assignment on the agent's stream."""
+        session = self.sessions.get(agent)
+        if session is None:
+            return False
+        inputs = struct_pb2.Struct()
+        inputs.update(run.inputs)
+        message = agent_service_pb2.ConnectResponse(
+            assignment=agent_service_pb2.Assignment(
+                run_id=run.id,
+                attempt=run.current_attempt,
+                image=run.image,
+                inputs=inputs,
+                constraints=constraints_message(run.constraints),
+                gpu_ids=list(placement.gpu_ids),
+                gpu_uuids=list(placement.gpu_uuids),
+                op_definition=run.op_definition or "",
+                op_definition_version=run.op_definition_version or 0,
+            )
+        )
+        return session.send(message)
+
+    def send_cancel(self, agent: str, run_id: str, attempt: int, reason: str) -> bool:
+        """Queue a cancel on the agent's stream."""
+        session = self.sessions.get(agent)
+        if session is None:
+            return False
+        return session.send(
+            agent_service_pb2.ConnectResponse(
+                cancel=agent_service_pb2.Cancel(run_id=run_id, attempt=attempt, reason=reason)
+            )
+        )
+
+    # -- sessions -------------------------------------------------------
+    def open(self, session: AgentSession) -> None:
+        """Register a new session, replacing (and closing) an older one of that name:
+        a reconnecting agent wins over a half-open stream."""
+        old = self.sessions.get(session.name)
+        if old is not None:
+            log.warning("agent reconnected; closing its previous session",
+                        extra={"agent": session.name, "old_session": old.session_id})
+            old.state = SessionState.DISCONNECTED
+            old.close()
+        self.sessions[session.name] = session
+        self.known[session.name] = session
+        draining = session.state is SessionState.DRAINING
+        self.scheduler.upsert_agent(
+            session.name,
+            cpu=session.capacity.cpu,
+            ram_mb=session.capacity.ram_mb,
+            gpus=gpu_slots(session.capacity),
+            connected=True,
+            draining=draining,
+        )
+
+    def refresh_capacity(self, session: AgentSession, capacity: agent_pb2.Capacity) -> None:
+        """A heartbeat brought fresh capacity."""
+        session.capacity = capacity
+        if self.sessions.get(session.name) is session:
+            self.scheduler.upsert_agent(
+                session.name,
+                cpu=capacity.cpu,
+                ram_mb=capacity.ram_mb,
+                gpus=gpu_slots(capacity),
+                connected=True,
+            )
+
+    def close(self, session: AgentSession, state: SessionState) -> bool:
+        """Unregister a session; False when a newer one already replaced it."""
+        if session.state not in (SessionState.DISCONNECTED, SessionState.LOST):
+            session.state = state
+        session.close()
+        if self.sessions.get(session.name) is not session:
+            return False
+        del self.sessions[session.name]
+        self.scheduler.set_connected(session.name, False)
+        return True
+
+    def drain(self, name: str) -> AgentSession:
+        """Tell an agent to take no new work.
+
+        Raises
+        ------
+        NotFound
+            When no such agent is known.
+        """
+        session = self.sessions.get(name) or self.known.get(name)
+        if session is None:
+            raise NotFound(f"no agent named {name!r}")
+        self.scheduler.set_draining(name, True)
+        if session.state is SessionState.CONNECTED:
+            session.state = SessionState.DRAINING
+        session.send(
+            agent_service_pb2.ConnectResponse(
+                drain=agent_service_pb2.Drain(reason="drain requested")
+            )
+        )
+        return session
+
+    def describe(self, session: AgentSession) -> agent_pb2.Agent:
+        """The agent as ListAgents shows it: capacity, reservations, runs."""
+        slot = self.scheduler.agents.get(session.name)
+        agent = agent_pb2.Agent(
+            name=session.name,
+            state=_STATE_TO_PROTO[session.state],
+            session_id=session.session_id,
+            labels=session.labels,
+            capacity=session.capacity,
+            version=session.version,
+        )
+        agent.connect_time.FromDatetime(session.connected_at)
+        agent.last_seen_time.FromDatetime(session.last_seen_at)
+        if slot is not None:
+            agent.cpu_reserved = slot.cpu_reserved
+            agent.ram_reserved_mb = slot.ram_reserved_mb
+            for gpu in sorted(slot.gpus.values(), key=lambda g: g.index):
+                agent.gpu_reservations.add(
+                    index=gpu.index,
+                    vram_reserved_mb=gpu.vram_reserved_mb,
+                    vram_free_mb=gpu.vram_available_mb,
+                    run_count=gpu.run_count,
+                )
+            for reservation in slot.reservations.values():
+                agent.runs.add(
+                    run_id=reservation.run_id,
+                    attempt=reservation.attempt,
+                    gpu_ids=list(reservation.gpu_ids),
+                )
+        return agent
+
+
+_STATE_TO_PROTO = {
+    SessionState.CONNECTED: agent_pb2.AGENT_STATE_CONNECTED,
+    SessionState.DRAINING: agent_pb2.AGENT_STATE_DRAINING,
+    SessionState.LOST: agent_pb2.AGENT_STATE_LOST,
+    SessionState.DISCONNECTED: agent_pb2.AGENT_STATE_DISCONNECTED,
+}
+
+
+def gpu_slots(capacity: agent_pb2.Capacity) -> list[GpuSlot]:
+    """The scheduler's view of an agent's reported GPUs."""
+    return [
+        GpuSlot(
+            index=gpu.index,
+            uuid=gpu.uuid,
+            name=gpu.name,
+            vram_total_mb=gpu.vram_total_mb,
+            vram_free_reported_mb=gpu.vram_free_mb,
+            healthy=gpu.healthy,
+            health_reason=gpu.health_reason,
+        )
+        for gpu in capacity.gpus
+    ]
+
+
+def constraints_message(constraints: Constraints) -> resources_pb2.Constraints:
+    """Constraints as sent in an assignment."""
+    message = resources_pb2.Constraints(
+        cpu=constraints.cpu,
+        ram_mb=constraints.ram_mb,
+        vram_mb=constraints.vram_mb,
+        gpu_count=constraints.gpu_count,
+        timeout_seconds=constraints.timeout_s or 0.0,
+    )
+    if constraints.gpu_id is not None:
+        message.gpu_id = constraints.gpu_id
+    return message
+
+
+def struct_dict(value: struct_pb2.Struct) -> dict[str, object]:
+    """A Struct as a plain dict (integral numbers come back as ints)."""
+    data = json_format.MessageToDict(value)
+    return {k: _intify(v) for k, v in data.items()}
+
+
+def _intify(value: object) -> object:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _intify(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_intify(v) for v in value]
+    return value
