@@ -186,9 +186,7 @@ class RunController:
         self.scheduler = Scheduler()
         self.link: AgentLink = _NullLink()
         self._runs: dict[str, OpRun] = {}
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._retry_timers: dict[str, asyncio.TimerHandle] = {}
         self._lost_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -263,9 +261,7 @@ class RunController:
             await self.store.create_run(run)
         except AlreadyExists:
             existing = (
-                await self.store.get_run_by_request_id(run.request_id)
-                if run.request_id
-                else None
+                await self.store.get_run_by_request_id(run.request_id) if run.request_id else None
             )
             if existing is None:
                 raise
@@ -369,9 +365,7 @@ class RunController:
     # ------------------------------------------------------------------
     # Agent side
     # ------------------------------------------------------------------
-    async def agent_connected(
-        self, agent: str, held: Sequence[HeldIn]
-    ) -> Reconciliation:
+    async def agent_connected(self, agent: str, held: Sequence[HeldIn]) -> Reconciliation:
         """An agent (re)connected: keep what both sides agree it holds, drop what the
         server no longer wants it to run, release what it lost."""
         timer = self._lost_timers.pop(agent, None)
@@ -441,7 +435,11 @@ class RunController:
         ]
         for run_id in lost:
             await self._release(
-                run_id, None, agent, "the agent no longer holds the attempt", FailureClass.AGENT_LOST
+                run_id,
+                None,
+                agent,
+                "the agent no longer holds the attempt",
+                FailureClass.AGENT_LOST,
             )
         return result
 
@@ -455,7 +453,9 @@ class RunController:
         self.scheduler.set_connected(agent, False)
         self._arm_lost(agent, last_seen)
 
-    async def reply(self, agent: str, run_id: str, attempt: int, accepted: bool, reason: str) -> None:
+    async def reply(
+        self, agent: str, run_id: str, attempt: int, accepted: bool, reason: str
+    ) -> None:
         """An agent accepted or refused an assignment; a refusal releases it."""
         if accepted:
             return
@@ -501,13 +501,24 @@ class RunController:
                 run = await self.get_run(run_id)
             except NotFound:
                 return None, [
-                    NackOut(run_id, attempt_no, first.seq, "NOT_FOUND", NotFound.reason,
-                            f"no run {run_id}", drop_attempt=True)
+                    NackOut(
+                        run_id,
+                        attempt_no,
+                        first.seq,
+                        "NOT_FOUND",
+                        NotFound.reason,
+                        f"no run {run_id}",
+                        drop_attempt=True,
+                    )
                 ]
             if run.current_attempt != attempt_no:
                 return None, [
                     NackOut(
-                        run_id, attempt_no, first.seq, "ABORTED", StaleAttempt.reason,
+                        run_id,
+                        attempt_no,
+                        first.seq,
+                        "ABORTED",
+                        StaleAttempt.reason,
                         f"attempt {attempt_no} is not the current attempt "
                         f"({run.current_attempt}) of run {run_id}",
                         drop_attempt=True,
@@ -516,7 +527,10 @@ class RunController:
             if run.execution_summary.worker_id != agent:
                 return None, [
                     NackOut(
-                        run_id, attempt_no, first.seq, "PERMISSION_DENIED",
+                        run_id,
+                        attempt_no,
+                        first.seq,
+                        "PERMISSION_DENIED",
                         "NOT_ASSIGNED_TO_AGENT",
                         f"run {run_id} attempt {attempt_no} is not assigned to agent {agent}",
                         drop_attempt=True,
@@ -545,11 +559,14 @@ class RunController:
                     current.reported_seq = report.seq
                     nacks.append(
                         NackOut(
-                            run_id, attempt_no, report.seq,
+                            run_id,
+                            attempt_no,
+                            report.seq,
                             "FAILED_PRECONDITION"
                             if isinstance(exc, OpRunLockedException)
                             else "INVALID_ARGUMENT",
-                            exc.reason, str(exc),
+                            exc.reason,
+                            str(exc),
                         )
                     )
             if current.reported_seq == watermark_before:
@@ -601,7 +618,11 @@ class RunController:
         before: OpRunState,
         before_retry: datetime | None = None,
     ) -> None:
-        if run.state is OpRunState.FAILED and run.next_retry_at is None and before is not OpRunState.FAILED:
+        if (
+            run.state is OpRunState.FAILED
+            and run.next_retry_at is None
+            and before is not OpRunState.FAILED
+        ):
             run.schedule_auto_retry()
         new = _new_events(run, marks)
         started = time.perf_counter()

@@ -241,7 +241,12 @@ class Scheduler:
         return self._holder.get(run_id)
 
     def reserve(
-        self, agent: str, run_id: str, attempt: int, constraints: Constraints, gpu_ids: tuple[int, ...]
+        self,
+        agent: str,
+        run_id: str,
+        attempt: int,
+        constraints: Constraints,
+        gpu_ids: tuple[int, ...],
     ) -> Reservation:
         """Record that an attempt holds resources on an agent (replacing an older
         reservation of the same run)."""
@@ -355,9 +360,7 @@ def _pick_gpus(slot: AgentSlot, need: Constraints) -> tuple[int, ...] | None:
         if gpu is None or not gpu.healthy or gpu.vram_available_mb < need.vram_mb:
             return None
         return (gpu.index,)
-    fitting = [
-        g for g in slot.gpus.values() if g.healthy and g.vram_available_mb >= need.vram_mb
-    ]
+    fitting = [g for g in slot.gpus.values() if g.healthy and g.vram_available_mb >= need.vram_mb]
     if len(fitting) < count:
         return None
     # Tightest GPUs first, so that large free GPUs stay free for large runs.

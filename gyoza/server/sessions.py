@@ -128,8 +128,10 @@ class SessionRegistry:
         a reconnecting agent wins over a half-open stream."""
         old = self.sessions.get(session.name)
         if old is not None:
-            log.warning("agent reconnected; closing its previous session",
-                        extra={"agent": session.name, "old_session": old.session_id})
+            log.warning(
+                "agent reconnected; closing its previous session",
+                extra={"agent": session.name, "old_session": old.session_id},
+            )
             old.state = SessionState.DISCONNECTED
             old.close()
         self.sessions[session.name] = session

@@ -212,8 +212,12 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             except _Refused as exc:
                 nacks.append(
                     NackOut(
-                        report.run_id, report.attempt, report.seq, "INVALID_ARGUMENT",
-                        "MALFORMED_REPORT", str(exc),
+                        report.run_id,
+                        report.attempt,
+                        report.seq,
+                        "INVALID_ARGUMENT",
+                        "MALFORMED_REPORT",
+                        str(exc),
                     )
                 )
         acks, refused = await self.controller.apply_reports(session.name, reports)
@@ -278,9 +282,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
 def _report_in(report: agent_service_pb2.Report) -> ReportIn:
     if not report.run_id or report.attempt < 1 or report.seq < 1:
         raise _Refused("a report needs run_id, attempt >= 1 and seq >= 1")
-    when = (
-        report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
-    )
+    when = report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
     body = report.WhichOneof("body")
     if body == "logs":
         return ReportIn(
