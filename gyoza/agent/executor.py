@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from gyoza.models.resources import Constraints, EventType, FailureClass
@@ -38,6 +39,8 @@ class Assignment:
         UUIDs of those GPUs.
     op_definition : str | None
         Definition name, ``None`` for an ad-hoc run.
+    op_definition_version : int | None
+        Definition version, ``None`` for an ad-hoc run.
     """
 
     run_id: str
@@ -48,6 +51,7 @@ class Assignment:
     gpu_ids: tuple[int, ...] = ()
     gpu_uuids: tuple[str, ...] = ()
     op_definition: str | None = None
+    op_definition_version: int | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -68,6 +72,13 @@ class ReportSink(Protocol):
     @property
     def cursor(self) -> int:
         """The last cursor stored with a report of this attempt (0 when none)."""
+        ...
+
+    @property
+    def started_at(self) -> datetime | None:
+        """When the attempt's STARTED event was recorded (``None`` before it was). Durable
+        like the cursor: after an agent restart it gives the executor the attempt's start
+        (for ``duration_ms``, or to replay a script on the wall clock)."""
         ...
 
     async def event(
@@ -105,6 +116,12 @@ class Executor(ABC):
         start (FAILED reported). The executor keeps following it in the background and
         reports every later event, ending with exactly one of COMPLETED, FAILED or
         CANCELLED."""
+
+    def refusal(self, assignment: Assignment) -> str | None:
+        """Why this executor cannot take *assignment* now, or ``None`` when it can. The
+        agent refuses the assignment with this reason (the server then places it
+        elsewhere) instead of accepting it and failing it."""
+        return None
 
     @abstractmethod
     async def cancel(self, run_id: str, attempt: int, reason: str) -> None:

@@ -1,0 +1,50 @@
+"""The gyoza domain: runs, attempts, definitions and their value objects (stdlib only)."""
+
+from __future__ import annotations
+
+from gyoza.models.errors import (
+    FieldViolation,
+    GyozaError,
+    InvalidInput,
+    InvalidTransition,
+    MaxAttemptsReached,
+    OpRunLockedException,
+    StaleAttempt,
+)
+from gyoza.models.op_attempt import OpAttempt
+from gyoza.models.op_definition import NAME_PATTERN, InputSpec, InputType, OpDefinition
+from gyoza.models.op_run import OpRun
+from gyoza.models.resources import (
+    Constraints,
+    EventDelivery,
+    EventEntry,
+    EventType,
+    ExecutionSummary,
+    FailureClass,
+    OpRunState,
+    RetryPolicy,
+)
+
+__all__ = [
+    "NAME_PATTERN",
+    "Constraints",
+    "EventDelivery",
+    "EventEntry",
+    "EventType",
+    "ExecutionSummary",
+    "FailureClass",
+    "FieldViolation",
+    "GyozaError",
+    "InputSpec",
+    "InputType",
+    "InvalidInput",
+    "InvalidTransition",
+    "MaxAttemptsReached",
+    "OpAttempt",
+    "OpDefinition",
+    "OpRun",
+    "OpRunLockedException",
+    "OpRunState",
+    "RetryPolicy",
+    "StaleAttempt",
+]

@@ -853,9 +853,8 @@ def _event_args(agent: str, run: OpRun, report: ReportIn) -> tuple[str | int, di
     if kind is EventType.STARTED:
         payload.setdefault("worker_id", agent)
         payload.setdefault("gpu_ids", list(run.execution_summary.gpu_ids))
-    if kind in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED):
-        if report.duration_ms:
-            payload["duration_ms"] = report.duration_ms
+    if kind in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED) and report.duration_ms:
+        payload["duration_ms"] = report.duration_ms
     if kind is EventType.COMPLETED:
         payload["outputs"] = dict(report.outputs or {})
     if kind is EventType.FAILED:

@@ -67,7 +67,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self.sessions = sessions
         controller.link = sessions
 
-    async def Connect(  # noqa: N802 - gRPC method name
+    async def Connect(
         self,
         request_iterator: AsyncIterator[agent_service_pb2.ConnectRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -250,7 +250,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 return
             await asyncio.sleep(remaining)
 
-    async def ListAgents(  # noqa: N802
+    async def ListAgents(
         self,
         request: agent_service_pb2.ListAgentsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -263,7 +263,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         ]
         return agent_service_pb2.ListAgentsResponse(agents=agents)
 
-    async def DrainAgent(  # noqa: N802
+    async def DrainAgent(
         self,
         request: agent_service_pb2.DrainAgentRequest,
         context: grpc.aio.ServicerContext[Any, Any],
