@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from gyoza.models.errors import (
+    AlreadyExists,
     FieldViolation,
     GyozaError,
     InvalidInput,
     InvalidTransition,
     MaxAttemptsReached,
+    NotFound,
     OpRunLockedException,
     StaleAttempt,
 )
@@ -27,6 +29,7 @@ from gyoza.models.resources import (
 
 __all__ = [
     "NAME_PATTERN",
+    "AlreadyExists",
     "Constraints",
     "EventDelivery",
     "EventEntry",
@@ -40,6 +43,7 @@ __all__ = [
     "InvalidInput",
     "InvalidTransition",
     "MaxAttemptsReached",
+    "NotFound",
     "OpAttempt",
     "OpDefinition",
     "OpRun",
