@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -61,6 +62,20 @@ class ControlSettings:
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 15.0
     grace_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlSettings:
+        """Settings from ``GYOZA_HEARTBEAT_INTERVAL_S``, ``GYOZA_LEASE_TIMEOUT_S`` and
+        ``GYOZA_GRACE_S`` (seconds), defaults for the ones not set."""
+        env = os.environ if environ is None else environ
+        default = cls()
+        return cls(
+            heartbeat_interval_s=float(
+                env.get("GYOZA_HEARTBEAT_INTERVAL_S", default.heartbeat_interval_s)
+            ),
+            lease_timeout_s=float(env.get("GYOZA_LEASE_TIMEOUT_S", default.lease_timeout_s)),
+            grace_s=float(env.get("GYOZA_GRACE_S", default.grace_s)),
+        )
 
 
 class AgentLink(Protocol):
