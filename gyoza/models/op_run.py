@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
+from gyoza.models import event_rules
 from gyoza.models.errors import (
     FieldViolation,
     InvalidInput,
@@ -249,7 +250,7 @@ class OpRun:
         violations: list[FieldViolation] = []
         if not isinstance(image, str) or not image.strip():
             violations.append(FieldViolation("image", "must not be empty"))
-        violations.extend(_priority_violations(priority))
+        violations.extend(event_rules.priority_violations(priority))
         violations.extend(
             FieldViolation(f"constraints.{v.field}", v.description) for v in constraints.validate()
         )
@@ -353,7 +354,7 @@ class OpRun:
         InvalidInput
             If *priority* is negative (a ``ValueError``).
         """
-        violations = _priority_violations(priority)
+        violations = event_rules.priority_violations(priority)
         if violations:
             raise InvalidInput(violations)
         self.priority = priority
@@ -503,7 +504,7 @@ class OpRun:
         """
         self._ensure_not_locked()
         attempt = self._current()
-        kind = _event_type(event_type)
+        kind = event_rules.event_type(event_type)
         data: dict[str, Any] = {} if payload is None else payload
         self._check_event(kind, msg, data)
         return self._apply_event(attempt, kind, msg, copy.deepcopy(data), utc_now())
@@ -642,7 +643,7 @@ class OpRun:
                 f"only ASSIGNED or RUNNING runs can be released; run {self.id} is "
                 f"{self.state.value}"
             )
-        resolved = _failure_class(failure_class)
+        resolved = event_rules.failure_class(failure_class)
         attempt = self._current()
         now = utc_now()
         text = "assignment released" + (f": {reason}" if reason else "")
@@ -869,7 +870,7 @@ class OpRun:
             raise InvalidTransition(
                 f"a STARTED event requires an ASSIGNED run; run {self.id} is {self.state.value}"
             )
-        violations = _event_violations(kind, msg, payload)
+        violations = event_rules.event_violations(kind, msg, payload)
         if violations:
             raise InvalidInput(violations)
 
@@ -996,7 +997,7 @@ class OpRun:
 
 
 # ----------------------------------------------------------------------
-# Validation helpers
+# Reading stored data
 # ----------------------------------------------------------------------
 
 
@@ -1017,126 +1018,3 @@ def _start_of(attempt: OpAttempt) -> datetime:
         if event.type == EventType.STARTED.value:
             return event.t
     return attempt.created_at
-
-
-def _priority_violations(priority: Any) -> list[FieldViolation]:
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        return [FieldViolation("priority", "must be an integer")]
-    if priority < 0:
-        return [FieldViolation("priority", f"must be >= 0 (got {priority})")]
-    return []
-
-
-def _event_type(event_type: Any) -> EventType:
-    try:
-        return EventType(event_type)
-    except ValueError:
-        known = ", ".join(t.value for t in EventType)
-        raise InvalidInput(
-            [FieldViolation("type", f"unknown event type {event_type!r}; known: {known}")]
-        ) from None
-
-
-def _failure_class(value: Any) -> FailureClass:
-    try:
-        return FailureClass(value)
-    except ValueError:
-        raise InvalidInput(
-            [FieldViolation("failure_class", f"unknown failure class {value!r}")]
-        ) from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _text(value: Any) -> str | None:
-    return None if isinstance(value, str) else "must be a string"
-
-
-def _worker(value: Any) -> str | None:
-    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
-
-
-def _index(value: Any) -> str | None:
-    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
-
-
-def _indexes(value: Any) -> str | None:
-    if isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value):
-        return None
-    return "must be a list of integers >= 0"
-
-
-def _integer(value: Any) -> str | None:
-    return None if _is_int(value) else "must be an integer"
-
-
-def _duration(value: Any) -> str | None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-    return None if ok else "must be a number >= 0"
-
-
-def _object(value: Any) -> str | None:
-    return None if isinstance(value, dict) else "must be an object"
-
-
-def _failure_name(value: Any) -> str | None:
-    try:
-        FailureClass(value)
-    except ValueError:
-        known = ", ".join(c.value for c in FailureClass)
-        return f"unknown failure class {value!r}; known: {known}"
-    return None
-
-
-_Rule = Callable[[Any], str | None]
-
-# Payload keys each event type reads, and what each must hold. Keys not listed are
-# recorded as they are.
-_PAYLOAD_RULES: dict[EventType, dict[str, _Rule]] = {
-    EventType.ASSIGNED: {"worker_id": _worker, "gpu_ids": _indexes},
-    EventType.STARTED: {"worker_id": _text, "gpu_id": _index, "gpu_ids": _indexes},
-    EventType.COMPLETED: {"outputs": _object, "duration_ms": _duration},
-    EventType.FAILED: {
-        "error_message": _text,
-        "failure_class": _failure_name,
-        "exit_code": _integer,
-        "duration_ms": _duration,
-    },
-    EventType.CANCELLED: {
-        "error_message": _text,
-        "outputs": _object,
-        "exit_code": _integer,
-        "duration_ms": _duration,
-    },
-}
-
-_REQUIRED_PAYLOAD: dict[EventType, tuple[str, ...]] = {EventType.ASSIGNED: ("worker_id",)}
-
-
-def _event_violations(kind: EventType, msg: Any, payload: Any) -> list[FieldViolation]:
-    violations: list[FieldViolation] = []
-    if kind is EventType.PROGRESS:
-        if not _is_int(msg) or not 0 <= msg <= 100:
-            violations.append(
-                FieldViolation(
-                    "msg", f"PROGRESS msg must be an integer from 0 to 100 (got {msg!r})"
-                )
-            )
-    elif not isinstance(msg, str | int) or isinstance(msg, bool):
-        violations.append(FieldViolation("msg", "must be a string or an integer"))
-    if not isinstance(payload, dict):
-        violations.append(FieldViolation("payload", "must be an object"))
-        return violations
-    for key in _REQUIRED_PAYLOAD.get(kind, ()):
-        if payload.get(key) is None:
-            violations.append(FieldViolation(f"payload.{key}", "is required"))
-    for key, rule in _PAYLOAD_RULES.get(kind, {}).items():
-        value = payload.get(key)
-        if value is None:
-            continue
-        problem = rule(value)
-        if problem is not None:
-            violations.append(FieldViolation(f"payload.{key}", problem))
-    return violations
