@@ -25,7 +25,7 @@ from gyoza.models.resources import EventEntry
 from gyoza.server import mapping, metrics
 
 if TYPE_CHECKING:
-    from gyoza.server.store import TopicRecord
+    from gyoza.server.store.records import TopicRecord
 
 DEFAULT_QUEUE_SIZE = 1024
 """Changes a watcher may have waiting before it is dropped as too slow."""
@@ -160,20 +160,22 @@ class Subscription(Generic[T]):
 
 
 class LogSignal:
-    """Tells a log follower the newest committed line number of one attempt.
+    """Wakes a log follower of one attempt: new lines were committed, or its run changed.
 
+    A change of the run wakes it too, so that it notices when its attempt ends.
     Notifications coalesce: a follower that is slow simply reads more lines at once,
     so a log signal is never dropped.
     """
 
-    def __init__(self, remove: Callable[[LogSignal], None]) -> None:
+    def __init__(self, attempt: int, remove: Callable[[LogSignal], None]) -> None:
+        self.attempt = attempt
         self._remove = remove
         self._event = asyncio.Event()
         self._closed = False
         self.last_number = 0
 
-    def notify(self, last_number: int) -> None:
-        """Lines up to *last_number* are committed."""
+    def notify(self, last_number: int = 0) -> None:
+        """Lines up to *last_number* are committed (0: only the run changed)."""
         self.last_number = max(self.last_number, last_number)
         self._event.set()
 
@@ -182,21 +184,15 @@ class LogSignal:
         self._closed = True
         self._event.set()
 
-    async def wait(self, timeout: float | None = None) -> int:
-        """Wait until new lines may exist (or *timeout* passes); return the newest number.
+    async def wait(self) -> int:
+        """Wait until new lines may exist; return the newest line number known.
 
         Raises
         ------
         HubClosed
             When the server is shutting down.
         """
-        if not self._event.is_set() and timeout is not None:
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except TimeoutError:
-                pass
-        else:
-            await self._event.wait()
+        await self._event.wait()
         if self._closed:
             raise HubClosed("the server is shutting down")
         self._event.clear()
@@ -226,8 +222,17 @@ class Hub:
         self._queue_size = queue_size
         self._runs: dict[str, set[Subscription[RunChange]]] = {}
         self._topics: dict[str, set[Subscription[TopicRecord]]] = {}
-        self._logs: dict[tuple[str, int], set[LogSignal]] = {}
+        self._logs: dict[str, set[LogSignal]] = {}
+        self._run_listeners: list[Callable[[OpRun], None]] = []
         self._closed = False
+
+    def add_run_listener(self, listener: Callable[[OpRun], None]) -> None:
+        """Call *listener* with every published run, synchronously (metrics use it).
+
+        The run is the controller's live object: a listener must read what it needs at
+        once and keep no reference.
+        """
+        self._run_listeners.append(listener)
 
     # -- publishing (called by the run controller after each commit) ---------------------
 
@@ -237,6 +242,10 @@ class Hub:
         The run is converted once, here, for every watcher, so the controller may keep
         changing its live object afterwards.
         """
+        for listener in self._run_listeners:
+            listener(run)
+        for signal in list(self._logs.get(run.id, ())):
+            signal.notify()
         watchers = self._runs.get(run.id)
         if not watchers:
             return
@@ -255,8 +264,9 @@ class Hub:
 
     def publish_logs(self, run_id: str, attempt: int, last_number: int) -> None:
         """Log lines up to ``last_number`` were committed for an attempt."""
-        for signal in list(self._logs.get((run_id, attempt), ())):
-            signal.notify(last_number)
+        for signal in list(self._logs.get(run_id, ())):
+            if signal.attempt == attempt:
+                signal.notify(last_number)
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -269,21 +279,20 @@ class Hub:
         return self._subscribe(self._topics, topic)
 
     def subscribe_logs(self, run_id: str, attempt: int) -> LogSignal:
-        """Be told when new log lines of one attempt are committed."""
-        key = (run_id, attempt)
+        """Be woken when log lines of one attempt are committed or its run changes."""
 
         def remove(signal: LogSignal) -> None:
-            signals = self._logs.get(key)
+            signals = self._logs.get(run_id)
             if signals is not None:
                 signals.discard(signal)
                 if not signals:
-                    del self._logs[key]
+                    del self._logs[run_id]
 
-        signal = LogSignal(remove)
+        signal = LogSignal(attempt, remove)
         if self._closed:
             signal.close_by_hub()
         else:
-            self._logs.setdefault(key, set()).add(signal)
+            self._logs.setdefault(run_id, set()).add(signal)
         return signal
 
     def _subscribe(self, table: dict[str, set[Subscription[T]]], key: str) -> Subscription[T]:
@@ -305,10 +314,12 @@ class Hub:
     def close(self) -> None:
         """End every subscription: the server is shutting down."""
         self._closed = True
-        for table in (self._runs, self._topics):
-            for subscribers in list(table.values()):
-                for subscription in list(subscribers):
-                    subscription.fail(HubClosed("the server is shutting down"))
+        closing: list[Subscription[RunChange] | Subscription[TopicRecord]] = [
+            *(s for subscribers in self._runs.values() for s in subscribers),
+            *(s for subscribers in self._topics.values() for s in subscribers),
+        ]
+        for subscription in closing:
+            subscription.fail(HubClosed("the server is shutting down"))
         for signals in list(self._logs.values()):
             for signal in list(signals):
                 signal.close_by_hub()

@@ -1,0 +1,358 @@
+"""``gyoza server``: wiring of the control plane, and its life from start to SIGTERM.
+
+The wiring, in order::
+
+    Store.open(url)            applies migrations
+    Hub()                      fan-out of committed changes
+    RunController(store, hub)  the only code that changes runs; start() rebuilds the queue
+    SessionRegistry(scheduler) agent sessions
+    servicers                  DefinitionService, OpRunService, AgentService (+ health,
+                               reflection), behind the interceptors: call context
+                               (request id, access log, latency), errors, auth
+
+On SIGTERM (or SIGINT) the server reports NOT_SERVING, stops taking calls, ends the
+watch and subscription streams, lets in-flight calls finish within the shutdown grace,
+then stops the controller and closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gyoza.api.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    definition_service_pb2,
+    definition_service_pb2_grpc,
+    op_run_service_pb2,
+    op_run_service_pb2_grpc,
+)
+from gyoza.server import metrics
+from gyoza.server.auth import AuthInterceptor, AuthPolicy
+from gyoza.server.calls import CallInterceptor
+from gyoza.server.config import ConfigError, ServerConfig, split_listen
+from gyoza.server.control import RunController
+from gyoza.server.errors import ErrorInterceptor
+from gyoza.server.hub import Hub
+from gyoza.server.logs import configure_logging, log_event
+from gyoza.server.metrics import MetricsEndpoint
+from gyoza.server.run_gauge import RunStateGauge
+from gyoza.server.services.agent_service import AgentServiceServicer
+from gyoza.server.services.definition_service import DefinitionServiceServicer
+from gyoza.server.services.op_run_service import OpRunServiceServicer
+from gyoza.server.sessions import SessionRegistry
+from gyoza.server.store.store import Store
+
+log = logging.getLogger("gyoza.server")
+
+SERVICE_NAMES = (
+    definition_service_pb2.DESCRIPTOR.services_by_name["DefinitionService"].full_name,
+    op_run_service_pb2.DESCRIPTOR.services_by_name["OpRunService"].full_name,
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+"""The gyoza services, as health and reflection name them."""
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """Channel options of the server: message size limits, no port sharing."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Two servers must not silently share one port.
+        ("grpc.so_reuseport", 0),
+        # Agents keep one stream open for hours: let them ping to keep it alive.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured files (mTLS with a client CA); None: plaintext."""
+    if config.tls is None:
+        return None
+    key = config.tls.key.read_bytes()
+    cert = config.tls.cert.read_bytes()
+    client_ca = config.tls.client_ca.read_bytes() if config.tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class Built:
+    """A gRPC server with every service added, not started yet.
+
+    Attributes
+    ----------
+    server : grpc.aio.Server
+        The server, its port bound.
+    port : int
+        The port bound (the one asked for, or the one picked for port 0).
+    health : health.aio.HealthServicer
+        The health service, to set SERVING and NOT_SERVING.
+    """
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: Any) -> None:
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+
+
+def build_server(
+    config: ServerConfig,
+    *,
+    store: Store,
+    controller: RunController,
+    hub: Hub,
+    sessions: SessionRegistry,
+) -> Built:
+    """A gRPC server serving gyoza, health and reflection, bound to ``config.listen``.
+
+    Raises
+    ------
+    RuntimeError
+        When the address cannot be bound.
+    """
+    server = grpc.aio.server(
+        interceptors=[
+            CallInterceptor(),
+            ErrorInterceptor(),
+            AuthInterceptor(AuthPolicy(config.api_keys, config.agent_tokens)),
+        ],
+        options=grpc_options(config),
+    )
+    definition_service_pb2_grpc.add_DefinitionServiceServicer_to_server(
+        DefinitionServiceServicer(store), server
+    )
+    op_run_service_pb2_grpc.add_OpRunServiceServicer_to_server(
+        OpRunServiceServicer(controller, store, hub, max_json_bytes=config.max_json_bytes),
+        server,
+    )
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentServiceServicer(controller, sessions), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    credentials = server_credentials(config)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, credentials)
+    except RuntimeError as error:
+        raise RuntimeError(f"cannot listen on {config.listen}: {error}") from error
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    return Built(server, port, health_servicer)
+
+
+class ControlPlane:
+    """The running server: store, hub, controller, sessions and the gRPC server.
+
+    Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+
+    Parameters
+    ----------
+    config : ServerConfig
+        Settings.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port = 0
+        self._store: Store | None = None
+        self._controller: RunController | None = None
+        self._hub: Hub | None = None
+        self._built: Built | None = None
+        self._metrics: MetricsEndpoint | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on."""
+        host = split_listen(self.config.listen)[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Open the store, rebuild the controller's view, start serving."""
+        config = self.config
+        # Opening applies the migrations: blocking work, off the event loop.
+        self._store = store = await asyncio.to_thread(Store.open, config.database_url)
+        try:
+            self._hub = hub = Hub()
+            gauge = RunStateGauge(hub)
+            self._controller = controller = RunController(store, hub, settings=config.control)
+            sessions = SessionRegistry(controller.scheduler)
+            await controller.start()
+            await gauge.seed(store)
+            # Read when scraped, from the objects that own the numbers.
+            metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
+            metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
+            self._built = built = build_server(
+                config, store=store, controller=controller, hub=hub, sessions=sessions
+            )
+            self.port = built.port
+            await built.server.start()
+            for name in ("", *SERVICE_NAMES):
+                await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            if config.metrics_port is not None:
+                self._metrics = MetricsEndpoint(config.listen_host, config.metrics_port)
+        except BaseException:
+            await self._close_core()
+            raise
+        self._announce()
+
+    def _announce(self) -> None:
+        config = self.config
+        log_event(
+            log,
+            logging.INFO,
+            "server listening",
+            address=self.address,
+            port=self.port,
+            database=_redacted(config.database_url),
+            tls="mtls" if config.tls and config.tls.client_ca else "tls" if config.tls else "off",
+            metrics_port=None if self._metrics is None else self._metrics.port,
+        )
+        policy = AuthPolicy(config.api_keys, config.agent_tokens)
+        if policy.clients_open and policy.agents_open:
+            log_event(
+                log,
+                logging.WARNING,
+                "no API keys or agent tokens configured: the server is open to anyone who "
+                "can reach it",
+            )
+        elif policy.clients_open:
+            log_event(log, logging.WARNING, "no API keys configured: client methods are open")
+        elif policy.agents_open:
+            log_event(
+                log, logging.WARNING, "no agent tokens configured: anyone may connect as an agent"
+            )
+
+    async def stop(self) -> None:
+        """Stop taking calls, let in-flight ones finish within the grace, close the store."""
+        grace = self.config.shutdown_grace_s
+        log_event(log, logging.INFO, "server stopping", grace_s=grace)
+        if self._built is not None:
+            built, self._built = self._built, None
+            await built.health.enter_graceful_shutdown()
+            stopping = asyncio.ensure_future(built.server.stop(grace))
+            # New calls are refused from here on; end the watch and subscription streams,
+            # which would otherwise hold the whole grace period.
+            await asyncio.sleep(0)
+            if self._hub is not None:
+                self._hub.close()
+            await stopping
+        await self._close_core()
+        log_event(log, logging.INFO, "server stopped")
+
+    async def _close_core(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._controller is not None:
+            controller, self._controller = self._controller, None
+            await controller.stop()
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.close()
+
+    async def __aenter__(self) -> ControlPlane:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _redacted(url: str) -> str:
+    """*url* with its password hidden, for the log."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a URL SQLAlchemy cannot parse is shown as given, minus nothing
+        return url.split("@")[-1]
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the server until *stop* is set, or until SIGTERM or SIGINT.
+
+    Parameters
+    ----------
+    config : ServerConfig
+        Settings.
+    stop : asyncio.Event | None
+        Set it to shut the server down; by default the signals do.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            pass
+    try:
+        async with ControlPlane(config):
+            await stop.wait()
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+def main_server(
+    *,
+    listen: str | None = None,
+    database: str | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_client_ca: str | Path | None = None,
+    api_keys: Iterable[str] | None = None,
+    agent_tokens: Iterable[str] | None = None,
+    metrics_port: int | None = None,
+    log_level: str | None = None,
+    log_format: str | None = None,
+    shutdown_grace: float | None = None,
+) -> None:
+    """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
+
+    Each argument is a flag's value, ``None`` where the flag was not given (then its
+    environment variable, then its default applies; see :mod:`gyoza.server.config`).
+    """
+    try:
+        config = ServerConfig.resolve(
+            listen=listen,
+            database=database,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            api_keys=api_keys,
+            agent_tokens=agent_tokens,
+            metrics_port=metrics_port,
+            log_level=log_level,
+            log_format=log_format,
+            shutdown_grace=shutdown_grace,
+        )
+    except ConfigError as error:
+        print(f"gyoza server: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except Exception as error:
+        log_event(log, logging.CRITICAL, "server failed", exc_info=True, error=str(error))
+        raise SystemExit(1) from None

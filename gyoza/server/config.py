@@ -1,0 +1,259 @@
+"""Settings of ``gyoza server``: flags, then environment variables, then defaults.
+
+Every setting has a flag of ``gyoza server`` (and ``python -m gyoza.server``); most also
+have an environment variable. :meth:`ServerConfig.resolve` takes the flag values (``None``
+where a flag was not given) and fills in the rest, so the CLI and the module entry point
+resolve settings the same way.
+
+=====================  =========================  ==============================
+flag                   environment                default
+=====================  =========================  ==============================
+``--listen``           ``GYOZA_LISTEN``           ``127.0.0.1:50051``
+``--database``         ``GYOZA_DATABASE_URL``     ``sqlite:///gyoza.db`` (cwd)
+``--tls-cert``         ``GYOZA_TLS_CERT``         none (plaintext)
+``--tls-key``          ``GYOZA_TLS_KEY``          none
+``--tls-client-ca``    ``GYOZA_TLS_CLIENT_CA``    none (no client certificates)
+``--api-key`` (many)   ``GYOZA_API_KEYS`` (a,b)   none (clients open)
+``--agent-token``      ``GYOZA_AGENT_TOKENS``     none (agents open)
+``--metrics-port``     ``GYOZA_METRICS_PORT``     off
+``--log-level``        ``GYOZA_LOG_LEVEL``        ``info``
+``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
+``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
+=====================  =========================  ==============================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gyoza.server.control import ControlSettings
+from gyoza.server.logs import LOG_FORMATS
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATABASE_URL = "sqlite:///gyoza.db"
+"""A SQLite file in the working directory."""
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Largest gRPC message the server receives or sends."""
+
+MAX_JSON_BYTES = 1024 * 1024
+"""Largest JSON document (a run's inputs, an op's outputs, an event payload)."""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The server's certificate and key, and the CA that signs client certificates.
+
+    Attributes
+    ----------
+    cert : Path
+        PEM certificate chain of the server.
+    key : Path
+        PEM private key of the server.
+    client_ca : Path | None
+        PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
+    """
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``gyoza server`` needs to start.
+
+    Attributes
+    ----------
+    listen : str
+        ``HOST:PORT`` to serve gRPC on; port 0 picks a free port (it is logged).
+    database_url : str
+        SQLAlchemy URL of the store (``sqlite:///path`` or ``postgresql+psycopg://...``).
+    tls : TlsFiles | None
+        TLS (and mTLS) files; ``None`` serves plaintext.
+    api_keys : tuple[str, ...]
+        Client API keys; empty leaves the client methods open.
+    agent_tokens : tuple[str, ...]
+        Agent tokens; empty leaves ``AgentService.Connect`` open.
+    metrics_port : int | None
+        Port of the Prometheus ``/metrics`` endpoint (on the gRPC host); ``None``: off.
+    log_level : str
+        Lowest log level written.
+    log_format : str
+        ``json`` or ``logfmt``.
+    shutdown_grace_s : float
+        On SIGTERM, how long in-flight calls may take to finish.
+    max_message_bytes : int
+        Largest gRPC message received or sent.
+    max_json_bytes : int
+        Largest inputs, outputs or event payload, as JSON.
+    control : ControlSettings
+        Timing of the agent protocol.
+    """
+
+    listen: str = DEFAULT_LISTEN
+    database_url: str = DEFAULT_DATABASE_URL
+    tls: TlsFiles | None = None
+    api_keys: tuple[str, ...] = ()
+    agent_tokens: tuple[str, ...] = ()
+    metrics_port: int | None = None
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_grace_s: float = 10.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_json_bytes: int = MAX_JSON_BYTES
+    control: ControlSettings = field(default_factory=ControlSettings)
+
+    @property
+    def listen_host(self) -> str:
+        """The host part of :attr:`listen`, without brackets."""
+        return split_listen(self.listen)[0]
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        listen: str | None = None,
+        database: str | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_client_ca: str | Path | None = None,
+        api_keys: Iterable[str] | None = None,
+        agent_tokens: Iterable[str] | None = None,
+        metrics_port: int | None = None,
+        log_level: str | None = None,
+        log_format: str | None = None,
+        shutdown_grace: float | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> ServerConfig:
+        """Build the settings from flag values, the environment and the defaults.
+
+        Each argument is a flag's value, ``None`` (or an empty list) when the flag was
+        not given; then the environment variable applies, then the default.
+
+        Raises
+        ------
+        ConfigError
+            When a value is malformed: a listen address without a port, a certificate
+            without its key, a port out of range, an unknown log level...
+        """
+        env = os.environ if environ is None else environ
+
+        def pick(flag: str | None, variable: str, default: str) -> str:
+            if flag is not None and flag != "":
+                return flag
+            return env.get(variable, "").strip() or default
+
+        def pick_path(flag: str | Path | None, variable: str) -> Path | None:
+            value = str(flag) if flag else env.get(variable, "").strip()
+            return Path(value) if value else None
+
+        def pick_list(flag: Iterable[str] | None, variable: str) -> tuple[str, ...]:
+            values = [v.strip() for v in flag or () if v.strip()]
+            if not values:
+                values = [v.strip() for v in env.get(variable, "").split(",") if v.strip()]
+            return tuple(dict.fromkeys(values))
+
+        listen_value = pick(listen, "GYOZA_LISTEN", DEFAULT_LISTEN)
+        split_listen(listen_value)
+        database_url = normalize_database_url(
+            pick(database, "GYOZA_DATABASE_URL", DEFAULT_DATABASE_URL)
+        )
+
+        cert = pick_path(tls_cert, "GYOZA_TLS_CERT")
+        key = pick_path(tls_key, "GYOZA_TLS_KEY")
+        client_ca = pick_path(tls_client_ca, "GYOZA_TLS_CLIENT_CA")
+        tls: TlsFiles | None = None
+        if (cert is None) != (key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if client_ca is not None and cert is None:
+            raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if cert is not None and key is not None:
+            for path in (cert, key, client_ca):
+                if path is not None and not path.is_file():
+                    raise ConfigError(f"TLS file {path} does not exist")
+            tls = TlsFiles(cert=cert, key=key, client_ca=client_ca)
+
+        port: int | None = metrics_port
+        if port is None:
+            raw = env.get("GYOZA_METRICS_PORT", "").strip()
+            if raw:
+                try:
+                    port = int(raw)
+                except ValueError:
+                    raise ConfigError(
+                        f"GYOZA_METRICS_PORT must be a port number, not {raw!r}"
+                    ) from None
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"--metrics-port must be within 0-65535, not {port}")
+
+        level = pick(log_level, "GYOZA_LOG_LEVEL", "info").lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+        fmt = pick(log_format, "GYOZA_LOG_FORMAT", "json").lower()
+        if fmt not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+
+        grace = shutdown_grace
+        if grace is None:
+            raw = env.get("GYOZA_SHUTDOWN_GRACE", "").strip()
+            try:
+                grace = float(raw) if raw else 10.0
+            except ValueError:
+                raise ConfigError(f"GYOZA_SHUTDOWN_GRACE must be seconds, not {raw!r}") from None
+        if grace < 0:
+            raise ConfigError(f"--shutdown-grace must be >= 0, not {grace}")
+
+        return cls(
+            listen=listen_value,
+            database_url=database_url,
+            tls=tls,
+            api_keys=pick_list(api_keys, "GYOZA_API_KEYS"),
+            agent_tokens=pick_list(agent_tokens, "GYOZA_AGENT_TOKENS"),
+            metrics_port=port,
+            log_level=level,
+            log_format=fmt,
+            shutdown_grace_s=grace,
+            control=ControlSettings.from_env(env),
+        )
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as ``(host, port)``.
+
+    Raises
+    ------
+    ConfigError
+        When there is no port, or it is not a number within 0-65535.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"--listen must be HOST:PORT, not {listen!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"--listen port must be a number, not {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--listen port must be within 0-65535, not {port}")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def normalize_database_url(value: str) -> str:
+    """A SQLAlchemy URL for *value*: a URL is kept, a plain file path becomes SQLite.
+
+    ``postgresql://`` is given the psycopg (v3) driver, the one the server ships with.
+    """
+    if "://" not in value:
+        return f"sqlite:///{value}"
+    if value.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    return value

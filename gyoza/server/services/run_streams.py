@@ -1,0 +1,244 @@
+"""The streaming reads of OpRunService: watching a run, a topic, an attempt's log.
+
+Each stream follows the same rule so that nothing is missed and nothing is sent twice:
+subscribe to the hub *first*, then read the starting point from the store (which holds
+everything committed before the subscription), then take live changes from the hub,
+skipping what the read already covered (by sequence, offset or line number). When the hub
+drops a subscriber that fell behind, the stream resubscribes and catches up from the
+store by itself; the client sees no gap. When the server shuts down, the stream ends with
+UNAVAILABLE and the position to resume from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gyoza.api.v1 import op_run_pb2, resources_pb2
+from gyoza.api.v1 import op_run_service_pb2 as pb
+from gyoza.models.op_run import OpRun
+from gyoza.server import mapping
+from gyoza.server.control import RunController
+from gyoza.server.errors import ApiError
+from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
+from gyoza.server.store.records import LogRecord, TopicRecord
+from gyoza.server.store.store import Store
+
+TOPIC_READ_LIMIT = 500
+"""Topic records read from the store at once."""
+
+LOG_READ_LIMIT = 1000
+"""Log lines read from the store at once."""
+
+LOG_BATCH_BYTES = 1024 * 1024
+"""Text per GetOpRunLogs message, well under the message size limit."""
+
+_TERMINAL = frozenset(
+    {
+        resources_pb2.OP_RUN_STATE_COMPLETED,
+        resources_pb2.OP_RUN_STATE_FAILED,
+        resources_pb2.OP_RUN_STATE_CANCELLED,
+    }
+)
+
+
+def watch_is_over(run: op_run_pb2.OpRun) -> bool:
+    """True when the run is terminal for good: not a FAILED run waiting for a retry."""
+    return run.state in _TERMINAL and not run.HasField("next_retry_time")
+
+
+def _shutting_down(position_field: str, position: int) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        "SERVER_SHUTTING_DOWN",
+        f"the server is shutting down; resume with {position_field}={position}",
+        {position_field: str(position)},
+    )
+
+
+def _history(run: OpRun, after: int) -> list[tuple[int, op_run_pb2.OpRunEvent]]:
+    """Every event of *run* whose sequence is above *after*, in order, as messages."""
+    found: list[tuple[int, op_run_pb2.OpRunEvent]] = []
+    sequence = 0
+    for attempt in run.attempts:
+        for entry in attempt.events:
+            sequence += 1
+            if sequence > after:
+                found.append((sequence, mapping.event_to_proto(entry, attempt.attempt)))
+    return found
+
+
+async def watch_run(
+    store: Store, hub: Hub, run_id: str, after_sequence: int
+) -> AsyncIterator[pb.WatchOpRunResponse]:
+    """WatchOpRun: the snapshot, the events after *after_sequence*, then live changes.
+
+    The snapshot is the committed run (read from the store, never the controller's
+    in-memory copy, which may hold a change still being written).
+    """
+    sent = after_sequence  # highest event sequence the client has
+    last_update = None  # update time of the last run sent, for changes without events
+    first = True
+    while True:
+        try:
+            async with hub.subscribe_run(run_id) as subscription:
+                run = await store.get_run(run_id)
+                snapshot = mapping.run_to_proto(run)
+                history = _history(run, sent)
+                if first:
+                    first = False
+                    yield pb.WatchOpRunResponse(sequence=snapshot.event_sequence, op_run=snapshot)
+                    last_update = snapshot.update_time.ToNanoseconds()
+                for sequence, event in history:
+                    yield pb.WatchOpRunResponse(sequence=sequence, op_run=snapshot, event=event)
+                    sent = sequence
+                if watch_is_over(snapshot):
+                    return
+                async for change in subscription:
+                    updated = change.run.update_time.ToNanoseconds()
+                    if not change.events and last_update is not None and updated > last_update:
+                        yield pb.WatchOpRunResponse(
+                            sequence=change.run.event_sequence, op_run=change.run
+                        )
+                    for item in change.events:
+                        if item.sequence <= sent:
+                            continue
+                        yield pb.WatchOpRunResponse(
+                            sequence=item.sequence, op_run=change.run, event=item.event
+                        )
+                        sent = item.sequence
+                    last_update = max(last_update or 0, updated)
+                    if watch_is_over(change.run):
+                        return
+        except HubClosed:
+            raise _shutting_down("after_sequence", sent) from None
+        except SubscriptionDropped:
+            continue  # fell behind: resubscribe and catch up from the store
+
+
+def _topic_response(record: TopicRecord) -> pb.SubscribeEventsResponse:
+    return pb.SubscribeEventsResponse(
+        offset=record.offset,
+        topic=record.topic,
+        run_id=record.run_id,
+        event=mapping.event_to_proto(record.event, record.attempt),
+        attributes=dict(record.attributes),
+        run_state=mapping.state_to_proto(record.run_state),
+        op_definition=record.op_definition or "",
+    )
+
+
+async def subscribe_topic(
+    store: Store, hub: Hub, topic: str, after_offset: int, from_latest: bool
+) -> AsyncIterator[pb.SubscribeEventsResponse]:
+    """SubscribeEvents: the topic's durable log after the offset, then live records.
+
+    Live records only wake the stream; what it sends is always read from the store in
+    offset order. Offsets are assigned in commit order, but two runs committed in one
+    group may be published in either order, so sending the hub's records directly could
+    send a later offset before an earlier one, and deduplication would then lose it.
+    """
+    position = after_offset
+    first = True
+    while True:
+        try:
+            async with hub.subscribe_topic(topic) as subscription:
+                if first and from_latest:
+                    position = await store.latest_offset()
+                first = False
+                while True:
+                    while True:
+                        records = await store.read_topic(
+                            topic, after_offset=position, limit=TOPIC_READ_LIMIT
+                        )
+                        for record in records:
+                            yield _topic_response(record)
+                            position = record.offset
+                        if len(records) < TOPIC_READ_LIMIT:
+                            break
+                    # Wait for something newer than what was sent, then read again.
+                    record = await subscription.get()
+                    while record.offset <= position:
+                        record = await subscription.get()
+                    while subscription.get_nowait() is not None:
+                        pass  # the read that follows covers them all
+        except HubClosed:
+            raise _shutting_down("after_offset", position) from None
+        except SubscriptionDropped:
+            continue
+
+
+def _log_responses(
+    records: list[LogRecord], attempt: int, dropped: int
+) -> list[pb.GetOpRunLogsResponse]:
+    """Lines as messages of at most about :data:`LOG_BATCH_BYTES` of text each."""
+    responses: list[pb.GetOpRunLogsResponse] = []
+    current = pb.GetOpRunLogsResponse(attempt=attempt, dropped_lines=dropped)
+    size = 0
+    for record in records:
+        if current.lines and size + len(record.text) > LOG_BATCH_BYTES:
+            responses.append(current)
+            current = pb.GetOpRunLogsResponse(attempt=attempt)
+            size = 0
+        current.lines.append(
+            op_run_pb2.LogLine(
+                number=record.number,
+                text=record.text,
+                stream=(
+                    op_run_pb2.LOG_STREAM_STDERR
+                    if record.stream == "stderr"
+                    else op_run_pb2.LOG_STREAM_STDOUT
+                ),
+                time=mapping.timestamp_to_proto(record.t),
+            )
+        )
+        size += len(record.text)
+    if current.lines or current.dropped_lines:
+        responses.append(current)
+    return responses
+
+
+async def _attempt_over(controller: RunController, run_id: str, attempt: int) -> bool:
+    run = await controller.get_run(run_id)
+    return run.current_attempt != attempt or run.state.is_terminal
+
+
+async def read_logs(
+    controller: RunController,
+    store: Store,
+    hub: Hub,
+    run_id: str,
+    attempt: int,
+    after_line: int,
+    follow: bool,
+) -> AsyncIterator[pb.GetOpRunLogsResponse]:
+    """GetOpRunLogs: the attempt's lines after *after_line*; with *follow*, until it ends.
+
+    The follower checks whether the attempt is over *before* each read, so the last read
+    after the end gets every line committed before it.
+    """
+    position = after_line
+    signal = hub.subscribe_logs(run_id, attempt) if follow else None
+    try:
+        while True:
+            over = not follow or await _attempt_over(controller, run_id, attempt)
+            while True:
+                records, dropped = await store.read_logs(
+                    run_id, attempt, after_line=position, limit=LOG_READ_LIMIT
+                )
+                for response in _log_responses(records, attempt, dropped):
+                    yield response
+                if records:
+                    position = records[-1].number
+                if len(records) < LOG_READ_LIMIT:
+                    break
+            if over or signal is None:
+                return
+            try:
+                await signal.wait()
+            except HubClosed:
+                raise _shutting_down("after_line", position) from None
+    finally:
+        if signal is not None:
+            signal.close()
