@@ -1,0 +1,45 @@
+"""``gyoza agents``: the fleet as the server sees it."""
+
+from __future__ import annotations
+
+import click
+
+from gyoza.cli import render
+from gyoza.cli.context import CliState, connection_options, output_option, pass_state
+
+__all__ = ["agents"]
+
+
+@click.group()
+def agents() -> None:
+    """Agents: the GPU nodes that run ops."""
+
+
+@agents.command("list")
+@click.option("--all", "include_all", is_flag=True, help="Include disconnected agents.")
+@connection_options
+@output_option
+@pass_state
+def list_agents(state: CliState, include_all: bool, output: str) -> None:
+    """List agents with their capacity, GPUs (VRAM free for new runs) and runs."""
+    found = state.client().list_agents(include_disconnected=include_all)
+    if output == "json":
+        render.print_json([a.to_dict() for a in found])
+    elif not found:
+        click.echo("no agents", err=True)
+    else:
+        render.console().print(render.agents_table(found))
+
+
+@agents.command()
+@click.argument("name")
+@connection_options
+@output_option
+@pass_state
+def drain(state: CliState, name: str, output: str) -> None:
+    """Tell an agent to take no new work and finish what it holds."""
+    agent = state.client().drain_agent(name)
+    if output == "json":
+        render.print_json(agent.to_dict())
+    else:
+        click.echo(f"draining {agent.name}: {len(agent.runs)} run(s) to finish")

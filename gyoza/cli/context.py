@@ -1,0 +1,221 @@
+"""What every client command shares: the connection, the output format, error handling.
+
+Connection options (``--server``, ``--api-key``, TLS) are accepted both before the
+command (``gyoza --server H:P runs list``) and after it (``gyoza runs list --server
+H:P``); the environment (``GYOZA_SERVER``, ``GYOZA_API_KEY``, ``GYOZA_TLS_*``) supplies
+what neither gives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import click
+import grpc
+
+from gyoza.cli.exit_codes import ExitCode, exit_code_for_status
+from gyoza.client import DEFAULT_SERVER, Client, GyozaClientError
+
+__all__ = [
+    "CliError",
+    "CliState",
+    "GyozaGroup",
+    "connection_options",
+    "describe_client_error",
+    "fail",
+    "output_option",
+    "pass_state",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """A failure to report as ``gyoza: <message>`` lines on stderr, with an exit code.
+
+    :class:`GyozaGroup` reports it; raise it (or call :func:`fail`) from any command.
+    """
+
+    def __init__(self, message: str, exit_code: int = ExitCode.USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = int(exit_code)
+
+    def show(self) -> None:
+        """Print the message on stderr, each line prefixed with ``gyoza:``."""
+        for line in self.message.splitlines() or [""]:
+            click.echo(f"gyoza: {line}", err=True)
+
+
+def fail(message: str, exit_code: int = ExitCode.USAGE) -> NoReturn:
+    """Stop the command with *message* on stderr and *exit_code*."""
+    raise CliError(message, exit_code)
+
+
+@dataclass
+class CliState:
+    """The connection settings of one ``gyoza`` invocation and its client.
+
+    The client is opened on first use and closed when the command ends.
+    """
+
+    server: str = DEFAULT_SERVER
+    api_key: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    timeout: float = 30.0
+    _client: Client | None = field(default=None, repr=False)
+
+    def client(self) -> Client:
+        """The client, connected to :attr:`server` (opened once)."""
+        if self._client is None:
+            try:
+                self._client = Client(
+                    self.server,
+                    api_key=self.api_key,
+                    tls=self.tls,
+                    tls_ca=self.tls_ca,
+                    tls_cert=self.tls_cert,
+                    tls_key=self.tls_key,
+                    timeout=self.timeout,
+                )
+            except ValueError as error:
+                fail(str(error))
+            except OSError as error:
+                fail(f"cannot read a TLS file: {error.filename}: {error.strerror}")
+        return self._client
+
+    def close(self) -> None:
+        """Close the client, if one was opened."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+pass_state = click.make_pass_decorator(CliState, ensure=True)
+
+
+def describe_client_error(error: GyozaClientError, server: str) -> str:
+    """One line saying what went wrong with a call, for people."""
+    code = error.code
+    text = str(error)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the gyoza server at {server}: {text}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the gyoza server at {server} did not answer in time: {text}"
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            f"the gyoza server at {server} refused the credentials: {text} "
+            "(give --api-key or GYOZA_API_KEY)"
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return f"permission denied by the gyoza server at {server}: {text}"
+    reason = f" [{error.reason}]" if error.reason else ""
+    return f"{code.name.lower().replace('_', ' ')}: {text}{reason}"
+
+
+class GyozaGroup(click.Group):
+    """The root group: turns every failure into one line on stderr and an exit code.
+
+    Set ``GYOZA_DEBUG=1`` to see the traceback of an unexpected error instead.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliError as error:
+            failure = error
+        except GyozaClientError as error:
+            state = ctx.find_object(CliState) or CliState()
+            failure = CliError(
+                describe_client_error(error, state.server), exit_code_for_status(error.code)
+            )
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            if os.environ.get("GYOZA_DEBUG"):
+                raise
+            failure = CliError(
+                f"unexpected error: {type(error).__name__}: {error} "
+                "(set GYOZA_DEBUG=1 for the traceback)",
+                ExitCode.RUN_FAILED,
+            )
+        failure.show()
+        raise click.exceptions.Exit(failure.exit_code)
+
+
+def _store(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            setattr(ctx.ensure_object(CliState), name, value)
+
+    return callback
+
+
+def connection_options(command: F) -> F:
+    """Accept the connection options after a client command too (they win)."""
+    options = [
+        click.option(
+            "--server",
+            metavar="HOST:PORT",
+            expose_value=False,
+            callback=_store("server"),
+            help="Server address (also GYOZA_SERVER).",
+        ),
+        click.option(
+            "--api-key",
+            metavar="KEY",
+            expose_value=False,
+            callback=_store("api_key"),
+            help="API key (also GYOZA_API_KEY).",
+        ),
+        click.option(
+            "--tls",
+            is_flag=True,
+            default=None,
+            expose_value=False,
+            callback=_store("tls"),
+            help="Use TLS with the system's roots.",
+        ),
+        click.option(
+            "--tls-ca",
+            metavar="PEM",
+            expose_value=False,
+            callback=_store("tls_ca"),
+            help="CA of the server's certificate.",
+        ),
+        click.option(
+            "--tls-cert",
+            metavar="PEM",
+            expose_value=False,
+            callback=_store("tls_cert"),
+            help="Client certificate (mutual TLS).",
+        ),
+        click.option(
+            "--tls-key",
+            metavar="PEM",
+            expose_value=False,
+            callback=_store("tls_key"),
+            help="Client key (mutual TLS).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def output_option(command: F) -> F:
+    """``-o/--output table|json``, passed as ``output``."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="Output format: tables for people, JSON for programs.",
+    )(command)

@@ -1,0 +1,416 @@
+"""How the ``gyoza`` command shows things: rich tables for people, JSON for programs.
+
+JSON output uses the domain's ``to_dict()`` shapes (the run's flat view of its current
+attempt, the definition, an event), so ``jq .state`` reads ``"COMPLETED"``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gyoza.client import Agent, AttemptEvent
+from gyoza.models.op_attempt import OpAttempt
+from gyoza.models.op_definition import OpDefinition
+from gyoza.models.op_run import OpRun
+from gyoza.models.resources import Constraints, EventEntry, EventType, OpRunState
+
+__all__ = [
+    "STATE_STYLES",
+    "agents_table",
+    "attempts_table",
+    "console",
+    "definition_detail",
+    "definitions_table",
+    "event_line",
+    "events_table",
+    "print_json",
+    "print_json_line",
+    "run_detail",
+    "run_json",
+    "runs_table",
+]
+
+STATE_STYLES: dict[OpRunState, str] = {
+    OpRunState.PENDING: "yellow",
+    OpRunState.ASSIGNED: "cyan",
+    OpRunState.RUNNING: "blue",
+    OpRunState.COMPLETED: "green",
+    OpRunState.FAILED: "red",
+    OpRunState.CANCELLED: "magenta",
+}
+
+_EVENT_STYLES: dict[str, str] = {
+    EventType.COMPLETED.value: "green",
+    EventType.FAILED.value: "red",
+    EventType.ERROR.value: "red",
+    EventType.CANCELLED.value: "magenta",
+    EventType.RETRIED.value: "yellow",
+}
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on stdout (or stderr); wide enough not to cut IDs when piped."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------
+# JSON
+# ----------------------------------------------------------------------------------------
+
+
+def run_json(run: OpRun) -> dict[str, Any]:
+    """A run as JSON: the flat view of its current attempt (the API shows one attempt)."""
+    data = run.to_dict()
+    data.pop("attempts", None)
+    return data
+
+
+def print_json(value: Any) -> None:
+    """Print one indented JSON document on stdout."""
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def print_json_line(value: Any) -> None:
+    """Print one compact JSON document on one line, flushed (for streams)."""
+    click.echo(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------
+
+
+def state_text(state: OpRunState) -> Text:
+    """A run state in its colour."""
+    return Text(state.value, style=STATE_STYLES.get(state, ""))
+
+
+def when(moment: datetime | None) -> str:
+    """A time in local time, to the second; ``-`` for none."""
+    if moment is None:
+        return "-"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(ms: int | None) -> str:
+    """Milliseconds as ``850ms``, ``12.3s``, ``4m05s`` or ``2h03m``."""
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def compact_json(value: Any, limit: int = 80) -> str:
+    """JSON on one line, cut at *limit* characters."""
+    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def op_name(run: OpRun) -> str:
+    """``definition:version`` for a run of a definition, else its image."""
+    if run.op_definition:
+        version = f":{run.op_definition_version}" if run.op_definition_version else ""
+        return f"{run.op_definition}{version}"
+    return run.image
+
+
+def event_message(event: EventEntry) -> str:
+    """An event's message; a PROGRESS event's percentage as ``40%``."""
+    if event.type == EventType.PROGRESS.value:
+        return f"{event.msg}%"
+    return str(event.msg)
+
+
+def event_line(event: EventEntry, attempt: int | None = None) -> Text:
+    """One line of a timeline: time, type, message (and attempt when given)."""
+    line = Text()
+    line.append(event.t.astimezone().strftime("%H:%M:%S.%f")[:-3], style="dim")
+    if attempt is not None:
+        line.append(f"  #{attempt}", style="dim")
+    line.append(f"  {event.type:<9}", style=_EVENT_STYLES.get(event.type, "bold"))
+    message = event_message(event)
+    if message:
+        line.append(f"  {message}")
+    return line
+
+
+def outcome_text(run: OpRun) -> Text:
+    """One line saying how a run ended (or where it stands)."""
+    summary = run.execution_summary
+    text = Text()
+    text.append(run.id, style="bold")
+    text.append(" ")
+    text.append_text(state_text(run.state))
+    details: list[str] = []
+    if run.current_attempt > 1:
+        details.append(f"attempt {run.current_attempt}")
+    if summary.duration_ms is not None:
+        details.append(f"in {duration(summary.duration_ms)}")
+    if summary.worker_id:
+        details.append(f"on {summary.worker_id}")
+    if details:
+        text.append(" " + " ".join(details))
+    if run.state in (OpRunState.FAILED, OpRunState.CANCELLED):
+        reasons: list[str] = []
+        if summary.failure_class is not None and run.state is OpRunState.FAILED:
+            reasons.append(summary.failure_class.value)
+        if summary.exit_code is not None:
+            reasons.append(f"exit code {summary.exit_code}")
+        if reasons:
+            text.append(f" ({', '.join(reasons)})")
+        if summary.error_message:
+            text.append(f": {summary.error_message}")
+    if run.next_retry_at is not None:
+        text.append(f"; automatic retry at {when(run.next_retry_at)}", style="yellow")
+    return text
+
+
+# ----------------------------------------------------------------------------------------
+# Tables and details
+# ----------------------------------------------------------------------------------------
+
+
+def runs_table(runs: Iterable[OpRun]) -> Table:
+    """Runs, one a row."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "STATE", "OP", "PRIORITY", "PROGRESS", "ATTEMPT", "AGENT", "CREATED"):
+        table.add_column(column, no_wrap=True)
+    for run in runs:
+        table.add_row(
+            run.id,
+            state_text(run.state),
+            op_name(run),
+            str(run.priority),
+            f"{run.progress}%",
+            str(run.current_attempt),
+            run.execution_summary.worker_id or "-",
+            when(run.created_at),
+        )
+    return table
+
+
+def run_detail(run: OpRun) -> Table:
+    """Everything about a run and its current attempt, as a two-column grid."""
+    summary = run.execution_summary
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    rows: list[tuple[str, str | Text]] = [
+        ("id", run.id),
+        ("state", outcome_text(run) if run.is_locked else state_text(run.state)),
+        ("op", op_name(run)),
+        ("image", run.image),
+        ("priority", str(run.priority)),
+        ("attempt", str(run.current_attempt)),
+        ("progress", f"{run.progress}%"),
+        ("created", when(run.created_at)),
+        ("updated", when(run.updated_at)),
+    ]
+    if summary.worker_id:
+        rows.append(("agent", summary.worker_id))
+    if summary.gpu_ids:
+        rows.append(("gpus", ", ".join(str(g) for g in summary.gpu_ids)))
+    if summary.duration_ms is not None:
+        rows.append(("duration", duration(summary.duration_ms)))
+    if summary.failure_class is not None:
+        rows.append(("failure", summary.failure_class.value))
+    if summary.exit_code is not None:
+        rows.append(("exit code", str(summary.exit_code)))
+    if summary.error_message:
+        rows.append(("error", summary.error_message))
+    if run.cancel_requested:
+        rows.append(("cancel", "requested"))
+    if run.next_retry_at is not None:
+        rows.append(("next retry", when(run.next_retry_at)))
+    if run.request_id:
+        rows.append(("request id", run.request_id))
+    rows.append(("inputs", compact_json(run.inputs, 200)))
+    if run.outputs:
+        rows.append(("outputs", compact_json(run.outputs, 200)))
+    rows.append(("constraints", constraints_text(run.constraints)))
+    rows.append(
+        (
+            "retry policy",
+            f"max {run.retry_policy.max_attempts} attempts, on "
+            + ", ".join(c.value for c in run.retry_policy.retry_on),
+        )
+    )
+    if run.event_delivery.topic:
+        rows.append(("topic", run.event_delivery.topic))
+    for label, value in rows:
+        grid.add_row(label, value)
+    return grid
+
+
+def constraints_text(c: Constraints) -> str:
+    """Resources in words: ``cpu 2, ram 4096 MiB, 1 gpu, vram 8000 MiB``."""
+    parts = [f"cpu {c.cpu:g}", f"ram {c.ram_mb} MiB"]
+    if c.gpus_needed:
+        parts.append(f"{c.gpus_needed} gpu")
+    if c.vram_mb:
+        parts.append(f"vram {c.vram_mb} MiB")
+    if c.gpu_id is not None:
+        parts.append(f"gpu id {c.gpu_id}")
+    if c.timeout_s is not None:
+        parts.append(f"timeout {c.timeout_s:g}s")
+    return ", ".join(parts)
+
+
+def events_table(events: Sequence[AttemptEvent]) -> Table:
+    """Events with their attempt, in order."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ATTEMPT", "SEQ", "TIME", "TYPE", "MESSAGE", "PAYLOAD"):
+        table.add_column(column, no_wrap=column != "MESSAGE")
+    for attempt, event in events:
+        table.add_row(
+            str(attempt),
+            str(event.seq),
+            when(event.t),
+            Text(event.type, style=_EVENT_STYLES.get(event.type, "")),
+            event_message(event),
+            compact_json(event.payload, 60) if event.payload else "",
+        )
+    return table
+
+
+def attempts_table(attempts: Sequence[OpAttempt]) -> Table:
+    """Attempts, first to last."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = ("ATTEMPT", "STATE", "PROGRESS", "AGENT", "STARTED", "FINISHED", "DURATION")
+    for column in (*columns, "FAILURE"):
+        table.add_column(column, no_wrap=column != "FAILURE")
+    for attempt in attempts:
+        summary = attempt.execution_summary
+        failure = [summary.failure_class.value] if summary.failure_class else []
+        if summary.exit_code is not None:
+            failure.append(f"exit {summary.exit_code}")
+        if summary.error_message:
+            failure.append(summary.error_message)
+        table.add_row(
+            str(attempt.attempt),
+            state_text(attempt.state),
+            f"{attempt.progress}%",
+            summary.worker_id or "-",
+            when(attempt.started_at),
+            when(attempt.finished_at),
+            duration(summary.duration_ms),
+            ": ".join(failure) if failure else "",
+        )
+    return table
+
+
+def definitions_table(definitions: Iterable[OpDefinition]) -> Table:
+    """Definitions, one version a row."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "VERSION", "IMAGE", "INPUTS", "CREATED", "DESCRIPTION"):
+        table.add_column(column, no_wrap=column != "DESCRIPTION")
+    for definition in definitions:
+        table.add_row(
+            definition.name,
+            str(definition.version),
+            definition.image,
+            ", ".join(spec.name for spec in definition.inputs) or "-",
+            when(definition.created_at),
+            definition.description,
+        )
+    return table
+
+
+def definition_detail(definition: OpDefinition) -> Table:
+    """A definition and its inputs."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    policy = definition.retry_policy
+    rows: list[tuple[str, str | Table]] = [
+        ("name", definition.name),
+        ("version", str(definition.version)),
+        ("image", definition.image),
+        ("created", when(definition.created_at)),
+    ]
+    if definition.description:
+        rows.append(("description", definition.description))
+    rows.append(("constraints", constraints_text(definition.constraints)))
+    rows.append(
+        (
+            "retry policy",
+            f"max {policy.max_attempts} attempts, delay {policy.initial_delay_s:g}s "
+            f"x{policy.backoff_multiplier:g} up to {policy.max_delay_s:g}s, on "
+            + ", ".join(c.value for c in policy.retry_on),
+        )
+    )
+    if definition.event_delivery.topic:
+        rows.append(("topic", definition.event_delivery.topic))
+    if definition.inputs:
+        inputs = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("INPUT", "TYPE", "REQUIRED", "DEFAULT", "DESCRIPTION"):
+            inputs.add_column(column)
+        for spec in definition.inputs:
+            inputs.add_row(
+                spec.name,
+                spec.type.value.lower(),
+                "yes" if spec.required else "no",
+                "-" if spec.default is None else compact_json(spec.default, 40),
+                spec.description,
+            )
+        rows.append(("inputs", inputs))
+    for label, value in rows:
+        grid.add_row(label, value)
+    return grid
+
+
+def agents_table(agents: Iterable[Agent]) -> Table:
+    """Agents with their capacity, GPUs (VRAM free for new runs) and runs."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN"):
+        table.add_column(column, no_wrap=column != "GPUS")
+    for agent in agents:
+        gpus = "\n".join(
+            f"{g.index}: {g.name or 'gpu'} {g.vram_free_mb}/{g.vram_total_mb} MiB free"
+            + (f", {g.run_count} run{'s' if g.run_count != 1 else ''}" if g.run_count else "")
+            + ("" if g.healthy else f", UNHEALTHY {g.health_reason}".rstrip())
+            for g in agent.gpus
+        )
+        table.add_row(
+            agent.name,
+            agent.state.value,
+            f"{agent.cpu_reserved:g}/{agent.cpu:g}",
+            f"{agent.ram_reserved_mb}/{agent.ram_mb}",
+            gpus or "-",
+            str(len(agent.runs)),
+            _ago(agent.last_seen_time),
+        )
+    return table
+
+
+def _ago(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = max(0, int((datetime.now(UTC) - moment).total_seconds()))
+    return f"{seconds}s ago" if seconds < 120 else when(moment)
+
+
+def mapping_text(values: Mapping[str, Any]) -> str:
+    """Pretty JSON of a mapping (outputs) for people."""
+    return json.dumps(values, indent=2, ensure_ascii=False, default=str)

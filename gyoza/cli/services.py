@@ -1,0 +1,176 @@
+"""``gyoza server``, ``gyoza agent`` and ``gyoza dev``: thin commands over the pieces.
+
+Each imports its piece only when it runs, so the client commands start fast and do not
+need the server's or the agent's dependencies. A flag that is not given is passed as
+``None``: the piece's own configuration then reads its ``GYOZA_*`` variable or default,
+so the command line, ``python -m gyoza.server`` and the environment agree.
+
+The functions called:
+
+* ``gyoza.server.app.main_server(*, listen, database, tls_cert, tls_key, tls_client_ca,
+  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace)``
+* ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
+  ``gyoza.agent.config.AgentConfig.from_env(**flags)``
+* ``gyoza.dev.main_dev(*, database, listen, state_dir, executor)``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+import click
+import grpc
+
+from gyoza.cli.context import fail
+from gyoza.cli.exit_codes import ExitCode
+
+__all__ = ["agent", "dev", "server"]
+
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _load(module: str, command: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        fail(
+            f"{command} is not available in this installation ({module}: {error})",
+            ExitCode.RUN_FAILED,
+        )
+
+
+@click.command()
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Address to serve on; port 0 picks one [env GYOZA_LISTEN; default 127.0.0.1:50051].",
+)
+@click.option(
+    "--database",
+    metavar="URL",
+    help="sqlite:///PATH or postgresql+psycopg://... "
+    "[env GYOZA_DATABASE_URL; default sqlite:///gyoza.db in the working directory].",
+)
+@click.option("--tls-cert", metavar="PEM", help="Server certificate; turns TLS on.")
+@click.option("--tls-key", metavar="PEM", help="Server private key.")
+@click.option(
+    "--tls-client-ca", metavar="PEM", help="CA of client certificates; turns mutual TLS on."
+)
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics here."
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    metavar="KEY",
+    help="A client API key; repeatable [env GYOZA_API_KEYS=a,b]. None: clients are open.",
+)
+@click.option(
+    "--agent-token",
+    "agent_tokens",
+    multiple=True,
+    metavar="TOKEN",
+    help="An agent token; repeatable [env GYOZA_AGENT_TOKENS=a,b]. None: agents are open.",
+)
+@click.option("--log-level", type=_LOG_LEVELS, help="[env GYOZA_LOG_LEVEL; default info]")
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "logfmt"]),
+    help="[env GYOZA_LOG_FORMAT; default json]",
+)
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    help="Seconds in-flight calls get on SIGTERM [env GYOZA_SHUTDOWN_GRACE; default 10].",
+)
+def server(**options: Any) -> None:
+    """Run the gyoza server (the control plane) until SIGTERM or Ctrl-C."""
+    app = _load("gyoza.server.app", "gyoza server")
+    for name in ("api_keys", "agent_tokens"):
+        options[name] = options[name] or None  # not given: the environment decides
+    if options["log_level"] is not None:
+        options["log_level"] = options["log_level"].lower()
+    app.main_server(**options)
+
+
+@click.command()
+@click.option(
+    "--server", metavar="HOST:PORT", help="Server address [env GYOZA_SERVER; 127.0.0.1:50051]."
+)
+@click.option("--name", help="Unique agent name [env GYOZA_AGENT_NAME; default the host name].")
+@click.option("--token", metavar="TOKEN", help="Agent token [env GYOZA_TOKEN].")
+@click.option(
+    "--state-dir",
+    metavar="DIR",
+    help="Where the outbox lives [env GYOZA_STATE_DIR; ~/.local/state/gyoza/agent].",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["docker", "scripted"]),
+    help="docker: one container a run; scripted: plays an op from its inputs "
+    "[env GYOZA_EXECUTOR; default docker].",
+)
+@click.option(
+    "--gpus",
+    metavar="SPEC",
+    help="Declared GPUs instead of NVML, e.g. 2x80G or 1x24576M [env GYOZA_GPUS].",
+)
+@click.option("--labels", metavar="K=V,...", help="Labels for operators [env GYOZA_LABELS].")
+@click.option(
+    "--network", help="Docker network of the containers [env GYOZA_NETWORK; default none]."
+)
+@click.option("--cpu", type=click.FloatRange(min=0, min_open=True), help="Declared CPU cores.")
+@click.option("--ram-mb", type=click.IntRange(min=1), help="Declared memory in MiB.")
+@click.option("--tls", is_flag=True, default=None, help="Use TLS with the system's roots.")
+@click.option("--tls-ca", metavar="PEM", help="CA of the server's certificate; turns TLS on.")
+@click.option("--tls-cert", metavar="PEM", help="Agent certificate (mutual TLS).")
+@click.option("--tls-key", metavar="PEM", help="Agent private key (mutual TLS).")
+@click.option("--log-level", type=_LOG_LEVELS, default="info", show_default=True)
+def agent(
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    log_level: str,
+    **flags: Any,
+) -> None:
+    """Run a gyoza agent on this node until SIGTERM or Ctrl-C."""
+    config_module = _load("gyoza.agent.config", "gyoza agent")
+    daemon = _load("gyoza.agent.daemon", "gyoza agent")
+    try:
+        config = config_module.AgentConfig.from_env(
+            ca_cert=tls_ca, client_cert=tls_cert, client_key=tls_key, **flags
+        )
+    except (ValueError, TypeError) as error:
+        fail(f"gyoza agent: {error}")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(daemon.run_agent(config))
+    except KeyboardInterrupt:
+        pass
+    except daemon.AgentError as error:
+        cause = error.__cause__
+        refused = isinstance(cause, grpc.Call) and cause.code() in _REFUSED
+        fail(f"gyoza agent: {error}", ExitCode.UNREACHABLE if refused else ExitCode.RUN_FAILED)
+
+
+@click.command()
+@click.option("--database", metavar="URL", help="Store of the dev server (default ./gyoza.db).")
+@click.option("--listen", metavar="HOST:PORT", help="Address of the dev server.")
+@click.option("--state-dir", metavar="DIR", help="State directory of the local agent.")
+@click.option(
+    "--executor",
+    type=click.Choice(["docker", "scripted"]),
+    help="Executor of the local agent (default docker).",
+)
+def dev(**options: Any) -> None:
+    """Run a server and a local agent in one process, for trying gyoza out."""
+    module = _load("gyoza.dev", "gyoza dev")
+    module.main_dev(**options)
