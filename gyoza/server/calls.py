@@ -45,6 +45,9 @@ async def _call_scope(details: grpc.HandlerCallDetails, context: Context) -> Asy
     # Each call runs in a task of its own, so the binding lasts exactly for this call.
     bind_request_id(request_id)
     context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
+    # Read the peer now: touching the context after a cancelled call has ended can
+    # crash grpc's core.
+    peer = context.peer()
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
@@ -70,7 +73,7 @@ async def _call_scope(details: grpc.HandlerCallDetails, context: Context) -> Asy
             method=method,
             code=code.name,
             duration_ms=round(elapsed * 1000, 3),
-            peer=context.peer(),
+            peer=peer,
         )
 
 
