@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from gyoza.api.v1 import (
+    agent_pb2,
+    agent_service_pb2,
     agent_service_pb2_grpc,
     definition_service_pb2_grpc,
+    op_run_pb2,
     op_run_service_pb2_grpc,
 )
 
@@ -285,3 +290,132 @@ def call_error(call: Callable[[], Any]) -> ErrorDetails:
 def expect_error() -> Callable[[Callable[[], Any]], ErrorDetails]:
     """``expect_error(lambda: stub.Call(...))`` -> the call's ErrorDetails."""
     return call_error
+
+
+# -- a scripted agent on the real stream ---------------------------------------------
+
+
+class FakeAgent:
+    """A minimal agent speaking AgentService.Connect from the test: no containers.
+
+    It says Hello with the capacity given, then lets the test read what the server sends
+    (assignments, cancels, acks) and send replies and numbered reports.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        name: str,
+        *,
+        cpu: float = 64,
+        ram_mb: int = 65536,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.name = name
+        self._outbound: queue.Queue[agent_service_pb2.ConnectRequest | None] = queue.Queue()
+        self._inbound: queue.Queue[agent_service_pb2.ConnectResponse | BaseException] = (
+            queue.Queue()
+        )
+        self._seq: dict[tuple[str, int], int] = {}
+        self._outbound.put(
+            agent_service_pb2.ConnectRequest(
+                hello=agent_service_pb2.Hello(
+                    agent_name=name,
+                    capacity=agent_pb2.Capacity(cpu=cpu, ram_mb=ram_mb),
+                    version="test",
+                )
+            )
+        )
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        self.call = stub.Connect(self._requests(), metadata=list(metadata))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.welcome = self.receive("welcome").welcome
+
+    def _requests(self) -> Iterator[agent_service_pb2.ConnectRequest]:
+        while True:
+            item = self._outbound.get()
+            if item is None:
+                return
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self._inbound.put(message)
+        except BaseException as error:  # the stream's end, for receive() to raise
+            self._inbound.put(error)
+
+    def receive(self, kind: str, timeout: float = 10.0) -> agent_service_pb2.ConnectResponse:
+        """The next message of *kind* (others, such as acks, are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"agent {self.name}: no {kind} within {timeout} s")
+            try:
+                message = self._inbound.get(timeout=left)
+            except queue.Empty:
+                continue
+            if isinstance(message, BaseException):
+                raise message
+            if message.WhichOneof("message") == kind:
+                return message
+
+    def accept(self, assignment: agent_service_pb2.Assignment) -> None:
+        self._outbound.put(
+            agent_service_pb2.ConnectRequest(
+                assignment_reply=agent_service_pb2.AssignmentReply(
+                    run_id=assignment.run_id, attempt=assignment.attempt, accepted=True
+                )
+            )
+        )
+
+    def _report(self, run_id: str, attempt: int, **body: Any) -> None:
+        key = (run_id, attempt)
+        self._seq[key] = self._seq.get(key, 0) + 1
+        report = agent_service_pb2.Report(
+            run_id=run_id, attempt=attempt, seq=self._seq[key], **body
+        )
+        report.time.GetCurrentTime()
+        self._outbound.put(
+            agent_service_pb2.ConnectRequest(
+                reports=agent_service_pb2.ReportBatch(reports=[report])
+            )
+        )
+
+    def event(self, run_id: str, attempt: int, event_type: int, **fields: Any) -> None:
+        self._report(
+            run_id, attempt, event=agent_service_pb2.ReportedEvent(type=event_type, **fields)
+        )
+
+    def logs(self, run_id: str, attempt: int, *lines: str) -> None:
+        self._report(
+            run_id,
+            attempt,
+            logs=agent_service_pb2.LogChunk(
+                lines=[
+                    agent_service_pb2.LogChunkLine(text=text, stream=op_run_pb2.LOG_STREAM_STDOUT)
+                    for text in lines
+                ]
+            ),
+        )
+
+    def close(self) -> None:
+        self._outbound.put(None)
+        self.call.cancel()
+
+
+@pytest.fixture
+def fake_agent() -> Iterator[Callable[..., FakeAgent]]:
+    """``fake_agent(channel, name, **capacity)`` -> a connected FakeAgent; closed after."""
+    agents: list[FakeAgent] = []
+
+    def connect(channel: grpc.Channel, name: str = "agent-1", **kwargs: Any) -> FakeAgent:
+        agent = FakeAgent(channel, name, **kwargs)
+        agents.append(agent)
+        return agent
+
+    yield connect
+    for agent in agents:
+        agent.close()

@@ -279,19 +279,30 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     async def SubscribeEvents(
         self, request: pb.SubscribeEventsRequest, context: Context
     ) -> AsyncIterator[pb.SubscribeEventsResponse]:
-        """Every event on the topic, from the durable log, then live; stays open."""
+        """Every event on the topic, from the durable log, then live; stays open.
+
+        The response headers are sent as soon as the subscription is in place.
+        """
         topic = request_checks.required(request.topic, "topic")
         if request.after_offset < 0:
             raise InvalidInput([FieldViolation("after_offset", "must be >= 0")])
         async for response in run_streams.subscribe_topic(
-            self.store, self.hub, topic, request.after_offset, request.from_latest
+            self.store,
+            self.hub,
+            topic,
+            request.after_offset,
+            request.from_latest,
+            lambda: context.send_initial_metadata(()),
         ):
             yield response
 
     async def GetOpRunLogs(
         self, request: pb.GetOpRunLogsRequest, context: Context
     ) -> AsyncIterator[pb.GetOpRunLogsResponse]:
-        """An attempt's log lines; with follow, new ones until the attempt ends."""
+        """An attempt's log lines; with follow, new ones until the attempt ends.
+
+        With follow, the response headers are sent as soon as the follower is subscribed.
+        """
         run_id = request_checks.required(request.run_id, "run_id")
         violations = []
         if request.attempt < 0:
@@ -312,5 +323,6 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
             attempt,
             request.after_line,
             request.follow,
+            lambda: context.send_initial_metadata(()),
         ):
             yield response

@@ -11,7 +11,7 @@ UNAVAILABLE and the position to resume from.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -24,6 +24,9 @@ from gyoza.server.errors import ApiError
 from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
 from gyoza.server.store.records import LogRecord, TopicRecord
 from gyoza.server.store.store import Store
+
+Ready = Callable[[], Awaitable[None]]
+"""Awaited by a stream once its subscription is in place."""
 
 TOPIC_READ_LIMIT = 500
 """Topic records read from the store at once."""
@@ -130,9 +133,17 @@ def _topic_response(record: TopicRecord) -> pb.SubscribeEventsResponse:
 
 
 async def subscribe_topic(
-    store: Store, hub: Hub, topic: str, after_offset: int, from_latest: bool
+    store: Store,
+    hub: Hub,
+    topic: str,
+    after_offset: int,
+    from_latest: bool,
+    ready: Ready,
 ) -> AsyncIterator[pb.SubscribeEventsResponse]:
     """SubscribeEvents: the topic's durable log after the offset, then live records.
+
+    *ready* is awaited once the subscription is in place (the servicer sends the
+    response headers then, so a client can tell that later events will reach it).
 
     Live records only wake the stream; what it sends is always read from the store in
     offset order. Offsets are assigned in commit order, but two runs committed in one
@@ -144,8 +155,10 @@ async def subscribe_topic(
     while True:
         try:
             async with hub.subscribe_topic(topic) as subscription:
-                if first and from_latest:
-                    position = await store.latest_offset()
+                if first:
+                    if from_latest:
+                        position = await store.latest_offset()
+                    await ready()
                 first = False
                 while True:
                     while True:
@@ -212,8 +225,11 @@ async def read_logs(
     attempt: int,
     after_line: int,
     follow: bool,
+    ready: Ready,
 ) -> AsyncIterator[pb.GetOpRunLogsResponse]:
     """GetOpRunLogs: the attempt's lines after *after_line*; with *follow*, until it ends.
+
+    *ready* is awaited once a follower is subscribed.
 
     The follower checks whether the attempt is over *before* each read, so the last read
     after the end gets every line committed before it.
@@ -221,6 +237,8 @@ async def read_logs(
     position = after_line
     signal = hub.subscribe_logs(run_id, attempt) if follow else None
     try:
+        if signal is not None:
+            await ready()
         while True:
             over = not follow or await _attempt_over(controller, run_id, attempt)
             while True:
