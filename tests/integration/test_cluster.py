@@ -80,7 +80,7 @@ def test_placement_respects_vram_budgets_priority_and_pins(cluster: Any) -> None
         for reservation in agent.gpu_reservations:
             assert reservation.vram_reserved_mb <= totals[reservation.index]
     big = {g.index: g.vram_reserved_mb for g in agents["big"].gpu_reservations}
-    assert sorted(big.values()) == [80 * 1024, 80 * 1024]
+    assert sorted(big.values()) == [80_000, 80_000]
     assert len(agents["big"].runs) == 7
 
     # Cancelling frees room: the low-priority runs move in, never over-committing.
