@@ -1,0 +1,75 @@
+"""``gyoza dev``: a server and a local agent in one process, for trying gyoza on one machine.
+
+The server listens on 127.0.0.1:50051 with a SQLite file in the working directory; the
+agent runs ops in the local Docker engine (or plays them with the scripted executor) and
+keeps its outbox under ``./.gyoza-dev``. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from gyoza.agent.config import AgentConfig
+from gyoza.agent.daemon import Agent
+from gyoza.server.app import ControlPlane
+from gyoza.server.config import ConfigError, ServerConfig
+from gyoza.server.logs import configure_logging
+
+log = logging.getLogger("gyoza.dev")
+
+
+async def run_dev(server: ServerConfig, agent: AgentConfig) -> None:
+    """Serve and run the agent until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    async with ControlPlane(server) as plane:
+        runner = Agent(agent)
+        task = asyncio.create_task(runner.run())
+        print(
+            f"gyoza dev: server on {plane.address} ({server.database_url}), "
+            f"agent {agent.name!r} with the {agent.executor} executor. Ctrl-C stops both.",
+            file=sys.stderr,
+        )
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            waiter.cancel()
+            task.result()  # the agent failed: say why
+            return
+        await runner.shutdown(0.0)
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def main_dev(
+    *,
+    database: str | None = None,
+    listen: str | None = None,
+    state_dir: str | None = None,
+    executor: str | None = None,
+) -> None:
+    """Run ``gyoza dev`` with the given flag values (``None``: the default)."""
+    try:
+        server = ServerConfig.resolve(listen=listen, database=database)
+    except ConfigError as error:
+        print(f"gyoza dev: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(server.log_level, server.log_format)
+    host, _, port = server.listen.rpartition(":")
+    address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
+    agent = AgentConfig(
+        server=address,
+        name=f"{socket.gethostname()}-dev",
+        state_dir=Path(state_dir or ".gyoza-dev"),
+        executor=executor or "docker",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_dev(server, agent))
