@@ -404,7 +404,9 @@ class Client:
             if not token:
                 return events
 
-    def watch_run(self, run_id: str, after_sequence: int = 0) -> Iterator[RunChange]:
+    def watch_run(
+        self, run_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> Iterator[RunChange]:
         """The run's snapshot, then each change as it is committed, ending after the run
         is terminal.
 
@@ -412,7 +414,7 @@ class Client:
         ``attempt``; resume with the last ``sequence`` seen. From ``after_sequence``, the
         server sends the snapshot, then every event after that sequence (those already
         in the snapshot too), each with the run as it is now. Close the iterator (or stop consuming it and let it go) to end
-        the stream early.
+        the stream early. *timeout* bounds the whole stream (``None``: none).
 
         Raises
         ------
@@ -422,7 +424,7 @@ class Client:
             The server went away; resume from the last sequence.
         """
         request = op_run_service_pb2.WatchOpRunRequest(run_id=run_id, after_sequence=after_sequence)
-        for response in self._stream(self._runs.WatchOpRun, request):
+        for response in self._stream(self._runs.WatchOpRun, request, timeout):
             run = mapping.run_from_proto(response.op_run)
             if response.HasField("event"):
                 attempt, event = mapping.event_from_proto(response.event)
@@ -431,10 +433,16 @@ class Client:
                 yield RunChange(response.sequence, run, None)
 
     def subscribe(
-        self, topic: str, after_offset: int = 0, *, from_latest: bool = False
+        self,
+        topic: str,
+        after_offset: int = 0,
+        *,
+        from_latest: bool = False,
+        timeout: float | None = None,
     ) -> Iterator[TopicEvent]:
         """Every event of every run delivered on *topic*, in commit order, from the
-        server's durable log. The stream stays open; resume with the last ``offset``.
+        server's durable log. The stream stays open (until *timeout*, when given);
+        resume with the last ``offset``.
 
         Raises
         ------
@@ -444,7 +452,7 @@ class Client:
         request = op_run_service_pb2.SubscribeEventsRequest(
             topic=topic, after_offset=after_offset, from_latest=from_latest
         )
-        for response in self._stream(self._runs.SubscribeEvents, request):
+        for response in self._stream(self._runs.SubscribeEvents, request, timeout):
             attempt, event = mapping.event_from_proto(response.event)
             state = None
             if response.run_state:
@@ -461,10 +469,17 @@ class Client:
             )
 
     def logs(
-        self, run_id: str, attempt: int = 0, follow: bool = False, after_line: int = 0
+        self,
+        run_id: str,
+        attempt: int = 0,
+        follow: bool = False,
+        after_line: int = 0,
+        *,
+        timeout: float | None = None,
     ) -> Iterator[LogLine]:
         """An attempt's log lines (the current attempt's when *attempt* is 0); with
-        *follow*, new lines as they come until the attempt ends.
+        *follow*, new lines as they come until the attempt ends. *timeout* bounds the
+        whole stream.
 
         Raises
         ------
@@ -474,7 +489,7 @@ class Client:
         request = op_run_service_pb2.GetOpRunLogsRequest(
             run_id=run_id, attempt=attempt, follow=follow, after_line=after_line
         )
-        for response in self._stream(self._runs.GetOpRunLogs, request):
+        for response in self._stream(self._runs.GetOpRunLogs, request, timeout):
             for line in response.lines:
                 yield LogLine(
                     attempt=response.attempt,
@@ -517,9 +532,12 @@ class Client:
             raise error_from_rpc(error) from error
 
     def _stream(
-        self, method: grpc.UnaryStreamMultiCallable[_Request, _Response], request: _Request
+        self,
+        method: grpc.UnaryStreamMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None = None,
     ) -> Iterator[_Response]:
-        call = method(request, metadata=self._metadata)
+        call = method(request, metadata=self._metadata, timeout=timeout)
         try:
             yield from call
         except grpc.RpcError as error:

@@ -1,0 +1,611 @@
+"""The ``gyoza`` command end to end: a real server and a real agent, as subprocesses.
+
+The server runs on a free port with a SQLite file and an API key; the agent uses the
+scripted executor (``sleep_ms``, ``progress_steps``, ``exit_code``, ``outputs`` inputs),
+so no Docker is needed. Every CLI call is a subprocess of the installed ``gyoza`` script,
+checked for its exit code, its stdout and its one-line stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from gyoza.client import Client
+
+API_KEY = "e2e-key"
+AGENT = "e2e-agent"
+_BIN = Path(sys.executable).parent / "gyoza"
+GYOZA = (
+    [str(_BIN)]
+    if _BIN.exists()
+    else [sys.executable, "-c", "from gyoza.cli.main import main; main()"]
+)
+
+SLEEPER_YAML = """
+name: {name}
+image: gyoza-test/busybox:latest
+description: A scripted op that sleeps and reports progress
+inputs:
+  sleep_ms: {{type: int, default: 100}}
+  progress_steps: {{type: int, default: 2}}
+  exit_code: {{type: int, default: 0}}
+  outputs: {{type: object, default: {{}}}}
+  label: {{type: string, description: free text}}
+constraints: {{cpu: 0.5, ram_mb: 64}}
+retry_policy: {{max_attempts: 1}}
+event_delivery: {{topic: {name}-events, attributes: {{suite: e2e}}}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Daemon:
+    """A ``gyoza server`` or ``gyoza agent`` subprocess with its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.log_file.close()
+
+
+def start(name: str, args: list[str], tmp: Path) -> Daemon:
+    log_path = tmp / f"{name}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen([*GYOZA, *args], stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp)
+    return Daemon(name, process, log_path, log_file)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, daemons: list[Daemon]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for daemon in daemons:
+            if daemon.process.poll() is not None:
+                pytest.fail(
+                    f"{daemon.name} exited with {daemon.process.returncode}:\n{daemon.log()}"
+                )
+        if check():
+            return
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {d.name}\n{d.log()}" for d in daemons)
+    pytest.fail(f"timed out waiting for {what}\n{logs}")
+
+
+@dataclass
+class Stack:
+    """A running server and agent, and how to call the CLI against them."""
+
+    address: str
+    tmp: Path
+    server: Daemon
+    daemons: list[Daemon] = field(default_factory=list)
+
+    def gyoza(self, *args: str, api_key: str | None = API_KEY, timeout: float = 60) -> Result:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GYOZA_")}
+        env["GYOZA_SERVER"] = self.address
+        if api_key is not None:
+            env["GYOZA_API_KEY"] = api_key
+        proc = subprocess.run(
+            [*GYOZA, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=self.tmp,
+            timeout=timeout,
+            check=False,
+        )
+        return Result(args, proc.returncode, proc.stdout, proc.stderr)
+
+    def ok(self, *args: str, timeout: float = 60) -> Result:
+        result = self.gyoza(*args, timeout=timeout)
+        assert result.code == 0, result.explain()
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--output", "json").stdout)
+
+    def deploy(self, name: str) -> dict[str, Any]:
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(SLEEPER_YAML.format(name=name))
+        data: dict[str, Any] = self.json("definitions", "deploy", "-f", str(path))
+        return data
+
+    def create(self, *args: str) -> str:
+        run_id: str = self.json("runs", "create", *args)["id"]
+        return run_id
+
+    def wait_state(self, run_id: str, *states: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        with Client(self.address, api_key=API_KEY, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if client.get_run(run_id).state.value in states:
+                    return
+                time.sleep(0.05)
+        pytest.fail(f"run {run_id} never reached {states}")
+
+    def start_agent(self, name: str) -> Daemon:
+        agent = start(
+            name,
+            [
+                "agent",
+                "--server",
+                self.address,
+                "--executor",
+                "scripted",
+                "--name",
+                name,
+                "--state-dir",
+                str(self.tmp / name),
+                "--gpus",
+                "1x24G",
+                "--cpu",
+                "4",
+                "--ram-mb",
+                "8192",
+            ],
+            self.tmp,
+        )
+        self.daemons.append(agent)
+
+        def connected() -> bool:
+            with Client(self.address, api_key=API_KEY, timeout=5) as client:
+                return any(
+                    a.name == name and a.state.value == "CONNECTED" for a in client.list_agents()
+                )
+
+        wait_for(f"agent {name} to connect", connected, 30, [self.server, agent])
+        return agent
+
+
+@dataclass
+class Result:
+    args: tuple[str, ...]
+    code: int
+    stdout: str
+    stderr: str
+
+    def explain(self) -> str:
+        return f"gyoza {' '.join(self.args)} exited {self.code}\n{self.stdout}\n{self.stderr}"
+
+    def json_lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    address = f"127.0.0.1:{free_port()}"
+    server = start(
+        "server",
+        [
+            "server",
+            "--listen",
+            address,
+            "--database",
+            f"sqlite:///{tmp}/g.db",
+            "--api-key",
+            API_KEY,
+            "--log-format",
+            "logfmt",
+        ],
+        tmp,
+    )
+    stack = Stack(address, tmp, server, [server])
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(address.split(":"), timeout=0.5).close()  # type: ignore[arg-type]
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_for("the server to listen", listening, 30, [server])
+        stack.start_agent(AGENT)
+        yield stack
+    finally:
+        for daemon in reversed(stack.daemons):
+            daemon.stop()
+
+
+# ----------------------------------------------------------------------------------------
+# definitions
+# ----------------------------------------------------------------------------------------
+
+
+def test_deploy_list_get_delete(stack: Stack) -> None:
+    path = stack.tmp / "op.yaml"
+    path.write_text(SLEEPER_YAML.format(name="e2e-defs"))
+    first = stack.ok("definitions", "deploy", "-f", str(path))
+    assert first.stdout == "deployed e2e-defs version 1 (gyoza-test/busybox:latest)\n"
+    assert stack.json("definitions", "deploy", "-f", str(path))["version"] == 2
+
+    listed = stack.json("definitions", "list")
+    assert {"name": "e2e-defs", "version": 2} in [
+        {"name": d["name"], "version": d["version"]} for d in listed
+    ]
+    assert [d["version"] for d in stack.json("definitions", "list", "--name", "e2e-defs")] == [
+        2,
+        1,
+    ]
+    table = stack.ok("definitions", "list").stdout
+    assert "e2e-defs" in table and "NAME" in table
+
+    got = stack.json("definitions", "get", "e2e-defs", "--version", "1")
+    assert got["version"] == 1
+    assert [i["name"] for i in got["inputs"]] == [
+        "sleep_ms",
+        "progress_steps",
+        "exit_code",
+        "outputs",
+        "label",
+    ]
+    assert got["event_delivery"] == {"topic": "e2e-defs-events", "attributes": {"suite": "e2e"}}
+    assert "sleep_ms" in stack.ok("definitions", "get", "e2e-defs").stdout
+
+    assert stack.ok("definitions", "delete", "e2e-defs", "--version", "1").stdout == (
+        "deleted version 1 of e2e-defs\n"
+    )
+    gone = stack.gyoza("definitions", "get", "e2e-defs", "--version", "1")
+    assert gone.code == 2
+    assert gone.stderr.startswith("gyoza: not found:")
+    assert (
+        stack.ok("definitions", "delete", "e2e-defs").stdout == "deleted 1 version(s) of e2e-defs\n"
+    )
+
+
+def test_bad_op_file_is_refused_naming_the_key(stack: Stack) -> None:
+    path = stack.tmp / "bad.yaml"
+    path.write_text("name: bad\nimage: busybox\ninputs:\n  steps: {type: integer}\n")
+    result = stack.gyoza("definitions", "deploy", "-f", str(path))
+    assert result.code == 2
+    assert result.stderr == (
+        f"gyoza: {path}: inputs.steps.type: expected one of string, int, float, bool, "
+        "object, array, got 'integer'\n"
+    )
+    path.write_text("name: bad\nimage: [busybox\n")
+    result = stack.gyoza("definitions", "deploy", "-f", str(path))
+    assert result.code == 2
+    assert result.stderr.startswith(f"gyoza: {path}: not valid YAML: line 3")
+    missing = stack.gyoza("definitions", "deploy", "-f", str(stack.tmp / "nope.yaml"))
+    assert missing.code == 2
+    assert "cannot read the file" in missing.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# runs
+# ----------------------------------------------------------------------------------------
+
+
+def test_create_with_inputs_and_watch_to_completion(stack: Stack) -> None:
+    stack.deploy("e2e-watch")
+    result = stack.gyoza(
+        "runs",
+        "create",
+        "--definition",
+        "e2e-watch",
+        "--input",
+        "sleep_ms=300",
+        "--input",
+        "progress_steps=3",
+        "--input",
+        'outputs={"answer": 42, "words": ["a", "b"]}',
+        "--input",
+        "label=007",
+        "--priority",
+        "3",
+        "--watch",
+        "--output",
+        "json",
+    )
+    assert result.code == 0, result.explain()
+    lines = result.json_lines()
+    assert lines[0]["event"] is None  # the snapshot comes first
+    final = lines[-1]["run"]
+    assert final["state"] == "COMPLETED"
+    assert final["outputs"] == {"answer": 42, "words": ["a", "b"]}
+    assert final["inputs"] == {
+        "sleep_ms": 300,
+        "progress_steps": 3,
+        "exit_code": 0,
+        "outputs": {"answer": 42, "words": ["a", "b"]},
+        "label": "007",  # a string input keeps the text as typed
+    }
+    assert final["priority"] == 3
+    assert final["op_definition"] == "e2e-watch"
+    types = [line["event"]["type"] for line in lines[1:]]
+    assert types[0] == "ASSIGNED"
+    assert types.count("PROGRESS") == 3
+    assert types[-1] == "COMPLETED"
+    assert [line["sequence"] for line in lines[1:]] == sorted(
+        line["sequence"] for line in lines[1:]
+    )
+
+    # Watching a run that is over replays its timeline and exits at once.
+    watched = stack.ok("runs", "watch", final["id"])
+    assert "COMPLETED" in watched.stdout
+    assert '"answer": 42' in watched.stdout
+    assert "PROGRESS" in watched.stdout
+
+
+def test_create_prints_the_run_and_takes_resources(stack: Stack) -> None:
+    stack.deploy("e2e-create")
+    created = stack.ok(
+        "runs", "create", "--definition", "e2e-create", "--cpu", "1", "--ram-mb", "256",
+        "--topic", "other-topic", "--request-id", "req-e2e-1",
+    )  # fmt: skip
+    assert created.stdout.startswith("created run_")
+    run_id = created.stdout.split()[1]
+    run = stack.json("runs", "get", run_id)
+    # Overrides start from the definition's settings (cpu 0.5, ram 64 there).
+    assert run["constraints"]["cpu"] == 1.0
+    assert run["constraints"]["ram_mb"] == 256
+    assert run["event_delivery"] == {"topic": "other-topic", "attributes": {"suite": "e2e"}}
+    assert run["requestId"] == "req-e2e-1"
+    again = stack.json(
+        "runs", "create", "--definition", "e2e-create", "--cpu", "1", "--ram-mb", "256",
+        "--topic", "other-topic", "--request-id", "req-e2e-1",
+    )  # fmt: skip
+    assert again["id"] == run_id  # the same request_id: the same run
+
+
+def test_failed_run_exits_1(stack: Stack) -> None:
+    stack.deploy("e2e-fail")
+    result = stack.gyoza(
+        "runs", "create", "--definition", "e2e-fail", "--input", "exit_code=3", "--watch"
+    )
+    assert result.code == 1, result.explain()
+    assert "FAILED" in result.stdout
+    assert "exit code 3" in result.stdout
+
+
+def test_watch_follows_automatic_retries(stack: Stack) -> None:
+    # An ad-hoc run takes the default retry policy: 3 attempts, EXIT_CODE retried after
+    # 1 s, then 2 s.
+    result = stack.gyoza(
+        "runs", "create", "--image", "e2e/flaky", "--input", "exit_code=2",
+        "--input", "sleep_ms=10", "--watch", "--output", "json",
+    )  # fmt: skip
+    assert result.code == 1, result.explain()
+    final = result.json_lines()[-1]["run"]
+    assert final["state"] == "FAILED"
+    assert final["current_attempt"] == 3
+    attempts = stack.json("runs", "attempts", final["id"])
+    assert [a["state"] for a in attempts] == ["FAILED", "FAILED", "FAILED"]
+
+
+def test_wrong_input_type_is_refused(stack: Stack) -> None:
+    stack.deploy("e2e-types")
+    local = stack.gyoza("runs", "create", "--definition", "e2e-types", "--input", "sleep_ms=soon")
+    assert local.code == 2
+    assert local.stderr == "gyoza: --input sleep_ms: expected int (a whole number), got 'soon'\n"
+    remote = stack.gyoza(
+        "runs", "create", "--definition", "e2e-types", "--inputs-json", '{"sleep_ms": "soon"}'
+    )
+    assert remote.code == 2
+    assert remote.stderr.startswith("gyoza: invalid argument:")
+    assert "inputs.sleep_ms" in remote.stderr
+    assert remote.stderr.count("\n") == 1
+    unknown = stack.gyoza("runs", "create", "--definition", "e2e-nope", "--input", "a=1")
+    assert unknown.code == 2
+    assert unknown.stderr.startswith("gyoza: not found:")
+
+
+def test_list_with_filters(stack: Stack) -> None:
+    stack.deploy("e2e-list")
+    for _ in range(3):
+        stack.ok("runs", "create", "--definition", "e2e-list", "--watch")
+    stack.ok("runs", "create", "--image", "e2e/list-image", "--watch")
+
+    by_definition = stack.json("runs", "list", "--definition", "e2e-list")
+    assert len(by_definition) == 3
+    assert {r["op_definition"] for r in by_definition} == {"e2e-list"}
+    created = [r["createdAt"] for r in by_definition]
+    assert created == sorted(created, reverse=True)  # newest first
+
+    by_image = stack.json("runs", "list", "--image", "e2e/list-image", "--state", "completed")
+    assert [r["image"] for r in by_image] == ["e2e/list-image"]
+    assert stack.json("runs", "list", "--image", "e2e/list-image", "--state", "FAILED") == []
+    assert len(stack.json("runs", "list", "--definition", "e2e-list", "--limit", "2")) == 2
+    oldest = stack.json("runs", "list", "--definition", "e2e-list", "--oldest-first")
+    assert [r["id"] for r in oldest] == [r["id"] for r in reversed(by_definition)]
+
+    table = stack.ok("runs", "list", "--definition", "e2e-list").stdout
+    assert table.splitlines()[0].split()[:3] == ["ID", "STATE", "OP"]
+    assert table.count("COMPLETED") == 3
+    empty = stack.gyoza("runs", "list", "--definition", "e2e-none")
+    assert (empty.code, empty.stdout, empty.stderr) == (0, "", "no runs\n")
+
+
+def test_get_events_and_attempts(stack: Stack) -> None:
+    stack.deploy("e2e-get")
+    run_id = stack.create("--definition", "e2e-get", "--input", "progress_steps=2")
+    stack.ok("runs", "watch", run_id)
+    run = stack.json("runs", "get", run_id)
+    assert run["id"] == run_id
+    assert run["execution_summary"]["worker_id"] == AGENT
+    assert [e["type"] for e in run["events"]][-1] == "COMPLETED"
+    events = stack.json("runs", "events", run_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert {e["attempt"] for e in events} == {1}
+    assert stack.json("runs", "attempts", run_id)[0]["state"] == "COMPLETED"
+    detail = stack.ok("runs", "get", run_id).stdout
+    assert run_id in detail and "COMPLETED" in detail and AGENT in detail
+    assert "ASSIGNED" in stack.ok("runs", "events", run_id).stdout
+    assert "COMPLETED" in stack.ok("runs", "attempts", run_id).stdout
+
+
+def test_follow_logs(stack: Stack) -> None:
+    stack.deploy("e2e-logs")
+    run_id = stack.create(
+        "--definition", "e2e-logs", "--input", "sleep_ms=1500", "--input", "progress_steps=3"
+    )
+    followed = stack.ok("runs", "logs", run_id, "-f")
+    assert followed.stdout.splitlines() == ["step 1/3", "step 2/3", "step 3/3"]
+    assert stack.json("runs", "get", run_id)["state"] == "COMPLETED"
+    lines = stack.gyoza("runs", "logs", run_id, "--output", "json").json_lines()
+    assert [(line["number"], line["text"]) for line in lines] == [
+        (1, "step 1/3"),
+        (2, "step 2/3"),
+        (3, "step 3/3"),
+    ]
+
+
+def test_cancel_then_retry(stack: Stack) -> None:
+    stack.deploy("e2e-cancel")
+    run_id = stack.create("--definition", "e2e-cancel", "--input", "sleep_ms=120000")
+    stack.wait_state(run_id, "RUNNING")
+    cancelled = stack.ok("runs", "cancel", run_id, "--reason", "e2e")
+    assert cancelled.stdout.startswith(f"cancel requested for {run_id}")
+    watched = stack.gyoza("runs", "watch", run_id)
+    assert watched.code == 1, watched.explain()
+    assert "CANCELLED" in watched.stdout
+    again = stack.gyoza("runs", "cancel", run_id)
+    assert again.code == 2
+    assert "[RUN_LOCKED]" in again.stderr
+
+    retried = stack.ok("runs", "retry", run_id)
+    assert retried.stdout == f"retrying {run_id}: attempt 2 is PENDING\n"
+    stack.wait_state(run_id, "RUNNING")
+    busy = stack.gyoza("runs", "retry", run_id)
+    assert busy.code == 2
+    assert "[INVALID_TRANSITION]" in busy.stderr
+    stack.ok("runs", "cancel", run_id)
+    assert stack.gyoza("runs", "watch", run_id).code == 1
+    attempts = stack.json("runs", "attempts", run_id)
+    assert [(a["attempt"], a["state"]) for a in attempts] == [(1, "CANCELLED"), (2, "CANCELLED")]
+    events = stack.json("runs", "events", run_id)
+    assert next(e["type"] for e in events if e["attempt"] == 2) == "RETRIED"
+
+
+def test_priority_of_a_pending_run(stack: Stack) -> None:
+    # Four GPUs fit no agent: the run stays PENDING.
+    run_id = stack.create("--image", "e2e/big", "--gpu-count", "4")
+    assert stack.ok("runs", "priority", run_id, "7").stdout == f"{run_id} priority 7\n"
+    assert stack.json("runs", "get", run_id)["priority"] == 7
+    assert stack.ok("runs", "cancel", run_id).stdout == f"cancelled {run_id}\n"
+    locked = stack.gyoza("runs", "priority", run_id, "1")
+    assert locked.code == 2
+
+
+def test_unknown_run_id_exits_2(stack: Stack) -> None:
+    for command in ("get", "events", "attempts", "watch", "logs", "cancel", "retry"):
+        result = stack.gyoza("runs", command, "run_000000000000")
+        assert result.code == 2, result.explain()
+        assert result.stderr.startswith("gyoza: not found:"), result.explain()
+        assert result.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------
+# agents
+# ----------------------------------------------------------------------------------------
+
+
+def test_agents_list(stack: Stack) -> None:
+    agents = stack.json("agents", "list")
+    mine = next(a for a in agents if a["name"] == AGENT)
+    assert mine["state"] == "CONNECTED"
+    assert mine["cpu"] == 4.0
+    assert mine["ram_mb"] == 8192
+    assert [g["vram_total_mb"] for g in mine["gpus"]] == [24576]
+    table = stack.ok("agents", "list").stdout
+    assert AGENT in table
+    assert "24576/24576 MiB free" in table
+
+
+def test_drain(stack: Stack) -> None:
+    agent = stack.start_agent("e2e-drained")
+    try:
+        drained = stack.ok("agents", "drain", "e2e-drained")
+        assert drained.stdout.startswith("draining e2e-drained")
+        states = {a["name"]: a["state"] for a in stack.json("agents", "list")}
+        assert states["e2e-drained"] == "DRAINING"
+        assert states[AGENT] == "CONNECTED"
+    finally:
+        agent.stop()
+    unknown = stack.gyoza("agents", "drain", "e2e-nobody")
+    assert unknown.code == 2
+    assert unknown.stderr.startswith("gyoza: not found:")
+
+
+# ----------------------------------------------------------------------------------------
+# connection and credentials
+# ----------------------------------------------------------------------------------------
+
+
+def test_unreachable_server_exits_3(stack: Stack) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = stack.gyoza("--server", address, "runs", "list")
+    assert result.code == 3
+    assert result.stderr.startswith(f"gyoza: cannot reach the gyoza server at {address}:")
+    assert result.stderr.count("\n") == 1
+
+
+def test_wrong_api_key_exits_3(stack: Stack) -> None:
+    wrong = stack.gyoza("runs", "list", api_key="not-the-key")
+    assert wrong.code == 3
+    assert wrong.stderr.startswith(
+        f"gyoza: the gyoza server at {stack.address} refused the credentials"
+    )
+    assert wrong.stderr.count("\n") == 1
+    assert stack.gyoza("runs", "list", api_key=None).code == 3
+
+
+# ----------------------------------------------------------------------------------------
+# the Python client against the real server
+# ----------------------------------------------------------------------------------------
+
+
+def test_client_subscribe_and_watch(stack: Stack) -> None:
+    stack.deploy("e2e-client")
+    with Client(stack.address, api_key=API_KEY, timeout=10) as client:
+        definition = client.get_definition("e2e-client")
+        run = client.create_run(
+            definition=definition.name, inputs={"sleep_ms": 100, "outputs": {"ok": True}}
+        )
+        changes = list(client.watch_run(run.id))
+        assert changes[-1].run.state.value == "COMPLETED"
+        assert changes[-1].run.outputs == {"ok": True}
+        sequence, snapshot, event = changes[0]
+        assert (sequence, snapshot.id, event) == (changes[0].sequence, run.id, None)
+
+        seen = []
+        for delivered in client.subscribe("e2e-client-events", timeout=30):
+            if delivered.run_id != run.id:
+                continue
+            assert delivered.attributes == {"suite": "e2e"}
+            seen.append(delivered.event.type)
+            if delivered.event.type == "COMPLETED":
+                break
+        assert seen[0] == "ASSIGNED"
+        assert seen[-1] == "COMPLETED"
+        assert [e.event.type for e in client.list_events(run.id)] == seen
