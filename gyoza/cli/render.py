@@ -136,9 +136,11 @@ def op_name(run: OpRun) -> str:
 
 
 def event_message(event: EventEntry) -> str:
-    """An event's message; a PROGRESS event's percentage as ``40%``."""
+    """An event's message; a PROGRESS event's percentage as ``40%``, with the op's own
+    words (``payload.message``) when it gave some."""
     if event.type == EventType.PROGRESS.value:
-        return f"{event.msg}%"
+        words = event.payload.get("message")
+        return f"{event.msg}%" + (f" {words}" if isinstance(words, str) and words else "")
     return str(event.msg)
 
 

@@ -147,7 +147,7 @@ def agent(
             ca_cert=tls_ca, client_cert=tls_cert, client_key=tls_key, **flags
         )
     except (ValueError, TypeError) as error:
-        fail(f"gyoza agent: {error}")
+        fail(str(error))
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -158,7 +158,7 @@ def agent(
     except daemon.AgentError as error:
         cause = error.__cause__
         refused = isinstance(cause, grpc.Call) and cause.code() in _REFUSED
-        fail(f"gyoza agent: {error}", ExitCode.UNREACHABLE if refused else ExitCode.RUN_FAILED)
+        fail(f"agent stopped: {error}", ExitCode.UNREACHABLE if refused else ExitCode.RUN_FAILED)
 
 
 @click.command()
