@@ -88,7 +88,7 @@ class Proc:
 class Cluster:
     """One server and any number of agents on 127.0.0.1."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **timing: str) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -97,7 +97,7 @@ class Cluster:
             "server",
             [GYOZA, "server", "--listen", self.address, "--database", self.database],
             tmp / "server.log",
-            env=dict(TIMING),
+            env={**TIMING, **timing},
         )
         self.agents: dict[str, Proc] = {}
         self.channel = grpc.insecure_channel(self.address)
@@ -245,6 +245,17 @@ _LIVE = {1, 2}  # AGENT_STATE_CONNECTED, AGENT_STATE_DRAINING
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
+    c.start_server()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def patient_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster whose lost agents get a long grace period (restarts land within it)."""
+    c = Cluster(tmp_path, GYOZA_GRACE_S="20")
     c.start_server()
     try:
         yield c

@@ -108,28 +108,28 @@ def test_cancel_reaches_the_agent_and_never_reads_completed(cluster: Any) -> Non
 
 
 def test_killed_agent_fails_as_agent_lost_and_is_retried_elsewhere(cluster: Any) -> None:
-    first = cluster.add_agent("a1")
-    run = cluster.create(sleep_ms=2_000, progress_steps=4, max_attempts=2)
-    running = cluster.watch_until(run.id, _running)
-    assert running.execution_summary.worker_id == "a1"
+    cluster.add_agent("a1")
     cluster.add_agent("a2")
-    first.kill9()  # never restarted
+    run = cluster.create(sleep_ms=4_000, progress_steps=4, max_attempts=2)
+    holder = cluster.watch_until(run.id, _running).execution_summary.worker_id
+    other = ({"a1", "a2"} - {holder}).pop()
+    cluster.agents[holder].kill9()  # never restarted
 
     done = cluster.watch_until(
         run.id, lambda r: _completed(r) and r.current_attempt == 2, timeout=40
     )
-    assert done.execution_summary.worker_id == "a2"
+    assert done.execution_summary.worker_id == other
     attempts = cluster.attempts(run.id)
     assert attempts[0].state == S.OP_RUN_STATE_FAILED
     assert attempts[0].execution_summary.failure_class == S.FAILURE_CLASS_AGENT_LOST
     assert _types(attempts[1].events)[0] == "RETRIED"
 
 
-def test_agent_killed_and_restarted_within_grace_goes_on(cluster: Any) -> None:
+def test_agent_killed_and_restarted_within_grace_goes_on(patient_cluster: Any) -> None:
+    cluster = patient_cluster
     agent = cluster.add_agent("a1")
-    # Long enough that the restart lands mid-run; the grace (lease 1 s + grace 1 s) is
-    # raised for this test so the restart is surely within it.
-    run = cluster.create(sleep_ms=3_000, progress_steps=6)
+    # Long enough that the restart lands mid-run, well within the grace period.
+    run = cluster.create(sleep_ms=4_000, progress_steps=6)
     cluster.watch_until(run.id, lambda r: any(e.type == S.EVENT_TYPE_PROGRESS for e in r.events))
     agent.kill9()
     agent.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +44,8 @@ _EVENT_TYPES = {
     resources_pb2.EVENT_TYPE_CANCELLED: EventType.CANCELLED,
 }
 
+_ALL_TYPES = set(resources_pb2.EventType.values())
+
 _FAILURE_CLASSES = {
     value: FailureClass(name.removeprefix("FAILURE_CLASS_"))
     for name, value in resources_pb2.FailureClass.items()
@@ -71,7 +74,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self,
         request_iterator: AsyncIterator[agent_service_pb2.ConnectRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
+    ) -> AsyncIterator[agent_service_pb2.ConnectResponse]:
         """One agent session, from Hello to the end of the stream."""
         loop = asyncio.get_running_loop()
         iterator = aiter(request_iterator)
@@ -125,30 +128,39 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self.controller.agent_ready()
 
         inbound: asyncio.Queue[agent_service_pb2.ConnectRequest | None] = asyncio.Queue()
+        ended: list[SessionState] = []
+
+        def finished(task: asyncio.Task[None]) -> None:
+            # Any background task ending ends the session: the writer below stops.
+            if not task.cancelled() and task.exception() is not None:
+                log.warning(
+                    "agent stream failed",
+                    extra={"agent": session.name, "error": repr(task.exception())},
+                )
+            ended.append(SessionState.LOST if task is lease else SessionState.DISCONNECTED)
+            session.close()
+
+        lease = asyncio.create_task(self._lease(session))
         tasks = [
             asyncio.create_task(self._read(iterator, session, inbound)),
             asyncio.create_task(self._process(session, inbound)),
-            asyncio.create_task(self._write(session, context)),
-            asyncio.create_task(self._lease(session)),
+            lease,
         ]
-        ended = SessionState.DISCONNECTED
+        for task in tasks:
+            task.add_done_callback(finished)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    log.warning(
-                        "agent stream failed",
-                        extra={"agent": session.name, "error": repr(task.exception())},
-                    )
-                if task is tasks[3] and not task.cancelled() and task.exception() is None:
-                    ended = SessionState.LOST
+            # This handler is the stream's only writer.
+            while (message := await session.outbox.get()) is not None:
+                yield message
         finally:
             for task in tasks:
+                task.remove_done_callback(finished)
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self.sessions.close(session, ended):
+            state = ended[0] if ended else SessionState.DISCONNECTED
+            if self.sessions.close(session, state):
                 self.controller.agent_disconnected(session.name, session.last_seen)
-                log.info("agent disconnected", extra={"agent": session.name, "state": ended.value})
+                log.info("agent disconnected", extra={"agent": session.name, "state": state.value})
 
     async def _read(
         self,
@@ -230,15 +242,6 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         for nack in [*nacks, *refused]:
             session.send(agent_service_pb2.ConnectResponse(nack=_nack(nack)))
 
-    async def _write(
-        self, session: AgentSession, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        while True:
-            message = await session.outbox.get()
-            if message is None:
-                return
-            await context.write(message)
-
     async def _lease(self, session: AgentSession) -> None:
         """Return when the agent has been silent past its lease."""
         loop = asyncio.get_running_loop()
@@ -283,28 +286,24 @@ def _report_in(report: agent_service_pb2.Report) -> ReportIn:
     if not report.run_id or report.attempt < 1 or report.seq < 1:
         raise _Refused("a report needs run_id, attempt >= 1 and seq >= 1")
     when = report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
+    base = ReportIn(run_id=report.run_id, attempt=report.attempt, seq=report.seq, time=when)
     body = report.WhichOneof("body")
     if body == "logs":
-        return ReportIn(
-            run_id=report.run_id,
-            attempt=report.attempt,
-            seq=report.seq,
-            time=when,
+        return replace(
+            base,
             lines=tuple(
                 (line.text, _STREAMS.get(line.stream, "stdout")) for line in report.logs.lines
             ),
         )
     if body != "event":
-        raise _Refused("a report carries neither an event nor log lines")
+        return replace(base, refusal="the report carries neither an event nor log lines")
     event = report.event
     kind = _EVENT_TYPES.get(event.type)
     if kind is None:
-        raise _Refused(f"agents cannot report events of type {event.type}")
-    return ReportIn(
-        run_id=report.run_id,
-        attempt=report.attempt,
-        seq=report.seq,
-        time=when,
+        name = resources_pb2.EventType.Name(event.type) if event.type in _ALL_TYPES else event.type
+        return replace(base, refusal=f"agents cannot report events of type {name}")
+    return replace(
+        base,
         event_type=kind,
         message=event.message,
         progress=event.progress,
