@@ -115,6 +115,9 @@ class ReportIn:
     error_message: str = ""
     duration_ms: int = 0
     lines: tuple[tuple[str, str], ...] = ()
+    #: Set when the report is well addressed but malformed: it is refused, and its seq
+    #: is consumed so that the attempt's later reports still apply.
+    refusal: str = ""
 
 
 @dataclass(frozen=True)
@@ -562,6 +565,19 @@ class RunController:
                     continue  # applied before: acknowledged again below
                 if report.seq != current.reported_seq + 1:
                     break  # a gap: the agent resends from the acknowledged seq
+                if report.refusal:
+                    current.reported_seq = report.seq
+                    nacks.append(
+                        NackOut(
+                            run_id,
+                            attempt_no,
+                            report.seq,
+                            "INVALID_ARGUMENT",
+                            "MALFORMED_REPORT",
+                            report.refusal,
+                        )
+                    )
+                    continue
                 if report.event_type is None:
                     lines.extend((text, stream, report.time) for text, stream in report.lines)
                     current.reported_seq = report.seq
