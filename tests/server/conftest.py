@@ -71,8 +71,7 @@ class ServerProcess:
                     "gyoza.server",
                     "--listen",
                     "127.0.0.1:0",
-                    "--database",
-                    self.database_url,
+                    *(["--database", self.database_url] if self.database_url else []),
                     *self.args,
                 ],
                 stdout=log,
@@ -185,7 +184,11 @@ ServerFactory = Callable[..., ServerProcess]
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start servers: ``factory(database_url=None, args=(), env={})``; all stopped after."""
+    """Start servers: ``factory(database_url=None, args=(), env={})``; all stopped after.
+
+    No URL means a SQLite file in tmp_path; ``""`` gives no ``--database`` flag at all
+    (the server's default). The working directory is tmp_path.
+    """
     started: list[ServerProcess] = []
 
     def start(
@@ -195,7 +198,9 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     ) -> ServerProcess:
         index = len(started)
         server = ServerProcess(
-            database_url=database_url or f"sqlite:///{tmp_path / 'gyoza.db'}",
+            database_url=(
+                f"sqlite:///{tmp_path / 'gyoza.db'}" if database_url is None else database_url
+            ),
             workdir=tmp_path,
             args=list(args),
             env=dict(env or {}),
