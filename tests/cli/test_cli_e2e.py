@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,6 +54,16 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def listening(address: str) -> bool:
+    """True once something accepts connections at ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), 0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -221,15 +232,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     stack = Stack(address, tmp, server, [server])
 
-    def listening() -> bool:
-        try:
-            socket.create_connection(address.split(":"), timeout=0.5).close()  # type: ignore[arg-type]
-        except OSError:
-            return False
-        return True
-
     try:
-        wait_for("the server to listen", listening, 30, [server])
+        wait_for("the server to listen", lambda: listening(address), 30, [server])
         stack.start_agent(AGENT)
         yield stack
     finally:
@@ -609,3 +613,78 @@ def test_client_subscribe_and_watch(stack: Stack) -> None:
         assert seen[0] == "ASSIGNED"
         assert seen[-1] == "COMPLETED"
         assert [e.event.type for e in client.list_events(run.id)] == seen
+
+
+# ----------------------------------------------------------------------------------------
+# TLS options
+# ----------------------------------------------------------------------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def mtls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A server that requires client certificates signed by a test CA (no agent)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed to make test certificates")
+    tmp = tmp_path_factory.mktemp("mtls")
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=gyoza e2e CA", "-keyout", "ca.key", "-out", "ca.pem",
+        cwd=tmp,
+    )  # fmt: skip
+    (tmp / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=gyoza {name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            cwd=tmp,
+        )  # fmt: skip
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra,
+            cwd=tmp,
+        )  # fmt: skip
+    address = f"127.0.0.1:{free_port()}"
+    server = start(
+        "server",
+        [
+            "server", "--listen", address, "--database", f"sqlite:///{tmp}/g.db",
+            "--api-key", API_KEY, "--tls-cert", str(tmp / "server.pem"),
+            "--tls-key", str(tmp / "server.key"), "--tls-client-ca", str(tmp / "ca.pem"),
+        ],
+        tmp,
+    )  # fmt: skip
+    stack = Stack(address, tmp, server, [server])
+
+    try:
+        wait_for("the TLS server to listen", lambda: listening(address), 30, [server])
+        yield stack
+    finally:
+        server.stop()
+
+
+def test_tls_options(mtls_stack: Stack) -> None:
+    tmp = mtls_stack.tmp
+    ca = ("--tls-ca", str(tmp / "ca.pem"))
+    client = ("--tls-cert", str(tmp / "client.pem"), "--tls-key", str(tmp / "client.key"))
+    listed = mtls_stack.gyoza(*ca, *client, "runs", "list", "-o", "json")
+    assert listed.code == 0, listed.explain()
+    assert json.loads(listed.stdout) == []
+    # The options may follow the command too.
+    assert mtls_stack.gyoza("runs", "list", *ca, *client).code == 0
+    without_client_cert = mtls_stack.gyoza(*ca, "runs", "list")
+    assert without_client_cert.code == 3
+    assert without_client_cert.stderr.startswith("gyoza: cannot reach the gyoza server")
+    plaintext = mtls_stack.gyoza("runs", "list")
+    assert plaintext.code == 3
+    half = mtls_stack.gyoza(*ca, "--tls-cert", str(tmp / "client.pem"), "runs", "list")
+    assert half.code == 2
+    assert half.stderr == (
+        "gyoza: a client certificate needs its key: give both tls_cert and tls_key\n"
+    )
+    missing = mtls_stack.gyoza("--tls-ca", str(tmp / "nope.pem"), "runs", "list")
+    assert missing.code == 2
+    assert missing.stderr.startswith("gyoza: cannot read a TLS file:")
