@@ -1,0 +1,107 @@
+"""Opaque page tokens: a keyset cursor as base64url JSON, tied to its listing.
+
+A token names the listing it came from and a fingerprint of that listing's filters, so
+one used with other filters is refused instead of silently paging something else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from gyoza.server.store.records import RunFilter
+
+
+def encode_token(kind: str, fingerprint: str, position: list[Any]) -> str:
+    """A token resuming listing *kind* (with filters *fingerprint*) after *position*."""
+    raw = json.dumps({"k": kind, "f": fingerprint, "p": position}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str, kind: str, fingerprint: str) -> list[Any] | None:
+    """The position in *token*; ``None`` for the empty token (the first page).
+
+    Raises
+    ------
+    ValueError
+        When the token is malformed or belongs to another listing or other filters.
+    """
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("invalid page token") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("p"), list):
+        raise ValueError("invalid page token")
+    if data.get("k") != kind or data.get("f") != fingerprint:
+        raise ValueError("page token does not belong to this listing and its filters")
+    position: list[Any] = data["p"]
+    return position
+
+
+def check_run_filter(f: RunFilter) -> None:
+    """Refuse naive datetimes in a run filter (the store compares aware UTC times)."""
+    for name in ("created_after", "created_before"):
+        value = getattr(f, name)
+        if value is not None and value.tzinfo is None:
+            raise ValueError(f"RunFilter.{name} must be an aware datetime")
+
+
+def run_filter_fingerprint(f: RunFilter) -> str:
+    """A short digest of a run filter, kept in its page tokens."""
+    described = json.dumps(
+        [
+            sorted(s.value for s in f.states),
+            f.op_definition,
+            f.image,
+            None if f.created_after is None else f.created_after.isoformat(),
+            None if f.created_before is None else f.created_before.isoformat(),
+            f.oldest_first,
+        ]
+    )
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def run_position(position: list[Any] | None) -> tuple[datetime, str] | None:
+    """The (created_at, id) cursor of a runs page token."""
+    if position is None:
+        return None
+    try:
+        created_text, run_id = position
+        created_at = datetime.fromisoformat(created_text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("invalid page token") from exc
+    if created_at.tzinfo is None or not isinstance(run_id, str):
+        raise ValueError("invalid page token")
+    return created_at, run_id
+
+
+def name_position(position: list[Any] | None) -> str | None:
+    """The name cursor of a definitions page token."""
+    if position is None:
+        return None
+    if len(position) != 1 or not isinstance(position[0], str):
+        raise ValueError("invalid page token")
+    name: str = position[0]
+    return name
+
+
+def version_position(position: list[Any] | None) -> int | None:
+    """The version cursor of a definition-versions page token."""
+    if position is None:
+        return None
+    if len(position) != 1 or isinstance(position[0], bool) or not isinstance(position[0], int):
+        raise ValueError("invalid page token")
+    version: int = position[0]
+    return version
+
+
+def check_page_size(page_size: int) -> None:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer (got {page_size!r})")
