@@ -28,7 +28,7 @@ def list_agents(state: CliState, include_all: bool, output: str) -> None:
     elif not found:
         click.echo("no agents", err=True)
     else:
-        render.console().print(render.agents_table(found))
+        render.show(render.agents_table(found))
 
 
 @agents.command()

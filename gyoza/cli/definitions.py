@@ -29,7 +29,22 @@ def definitions() -> None:
 @output_option
 @pass_state
 def deploy(state: CliState, path: str, output: str) -> None:
-    """Store a new version of the op an op.yaml describes."""
+    """Store a new version of the op an op.yaml describes.
+
+    \b
+    name: render                  # lowercase, digits, '.', '_', '-'
+    image: ghcr.io/acme/render:1
+    description: Renders a prompt
+    inputs:                       # type: string|int|float|bool|object|array
+      prompt: {type: string, required: true, description: What to draw}
+      steps: {type: int, default: 30}
+    constraints: {cpu: 2, ram_mb: 4096, vram_mb: 8000, gpu_count: 1, timeout_s: 600}
+    retry_policy: {max_attempts: 3, initial_delay_s: 1, backoff_multiplier: 2,
+                   max_delay_s: 60, retry_on: [EXIT_CODE, OOM]}
+    event_delivery: {topic: renders, attributes: {team: vision}}
+
+    The server assigns versions (1, 2, 3... per name); a `version` key is ignored.
+    """
     try:
         definition = load_op_file(path)
     except OpFileError as error:
@@ -54,7 +69,7 @@ def list_definitions(state: CliState, name: str | None, output: str) -> None:
     elif not items:
         click.echo("no definitions" if name is None else f"no versions of {name}", err=True)
     else:
-        render.console().print(render.definitions_table(items))
+        render.show(render.definitions_table(items))
 
 
 @definitions.command()
@@ -69,7 +84,7 @@ def get(state: CliState, name: str, version: int | None, output: str) -> None:
     if output == "json":
         render.print_json(definition.to_dict())
     else:
-        render.console().print(render.definition_detail(definition))
+        render.show(render.definition_detail(definition))
 
 
 @definitions.command()

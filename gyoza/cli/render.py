@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -38,6 +38,7 @@ __all__ = [
     "run_detail",
     "run_json",
     "runs_table",
+    "show",
 ]
 
 STATE_STYLES: dict[OpRunState, str] = {
@@ -63,6 +64,29 @@ def console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
     return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+
+
+def show(*renderables: RenderableType) -> None:
+    """Print tables and grids on stdout, one blank line between them.
+
+    Piped, the lines lose the padding rich gives the last column, so that ``grep``,
+    ``awk`` and ``tail`` see clean lines.
+    """
+    out = console()
+
+    def emit() -> None:
+        for index, renderable in enumerate(renderables):
+            if index:
+                out.print()
+            out.print(renderable)
+
+    if out.is_terminal:
+        emit()
+        return
+    with out.capture() as captured:
+        emit()
+    for line in captured.get().splitlines():
+        click.echo(line.rstrip())
 
 
 # ----------------------------------------------------------------------------------------

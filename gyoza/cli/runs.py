@@ -179,7 +179,7 @@ def list_runs(
     elif not items:
         click.echo("no runs", err=True)
     else:
-        render.console().print(render.runs_table(items))
+        render.show(render.runs_table(items))
 
 
 @runs.command()
@@ -193,12 +193,8 @@ def get(state: CliState, run_id: str, output: str) -> None:
     if output == "json":
         render.print_json(render.run_json(run))
         return
-    console = render.console()
-    console.print(render.run_detail(run))
-    if run.events:
-        console.print()
-        timeline = [AttemptEvent(run.current_attempt, e) for e in run.events]
-        console.print(render.events_table(timeline))
+    timeline = [AttemptEvent(run.current_attempt, e) for e in run.events]
+    render.show(render.run_detail(run), *([render.events_table(timeline)] if timeline else []))
 
 
 @runs.command()
@@ -215,7 +211,7 @@ def events(state: CliState, run_id: str, attempt: int | None, output: str) -> No
     if output == "json":
         render.print_json([{"attempt": a, **e.to_dict()} for a, e in found])
     else:
-        render.console().print(render.events_table(found))
+        render.show(render.events_table(found))
 
 
 @runs.command()
@@ -229,7 +225,7 @@ def attempts(state: CliState, run_id: str, output: str) -> None:
     if output == "json":
         render.print_json([a.to_dict() for a in found])
     else:
-        render.console().print(render.attempts_table(found))
+        render.show(render.attempts_table(found))
 
 
 @runs.command()

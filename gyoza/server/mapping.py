@@ -14,8 +14,8 @@ Conventions
   meaning "none" (``timeout_seconds``, ``duration_ms``, ``worker_id``...), ``None`` and
   zero are the same value.
 * Enums map by name (``OpRunState.RUNNING`` <-> ``OP_RUN_STATE_RUNNING``).
-* What a client sends and the domain cannot hold (an unspecified enum, a ``Struct`` that
-  is not an object) raises :class:`~gyoza.models.errors.InvalidInput` naming the field,
+* What a client sends and the domain cannot hold (an unspecified or unknown enum value,
+  an attempt number below 1) raises :class:`~gyoza.models.errors.InvalidInput` naming the field,
   so the server's error catalog answers ``INVALID_ARGUMENT`` with a ``BadRequest``.
   Domain objects that cannot be written (a naive datetime, a set in a dict) raise
   ``ValueError`` / ``TypeError``: a programming error, not a user's.
