@@ -157,55 +157,34 @@ def _store(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     return callback
 
 
+# The connection options a client command also accepts: (flag, metavar, help).
+_CONNECTION_OPTIONS = (
+    ("--server", "HOST:PORT", "Server address (also GYOZA_SERVER)."),
+    ("--api-key", "KEY", "API key (also GYOZA_API_KEY)."),
+    ("--tls-ca", "PEM", "CA of the server's certificate."),
+    ("--tls-cert", "PEM", "Client certificate (mutual TLS)."),
+    ("--tls-key", "PEM", "Client key (mutual TLS)."),
+)
+
+
 def connection_options(command: F) -> F:
     """Accept the connection options after a client command too (they win)."""
-    options = [
-        click.option(
-            "--server",
-            metavar="HOST:PORT",
+    command = click.option(
+        "--tls",
+        is_flag=True,
+        default=None,
+        expose_value=False,
+        callback=_store("tls"),
+        help="Use TLS with the system's roots.",
+    )(command)
+    for flag, metavar, help_text in reversed(_CONNECTION_OPTIONS):
+        command = click.option(
+            flag,
+            metavar=metavar,
             expose_value=False,
-            callback=_store("server"),
-            help="Server address (also GYOZA_SERVER).",
-        ),
-        click.option(
-            "--api-key",
-            metavar="KEY",
-            expose_value=False,
-            callback=_store("api_key"),
-            help="API key (also GYOZA_API_KEY).",
-        ),
-        click.option(
-            "--tls",
-            is_flag=True,
-            default=None,
-            expose_value=False,
-            callback=_store("tls"),
-            help="Use TLS with the system's roots.",
-        ),
-        click.option(
-            "--tls-ca",
-            metavar="PEM",
-            expose_value=False,
-            callback=_store("tls_ca"),
-            help="CA of the server's certificate.",
-        ),
-        click.option(
-            "--tls-cert",
-            metavar="PEM",
-            expose_value=False,
-            callback=_store("tls_cert"),
-            help="Client certificate (mutual TLS).",
-        ),
-        click.option(
-            "--tls-key",
-            metavar="PEM",
-            expose_value=False,
-            callback=_store("tls_key"),
-            help="Client key (mutual TLS).",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
+            callback=_store(flag.removeprefix("--").replace("-", "_")),
+            help=help_text,
+        )(command)
     return command
 
 
