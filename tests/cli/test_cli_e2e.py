@@ -628,7 +628,11 @@ def openssl(*args: str, cwd: Path) -> None:
 def mtls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A server that requires client certificates signed by a test CA (no agent)."""
     if shutil.which("openssl") is None:
-        pytest.fail("the openssl command is needed to make test certificates")
+        # As tests/conftest.py does for services: fail under CI, skip elsewhere.
+        message = "the openssl command is needed to make test certificates"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(message)
+        pytest.skip(message)
     tmp = tmp_path_factory.mktemp("mtls")
     openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
