@@ -162,6 +162,24 @@ def test_repeated_request_id_returns_the_first_run(stubs: Any, expect_error: Exp
     assert conflict.reason == "ALREADY_EXISTS"
     listed = stubs.runs.ListOpRuns(pb.ListOpRunsRequest())
     assert [r.id for r in listed.op_runs] == [first.id]
+    # A retried create still gets the first run after its priority was changed.
+    stubs.runs.UpdateOpRunPriority(pb.UpdateOpRunPriorityRequest(run_id=first.id, priority=8))
+    assert adhoc(stubs, inputs=struct(a=1), request_id="req-1").priority == 8
+
+
+def test_repeated_request_id_survives_definition_changes(stubs: Any) -> None:
+    create_definition(stubs)
+    request = pb.CreateOpRunRequest(
+        op_definition="embed", inputs=struct(text="hi"), request_id="req-def"
+    )
+    first = stubs.runs.CreateOpRun(request).op_run
+    # The definition gets a new version, then goes away: the retry still gets its run.
+    create_definition(stubs)
+    assert stubs.runs.CreateOpRun(request).op_run.id == first.id
+    stubs.definitions.DeleteOpDefinition(dpb.DeleteOpDefinitionRequest(name="embed"))
+    again = stubs.runs.CreateOpRun(request).op_run
+    assert again.id == first.id
+    assert again.op_definition_version == 1
 
 
 def test_get_errors(stubs: Any, expect_error: ExpectError) -> None:
