@@ -176,6 +176,7 @@ class ControlPlane:
         self._store: Store | None = None
         self._controller: RunController | None = None
         self._hub: Hub | None = None
+        self._sessions: SessionRegistry | None = None
         self._built: Built | None = None
         self._metrics: MetricsEndpoint | None = None
 
@@ -194,7 +195,7 @@ class ControlPlane:
             self._hub = hub = Hub()
             gauge = RunStateGauge(hub)
             self._controller = controller = RunController(store, hub, settings=config.control)
-            sessions = SessionRegistry(controller.scheduler)
+            self._sessions = sessions = SessionRegistry(controller.scheduler)
             await controller.start()
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
@@ -249,11 +250,15 @@ class ControlPlane:
             built, self._built = self._built, None
             await built.health.enter_graceful_shutdown()
             stopping = asyncio.ensure_future(built.server.stop(grace))
-            # New calls are refused from here on; end the watch and subscription streams,
-            # which would otherwise hold the whole grace period.
+            # New calls are refused from here on. End the streams that never finish by
+            # themselves (watches, subscriptions, agent sessions), which would otherwise
+            # hold the whole grace period; agents reconnect, to this server's successor.
             await asyncio.sleep(0)
             if self._hub is not None:
                 self._hub.close()
+            if self._sessions is not None:
+                for session in list(self._sessions.sessions.values()):
+                    session.close()
             await stopping
         await self._close_core()
         log_event(log, logging.INFO, "server stopped")

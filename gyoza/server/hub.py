@@ -15,6 +15,7 @@ change committed in between is missed and none is sent twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -26,6 +27,8 @@ from gyoza.server import mapping, metrics
 
 if TYPE_CHECKING:
     from gyoza.server.store.records import TopicRecord
+
+log = logging.getLogger("gyoza.server.hub")
 
 DEFAULT_QUEUE_SIZE = 1024
 """Changes a watcher may have waiting before it is dropped as too slow."""
@@ -243,16 +246,26 @@ class Hub:
         changing its live object afterwards.
         """
         for listener in self._run_listeners:
-            listener(run)
+            try:
+                listener(run)
+            except Exception:  # a metrics bug must not fail the commit path
+                log.exception("run listener failed", extra={"run_id": run.id})
         for signal in list(self._logs.get(run.id, ())):
             signal.notify()
         watchers = self._runs.get(run.id)
         if not watchers:
             return
-        change = RunChange(
-            run=mapping.run_to_proto(run),
-            events=tuple(_sequenced(run, attempt, entry) for attempt, entry in new_events),
-        )
+        try:
+            change = RunChange(
+                run=mapping.run_to_proto(run),
+                events=tuple(_sequenced(run, attempt, entry) for attempt, entry in new_events),
+            )
+        except Exception:
+            # Never fail the writer: the watchers start over from the store instead.
+            log.exception("cannot publish a run change", extra={"run_id": run.id})
+            for watcher in list(watchers):
+                watcher.fail(SubscriptionDropped("a change could not be published"))
+            return
         for watcher in list(watchers):
             watcher.offer(change)
 

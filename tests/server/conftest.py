@@ -350,6 +350,8 @@ class FakeAgent:
                 self._inbound.put(message)
         except BaseException as error:  # the stream's end, for receive() to raise
             self._inbound.put(error)
+        else:
+            self._inbound.put(EOFError("the server ended the agent stream"))
 
     def receive(self, kind: str, timeout: float = 10.0) -> agent_service_pb2.ConnectResponse:
         """The next message of *kind* (others, such as acks, are skipped)."""

@@ -75,10 +75,11 @@ def test_restart_keeps_definitions_runs_events_and_queue_order(
 
 
 def test_sigterm_ends_open_streams_and_exits_promptly(
-    server_factory: Callable[..., Any],
+    server_factory: Callable[..., Any], fake_agent: Callable[..., Any]
 ) -> None:
     server = server_factory(args=["--shutdown-grace", "30"])
     stubs = server.stubs()
+    agent = fake_agent(server.channel())
     run = stubs.runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox")).op_run
     watch = stubs.runs.WatchOpRun(pb.WatchOpRunRequest(run_id=run.id), timeout=60)
     snapshot = next(watch)
@@ -98,6 +99,8 @@ def test_sigterm_ends_open_streams_and_exits_promptly(
         next(topic)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     assert server.popen.wait(20) == 0
+    with pytest.raises(EOFError):  # the agent's session ended cleanly
+        agent.receive("no-such-message", timeout=5)
     # Far less than the 30 s grace: nothing was left to wait for.
     assert time.monotonic() - started < 15
     assert "server stopped" in [e.get("msg") for e in server.log_events()]
