@@ -87,6 +87,8 @@ CATALOG: dict[type[BaseException], grpc.StatusCode] = {
     GyozaError: grpc.StatusCode.FAILED_PRECONDITION,
     # A ValueError from the domain is a value it refused.
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+    # What a generated servicer base class raises for a method nobody implemented.
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
@@ -158,7 +160,7 @@ def status_for(error: BaseException, request_id: str | None = None) -> ErrorStat
     if code is None:
         suffix = f" (request id {request_id})" if request_id else ""
         return ErrorStatus(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error{suffix}", {})
-    reason = error.reason if isinstance(error, GyozaError) else "INVALID_ARGUMENT"
+    reason = error.reason if isinstance(error, GyozaError) else code.name
     violations: tuple[tuple[str, str], ...] = ()
     if isinstance(error, InvalidInput):
         violations = tuple((v.field, v.description) for v in error.violations)

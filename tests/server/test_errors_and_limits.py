@@ -104,6 +104,7 @@ _ERRORS: dict[str, BaseException] = {
     "invalid": InvalidInput([FieldViolation("a", "bad"), FieldViolation("b", "worse")]),
     "locked": OpRunLockedException("terminal"),
     "value": ValueError("bad value"),
+    "unimplemented": NotImplementedError("Method not implemented!"),
 }
 
 
@@ -166,6 +167,9 @@ def test_unexpected_errors_are_internal_with_the_request_id(
         assert (locked.code, locked.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RUN_LOCKED")
         value = expect_error(lambda: unary(b"value"))
         assert value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert value.reason == "INVALID_ARGUMENT"
+        unimplemented = expect_error(lambda: unary(b"unimplemented"))
+        assert unimplemented.code == grpc.StatusCode.UNIMPLEMENTED
 
         # A stream that fails midway: what was sent arrives, then the mapped status.
         responses = stream(b"locked")
