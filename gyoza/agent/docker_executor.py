@@ -51,21 +51,16 @@ from gyoza.agent.docker.contract import (
     AttemptFiles,
     create_kwargs,
 )
-from gyoza.agent.docker.follow import FollowItem, LogFollower
+from gyoza.agent.docker.follow import LogReader, ReadItem
 from gyoza.agent.docker.images import ImageUnavailable, ensure_image
-from gyoza.agent.docker.output import STDOUT, LineSplitter, parse_event_line
+from gyoza.agent.docker.reporting import STARTED_CURSOR, OutputReporter
 from gyoza.agent.executor import Assignment, Executor, ReportSink
 from gyoza.models.resources import EventType, FailureClass
-from gyoza.op import EVENT_MARKER
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: How many of the last output lines a non-zero exit quotes in its error message.
-TAIL_LINES = 20
-#: Cursor value once STARTED is stored and no output line is consumed yet.
-STARTED_CURSOR = 1
 
 _DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
 
@@ -86,7 +81,7 @@ class _Attempt:
     started: bool = False
     stop_reason: _StopReason | None = None
     stop_message: str = ""
-    follower: LogFollower | None = None
+    reader: LogReader | None = None
     task: asyncio.Task[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -123,7 +118,8 @@ class DockerExecutor(Executor):
     pull_stall_timeout_s : float
         A pull fails once the daemon has sent nothing for this long.
     log_flush_s : float
-        Longest time an output line waits before it is reported.
+        Least time between two log reports of an attempt: a line goes out at once after
+        a quiet spell, and waits at most this long in a burst.
     log_batch_lines : int
         Most log lines in one report.
     on_created : Callable[[str], Awaitable[None]] | None
@@ -246,8 +242,8 @@ class DockerExecutor(Executor):
         """Stop following; containers keep running and are adopted on the next start."""
         attempts = list(self._attempts.values())
         for attempt in attempts:
-            if attempt.follower is not None:
-                attempt.follower.close()
+            if attempt.reader is not None:
+                attempt.reader.close()
         tasks = [a.task for a in attempts if a.task is not None] + list(self._background)
         for task in tasks:
             task.cancel()
@@ -387,17 +383,18 @@ class DockerExecutor(Executor):
     async def _follow(self, attempt: _Attempt, skip: int, timeout_from: datetime | None) -> None:
         """Report the container's output from line ``skip`` on, then how it ended."""
         try:
-            stream = _OutputStream(
-                attempt,
+            reporter = OutputReporter(
+                attempt.sink,
+                "{}/{}".format(*attempt.assignment.key),
                 skip,
                 flush_s=self._log_flush_s,
                 batch_lines=self._log_batch_lines,
                 batch_bytes=self._log_batch_bytes,
             )
-            state = await self._pump_until_exit(attempt, stream, timeout_from)
-            await stream.finish()
-            outcome = self._outcome(attempt, state, stream.tail)
-            await self._report_end(attempt, outcome, cursor=stream.cursor)
+            state = await self._report_until_exit(attempt, reporter, timeout_from)
+            await reporter.finish()
+            outcome = self._outcome(attempt, state, reporter.tail)
+            await self._report_end(attempt, outcome, cursor=reporter.cursor)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -407,8 +404,8 @@ class DockerExecutor(Executor):
             self._forget(attempt)
             return
         finally:
-            if attempt.follower is not None:
-                attempt.follower.close()
+            if attempt.reader is not None:
+                attempt.reader.close()
         # The terminal report is durable: nothing in the container is needed any more.
         try:
             assert attempt.container_id is not None
@@ -417,15 +414,14 @@ class DockerExecutor(Executor):
         finally:
             self._forget(attempt)
 
-    async def _pump_until_exit(
-        self, attempt: _Attempt, stream: _OutputStream, timeout_from: datetime | None
+    async def _report_until_exit(
+        self, attempt: _Attempt, reporter: OutputReporter, timeout_from: datetime | None
     ) -> dict[str, Any] | None:
-        """Feed the output to ``stream`` until the container has exited; its State
-        (``None`` when the container is gone). ``timeout_from`` is when the time limit
-        started to run (``None``: none applies, the container has already exited)."""
+        """Report the output until the container has exited; return its State (``None``
+        when the container is gone). ``timeout_from`` is when the time limit started to
+        run (``None``: none applies, the container has already exited)."""
         assert attempt.container_id is not None
         api = await self._api()
-        loop = asyncio.get_running_loop()
         timeout_s = attempt.assignment.constraints.timeout_s
         deadline = None
         if timeout_s and timeout_from is not None:
@@ -434,62 +430,97 @@ class DockerExecutor(Executor):
         if attempt.stop_reason is not None:  # cancelled while it was starting
             self._stop_in_background(attempt)
         failures = 0
-        exited: dict[str, Any] | None = None
         while True:
-            # Docker's follow can end before the last lines of a container that just
-            # exited are in its log (a trailing partial line most of all), so once it
-            # has exited the log is read once more, to its end, without following.
-            follow = exited is None
-            queue: asyncio.Queue[FollowItem] = asyncio.Queue()
-            reader = LogFollower(api, attempt.container_id, loop, queue.put_nowait, follow=follow)
-            attempt.follower = reader
-            reader.start()
-            stream.restart()
-            while True:
-                waits = [stream.flush_wait()]
-                if deadline is not None and attempt.stop_reason is None:
-                    waits.append(deadline - time.monotonic())
-                wait = min((w for w in waits if w is not None), default=None)
-                try:
-                    # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that
-                    # arrives as the item does, and close() relies on cancelling this.
-                    async with asyncio.timeout(wait):
-                        item = await queue.get()
-                except TimeoutError:
-                    await stream.flush_due()
-                    if (
-                        deadline is not None
-                        and attempt.stop_reason is None
-                        and time.monotonic() >= deadline
-                    ):
-                        attempt.stop_reason = _StopReason.TIMEOUT
-                        attempt.stop_message = f"exceeded its time limit of {timeout_s:g} s"
-                        self._stop_in_background(attempt)
-                    continue
-                if isinstance(item, tuple):
-                    await stream.feed(*item)
-                    continue
-                if item is not None:
-                    log.warning("log stream of %s/%d broke: %s", *attempt.assignment.key, item)
-                break
-            reader.close()
-            if exited is not None and item is None:
-                return exited
+            reporter.restart()
+            broke = await self._read_log(attempt, reporter, deadline, follow=True)
             try:
                 info = await self._call(api.inspect_container, attempt.container_id)
             except docker.errors.NotFound:
                 return None
             except docker.errors.DockerException as exc:
-                failures += 1
-                log.warning("inspect %s: %s (retrying)", attempt.container_id[:12], exc)
-                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
-                continue
-            state: dict[str, Any] = info["State"]
-            if not state.get("Running") and state.get("Status") != "created":
-                exited = state
-            else:
+                broke = exc
+                info = None
+            if info is not None:
+                state: dict[str, Any] = info["State"]
+                if not state.get("Running") and state.get("Status") != "created":
+                    # Docker's follow can end before the last lines of a container that
+                    # just exited are in its log (a trailing partial line most of all):
+                    # read on from the last frame seen, to the end of the log.
+                    since = reporter.catch_up_since()
+                    if since is None:
+                        reporter.restart()
+                    broke = await self._read_log(attempt, reporter, None, since=since)
+                    if broke is None and not reporter.caught_up:
+                        log.warning(
+                            "%s/%d: catch-up read missed the last line seen; reading all",
+                            *attempt.assignment.key,
+                        )
+                        reporter.restart()
+                        broke = await self._read_log(attempt, reporter, None)
+                    if broke is None:
+                        return state
+            if broke is None:
                 # The stream ended while the container runs (daemon restart): again.
                 await asyncio.sleep(0.2)
+            else:
+                failures += 1
+                log.warning("reading %s/%d: %s", *attempt.assignment.key, broke)
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+
+    async def _read_log(
+        self,
+        attempt: _Attempt,
+        reporter: OutputReporter,
+        deadline: float | None,
+        *,
+        follow: bool = False,
+        since: str | None = None,
+    ) -> BaseException | None:
+        """One read of the container's log into ``reporter``; stops the container once
+        past ``deadline`` (monotonic). Returns what broke the read (``None``: its end)."""
+        assert attempt.container_id is not None
+        api = await self._api()
+        queue: asyncio.Queue[list[ReadItem]] = asyncio.Queue()
+        reader = LogReader(
+            api,
+            attempt.container_id,
+            asyncio.get_running_loop(),
+            queue.put_nowait,
+            follow=follow,
+            since=since,
+        )
+        attempt.reader = reader
+        reader.start()
+        try:
+            while True:
+                waits = [reporter.flush_wait()]
+                if deadline is not None and attempt.stop_reason is None:
+                    waits.append(deadline - time.monotonic())
+                wait = min((w for w in waits if w is not None), default=None)
+                try:
+                    # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that
+                    # arrives as the items do, and close() relies on cancelling this.
+                    async with asyncio.timeout(wait):
+                        items = await queue.get()
+                except TimeoutError:
+                    items = []
+                frames = [item for item in items if isinstance(item, tuple)]
+                await reporter.feed(frames)
+                await reporter.flush_due()
+                if (
+                    deadline is not None
+                    and attempt.stop_reason is None
+                    and time.monotonic() >= deadline
+                ):
+                    limit = attempt.assignment.constraints.timeout_s
+                    attempt.stop_reason = _StopReason.TIMEOUT
+                    attempt.stop_message = f"exceeded its time limit of {limit:g} s"
+                    self._stop_in_background(attempt)
+                if len(frames) < len(items):  # the last item ends the read
+                    end = items[-1]
+                    return end if isinstance(end, BaseException) else None
+        finally:
+            reader.close()
 
     def _outcome(
         self, attempt: _Attempt, state: dict[str, Any] | None, tail: deque[str]
@@ -610,105 +641,6 @@ class DockerExecutor(Executor):
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
-
-
-class _OutputStream:
-    """One attempt's output lines → reports, with the resume cursor kept exact.
-
-    Lines before ``skip`` were reported by an earlier follower (or agent): they are
-    read again only to be counted (and kept for the tail).
-    """
-
-    def __init__(
-        self, attempt: _Attempt, skip: int, *, flush_s: float, batch_lines: int, batch_bytes: int
-    ) -> None:
-        self._flush_s = flush_s
-        self._batch_lines = batch_lines
-        self._batch_max_bytes = batch_bytes
-        self._attempt = attempt
-        self._sink = attempt.sink
-        self._consumed = skip
-        self._seen = 0
-        self._splitter = LineSplitter()
-        self._batch: list[tuple[str, str]] = []
-        self._batch_bytes = 0
-        self._batch_since: float | None = None
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-
-    @property
-    def cursor(self) -> int:
-        return STARTED_CURSOR + self._consumed
-
-    def restart(self) -> None:
-        """A new read of the output from its first byte begins."""
-        self._seen = 0
-        self._splitter = LineSplitter()
-        self.tail.clear()
-
-    def flush_wait(self) -> float | None:
-        if self._batch_since is None:
-            return None
-        return max(0.0, self._batch_since + self._flush_s - time.monotonic())
-
-    async def flush_due(self) -> None:
-        wait = self.flush_wait()
-        if wait is not None and wait <= 0:
-            await self.flush()
-
-    async def feed(self, stream: str, data: bytes) -> None:
-        for text, name in self._splitter.feed(stream, data):
-            await self._line(text, name)
-        await self.flush_due()
-
-    async def finish(self) -> None:
-        for text, name in self._splitter.finish():
-            await self._line(text, name)
-        await self.flush()
-
-    async def flush(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        self._batch_bytes = 0
-        self._batch_since = None
-        await self._sink.logs(batch, cursor=self.cursor)
-
-    async def _line(self, text: str, stream: str) -> None:
-        index = self._seen
-        self._seen += 1
-        event = None
-        if stream == STDOUT and text.startswith(EVENT_MARKER):
-            try:
-                event = parse_event_line(text)
-            except ValueError as exc:
-                if index >= self._consumed:
-                    log.warning(
-                        "%s/%d: malformed event line kept as log text: %s",
-                        *self._attempt.assignment.key,
-                        exc,
-                    )
-        if event is None:
-            self.tail.append(text)
-        if index < self._consumed:
-            return
-        if event is not None:
-            await self.flush()
-            self._consumed = index + 1
-            await self._sink.event(
-                event.type,
-                event.message,
-                progress=event.progress,
-                payload=event.payload,
-                cursor=self.cursor,
-            )
-            return
-        self._consumed = index + 1
-        self._batch.append((text, stream))
-        self._batch_bytes += len(text)
-        if self._batch_since is None:
-            self._batch_since = time.monotonic()
-        if len(self._batch) >= self._batch_lines or self._batch_bytes >= self._batch_max_bytes:
-            await self.flush()
 
 
 def _ms_since(began: float) -> int:

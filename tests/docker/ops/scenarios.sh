@@ -40,6 +40,8 @@ wait_file)
     echo "before go"
     while [ ! -e "$out/go" ]; do sleep 0.02; done
     echo "after go"
+    linger=$(printf '%s' "$inputs" | sed -n 's/.*"linger"[[:space:]]*:[[:space:]]*"\([0-9.]*\)".*/\1/p')
+    [ -n "$linger" ] && sleep "$linger"
     event '{"type":"progress","progress":50,"message":"got go"}'
     echo "finishing" >&2
     printf '{"went":true}' >"$out/outputs.json"
