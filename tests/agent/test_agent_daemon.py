@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 
 from gyoza.agent.config import AgentConfig
 from gyoza.agent.daemon import NOT_ADOPTED, Agent, AgentError, ConnectionState
@@ -122,12 +121,9 @@ class StreamPeer(pb_grpc.AgentServiceServicer):
             for h in first.hello.held
             if (h.run_id, h.attempt) in self.assigned
         ]
-        welcome = pb.Welcome(
-            session_id=f"ses_{number}",
-            heartbeat_interval=duration_pb2.Duration(nanos=self.heartbeat_ms * 1_000_000),
-            lease_timeout=duration_pb2.Duration(seconds=5),
-            resume=resume,
-        )
+        welcome = pb.Welcome(session_id=f"ses_{number}", resume=resume)
+        welcome.heartbeat_interval.FromMilliseconds(self.heartbeat_ms)
+        welcome.lease_timeout.FromSeconds(5)
         await context.write(pb.ConnectResponse(welcome=welcome))
         self._changed.set()
         reader = asyncio.create_task(self._read(iterator, session, number))

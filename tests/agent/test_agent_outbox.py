@@ -39,8 +39,8 @@ def keys(reports: list[pb.Report]) -> list[tuple[str, int, int]]:
     return [(r.run_id, r.attempt, r.seq) for r in reports]
 
 
-async def open_outbox(path: Path, name: str = "agent-1") -> Outbox:
-    return await Outbox.open(path / "outbox.sqlite3", agent_name=name)
+async def open_outbox(path: Path, name: str = "agent-1", synchronous: str = "FULL") -> Outbox:
+    return await Outbox.open(path / "outbox.sqlite3", agent_name=name, synchronous=synchronous)
 
 
 def test_store_numbers_reports_per_attempt_and_keeps_store_order(tmp_path: Path) -> None:
@@ -74,9 +74,12 @@ def test_store_numbers_reports_per_attempt_and_keeps_store_order(tmp_path: Path)
     run(scenario)
 
 
-def test_concurrent_stores_are_group_committed_in_call_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_concurrent_stores_are_group_committed_in_call_order(
+    tmp_path: Path, synchronous: str
+) -> None:
     async def scenario() -> None:
-        outbox = await open_outbox(tmp_path)
+        outbox = await open_outbox(tmp_path, synchronous=synchronous)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
         seen: list[int] = []
@@ -108,9 +111,10 @@ def test_ack_is_cumulative_and_resend_starts_after_it(tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_survives_reopen_with_seq_cursor_and_start_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_survives_reopen_with_seq_cursor_and_start_time(tmp_path: Path, synchronous: str) -> None:
     async def first() -> None:
-        outbox = await open_outbox(tmp_path)
+        outbox = await open_outbox(tmp_path, synchronous=synchronous)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
         await sink.event(EventType.STARTED, cursor=1)
@@ -120,7 +124,7 @@ def test_survives_reopen_with_seq_cursor_and_start_time(tmp_path: Path) -> None:
         await outbox.close()
 
     async def second() -> None:
-        outbox = await open_outbox(tmp_path)
+        outbox = await open_outbox(tmp_path, synchronous=synchronous)
         assert outbox.held() == [HeldRecord("run_a", 1, 3, False)]
         assert [r.seq for r in outbox.pending()] == [2, 3]
         assert [a.run_id for a in outbox.unfinished()] == ["run_a"]
