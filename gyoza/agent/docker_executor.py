@@ -358,12 +358,20 @@ class DockerExecutor(Executor):
             reason = getattr(exc, "explanation", None) or str(exc)
             return await end(EventType.FAILED, FailureClass.EXECUTOR_ERROR, f"start: {reason}")
         attempt.started = True
-        await attempt.sink.event(
-            EventType.STARTED,
-            "container started",
-            payload=self._started_payload(attempt, pulled=pulled),
-            cursor=STARTED_CURSOR,
-        )
+        try:
+            await attempt.sink.event(
+                EventType.STARTED,
+                "container started",
+                payload=self._started_payload(attempt, pulled=pulled),
+                cursor=STARTED_CURSOR,
+            )
+        except Exception:
+            # Nothing can be reported for it: do not leave it running unseen. (When this
+            # task is cancelled instead, the agent is stopping: the container stays for
+            # the next start to adopt.)
+            await self._remove_container(attempt.container_id)
+            await self._call(attempt.files.remove)
+            raise
         attempt.task = asyncio.create_task(self._follow(attempt, 0, datetime.now(UTC)))
 
     def _started_payload(self, attempt: _Attempt, *, pulled: bool) -> dict[str, Any]:

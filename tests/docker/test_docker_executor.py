@@ -475,6 +475,34 @@ def test_cancel_kills_an_op_that_ignores_term_after_the_grace(
     assert 0.9 <= elapsed < 4, elapsed
 
 
+def test_cancel_while_the_container_starts(
+    new_sink: SinkFactory, make_executor: ExecutorFactory, op_images: dict[str, str]
+) -> None:
+    assignment = scenario(op_images["scenarios"], "sleep")
+    sink = new_sink()
+    cancels: list[asyncio.Task[None]] = []
+
+    executors: list[DockerExecutor] = []
+
+    async def cancel_soon(_container_id: str) -> None:
+        # The task runs while start() waits for Docker to start the container.
+        cancels.append(asyncio.create_task(executors[0].cancel(*assignment.key, "changed my mind")))
+
+    async def body() -> None:
+        async with make_executor(on_created=cancel_soon) as executor:
+            executors.append(executor)
+            await executor.start(assignment, sink)
+            await cancels[0]
+            assert executor.held == []
+
+    run(body())
+    assert sink.types in (
+        [EventType.STARTED, EventType.CANCELLED],
+        [EventType.STARTED, EventType.PROGRESS, EventType.CANCELLED],
+    )
+    assert sink.events[-1].message == "changed my mind"
+
+
 def test_cancel_of_an_unknown_attempt_is_a_no_op(make_executor: ExecutorFactory) -> None:
     async def body() -> None:
         async with make_executor() as executor:
