@@ -190,7 +190,6 @@ class Agent:
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
         self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
-        self._lease_s = 0.0  # the server's lease timeout, once a Welcome told it
         self._state = ConnectionState.DISCONNECTED
         self._state_changed = asyncio.Event()
         self._draining = False
@@ -487,10 +486,6 @@ class Agent:
                 heartbeat_s = session.heartbeat_interval_s
             self._set_state(ConnectionState.DISCONNECTED)
             delay = self._backoff.next_delay()
-            if self._lease_s:
-                # Never back off so long that the server declares this agent lost: its
-                # runs would fail while it is merely waiting to reconnect.
-                delay = min(delay, max(self._lease_s / 3, self.config.reconnect_initial_s))
             log.info("agent %s: reconnecting in %.2fs", self.name, delay)
             await asyncio.sleep(delay)
 
@@ -529,7 +524,13 @@ class Agent:
     def on_welcome(self, session: Session, welcome: pb.Welcome) -> None:
         """Welcomed: the connection works; reset the backoff."""
         self._backoff.reset()
-        self._lease_s = welcome.lease_timeout.ToNanoseconds() / 1e9
+        lease_s = welcome.lease_timeout.ToNanoseconds() / 1e9
+        if lease_s > 0:
+            # Never back off so long that the server declares this agent lost: its runs
+            # would fail while it merely waits to reconnect. (Jitter still applies.)
+            self._backoff.maximum = max(
+                min(self.config.reconnect_max_s, lease_s / 3), self._backoff.initial
+            )
         self._set_state(ConnectionState.DRAINING if self.draining else ConnectionState.CONNECTED)
         log.info(
             "agent %s connected (session %s, %d held)",
