@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gyoza.agent.inventory import GpuInfo, parse_gpus
+from gyoza.agent.capacity import GpuInfo, parse_gpu_inventory
 
 #: Executors ``--executor`` accepts.
 EXECUTORS = ("docker", "scripted")
@@ -85,7 +85,8 @@ class AgentConfig:
         ``"docker"`` (one container per attempt) or ``"scripted"`` (plays an op from its
         inputs; tests and benchmarks).
     gpus : str | None
-        Declared GPU inventory (``"2x80G"``, ``"1x24576M"``); overrides NVML.
+        Declared GPU inventory (``"2x80G"``, ``"1x24576M"``, ``"0"`` for none); replaces
+        what NVML finds. ``None``: NVML's GPUs.
     labels : dict[str, str]
         Labels for operators (zone, node pool...).
     tls : bool
@@ -150,7 +151,7 @@ class AgentConfig:
         if self.executor not in EXECUTORS:
             problems.append(f"executor: must be one of {', '.join(EXECUTORS)}")
         try:
-            parse_gpus(self.gpus)
+            parse_gpu_inventory(self.gpus)
         except ValueError as exc:
             problems.append(f"gpus: {exc}")
         if (self.client_cert is None) != (self.client_key is None):
@@ -173,9 +174,12 @@ class AgentConfig:
         return self.tls or any(p is not None for p in (self.ca_cert, self.client_cert))
 
     @property
-    def declared_gpus(self) -> tuple[GpuInfo, ...]:
-        """The ``gpus`` declaration as GPU entries (stable UUIDs seeded by the name)."""
-        return parse_gpus(self.gpus, agent_name=self.name)
+    def declared_gpus(self) -> list[GpuInfo] | None:
+        """The ``gpus`` declaration as GPU entries (stable UUIDs seeded by the name);
+        ``None`` when nothing is declared, so NVML is asked."""
+        if self.gpus is None:
+            return None
+        return parse_gpu_inventory(self.gpus, agent_name=self.name)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:

@@ -39,9 +39,9 @@ from typing import Any
 import grpc
 
 from gyoza.agent.backoff import Backoff
+from gyoza.agent.capacity import CapacityInfo, probe_capacity
 from gyoza.agent.config import AgentConfig
 from gyoza.agent.executor import Assignment, Executor
-from gyoza.agent.inventory import Capacity, probe_capacity
 from gyoza.agent.mapping import assignment_from_proto, capacity_to_proto
 from gyoza.agent.outbox import OUTBOX_FILE, Outbox
 from gyoza.agent.scripted import ScriptedExecutor
@@ -67,7 +67,7 @@ FATAL_CODES = frozenset(
     }
 )
 
-CapacityProbe = Callable[[], Capacity]
+CapacityProbe = Callable[[], CapacityInfo]
 
 
 class ConnectionState(enum.Enum):
@@ -162,10 +162,10 @@ class Agent:
         The configuration.
     executor : Executor | None
         Executor to use instead of the one ``config.executor`` names (tests).
-    capacity_probe : Callable[[], Capacity] | None
+    capacity_probe : Callable[[], CapacityInfo] | None
         Measures the capacity for the Hello and each heartbeat; by default
-        :func:`~gyoza.agent.inventory.probe_capacity` with the declared GPUs and the
-        configured CPU and memory overrides. Runs in a worker thread.
+        :func:`~gyoza.agent.capacity.probe_capacity` (cgroups, NVML) with the declared
+        GPUs and the configured CPU and memory overrides. Runs in a worker thread.
     channel : grpc.aio.Channel | None
         Channel to the server, shared by the caller (not closed by the agent); by default
         the agent makes its own from the configuration.

@@ -13,8 +13,8 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from gyoza.agent.capacity import CapacityInfo
 from gyoza.agent.executor import Assignment
-from gyoza.agent.inventory import Capacity
 from gyoza.api.v1 import agent_pb2, agent_service_pb2, op_run_pb2, resources_pb2
 from gyoza.models.resources import Constraints, EventType, FailureClass
 
@@ -24,7 +24,7 @@ _LOG_STREAMS = {
 }
 
 
-def capacity_to_proto(capacity: Capacity) -> agent_pb2.Capacity:
+def capacity_to_proto(capacity: CapacityInfo) -> agent_pb2.Capacity:
     """The agent's capacity as the Hello and Heartbeat carry it."""
     return agent_pb2.Capacity(
         cpu=capacity.cpu,

@@ -8,28 +8,29 @@ from pathlib import Path
 import pytest
 
 from gyoza.agent.backoff import Backoff
+from gyoza.agent.capacity import GpuInventoryError, parse_gpu_inventory, probe_capacity
 from gyoza.agent.config import AgentConfig, parse_labels
-from gyoza.agent.inventory import GpuSpecError, parse_gpus, probe_capacity
 
 
 def test_gpus_count_and_size_with_units() -> None:
-    gpus = parse_gpus("2x80G", agent_name="node-1")
+    gpus = parse_gpu_inventory("2x80G", agent_name="node-1")
     assert [(g.index, g.vram_total_mb, g.vram_free_mb, g.healthy) for g in gpus] == [
         (0, 81920, 81920, True),
         (1, 81920, 81920, True),
     ]
-    assert [g.vram_total_mb for g in parse_gpus("4x24G")] == [24576] * 4
-    assert [g.vram_total_mb for g in parse_gpus("1x24576M")] == [24576]
-    assert [g.vram_total_mb for g in parse_gpus("80GiB")] == [81920]
-    assert [g.vram_total_mb for g in parse_gpus("1x80G, 2x24g")] == [81920, 24576, 24576]
-    assert [g.vram_total_mb for g in parse_gpus("1X512")] == [512]
-    assert parse_gpus(None) == parse_gpus("") == parse_gpus("0") == ()
+    assert [g.vram_total_mb for g in parse_gpu_inventory("4x24G")] == [24576] * 4
+    assert [g.vram_total_mb for g in parse_gpu_inventory("1x24576M")] == [24576]
+    assert [g.vram_total_mb for g in parse_gpu_inventory("80GiB")] == [81920]
+    assert [g.vram_total_mb for g in parse_gpu_inventory("1x80G, 2x24g")] == [81920, 24576, 24576]
+    assert [g.vram_total_mb for g in parse_gpu_inventory("1X512")] == [512]
+    assert parse_gpu_inventory(None) == parse_gpu_inventory("") == parse_gpu_inventory("0") == []
 
 
 def test_declared_gpu_uuids_are_unique_and_stable_per_agent() -> None:
-    first = parse_gpus("2x80G", agent_name="node-1")
-    again = parse_gpus("2x80G", agent_name="node-1")
-    other = parse_gpus("2x80G", agent_name="node-2")
+    first = AgentConfig(name="node-1", gpus="2x80G").declared_gpus
+    again = AgentConfig(name="node-1", gpus="2x80G").declared_gpus
+    other = AgentConfig(name="node-2", gpus="2x80G").declared_gpus
+    assert first is not None and again is not None and other is not None
     assert [g.uuid for g in first] == [g.uuid for g in again]
     assert len({g.uuid for g in first + other}) == 4
     assert all(g.uuid.startswith("GPU-") for g in first)
@@ -37,16 +38,18 @@ def test_declared_gpu_uuids_are_unique_and_stable_per_agent() -> None:
 
 @pytest.mark.parametrize("spec", ["x80G", "2x", "2x80Q", "0x80G", "2x0G", "two"])
 def test_malformed_gpu_declarations_are_refused(spec: str) -> None:
-    with pytest.raises(GpuSpecError):
-        parse_gpus(spec)
+    with pytest.raises(GpuInventoryError):
+        parse_gpu_inventory(spec)
 
 
 def test_probe_uses_declared_values_and_measures_the_rest() -> None:
-    gpus = parse_gpus("1x80G")
+    gpus = parse_gpu_inventory("1x80G")
     declared = probe_capacity(gpus, cpu=8, ram_mb=1024)
     assert (declared.cpu, declared.ram_mb, declared.gpus) == (8.0, 1024, gpus)
-    measured = probe_capacity()
-    assert measured.cpu >= 1 and measured.ram_mb > 0 and measured.gpus == ()
+    assert AgentConfig(gpus=None).declared_gpus is None  # NVML decides
+    assert AgentConfig(gpus="0").declared_gpus == []  # declared: none
+    measured = probe_capacity([])
+    assert measured.cpu > 0 and measured.ram_mb > 0 and measured.gpus == []
 
 
 def test_labels() -> None:
@@ -77,8 +80,9 @@ def test_config_from_environment_with_flags_winning(tmp_path: Path) -> None:
     assert config.labels == {"zone": "a"}
     assert config.cpu == 4.0 and config.ram_mb is None
     assert config.uses_tls
+    assert config.declared_gpus is not None
     assert [g.vram_total_mb for g in config.declared_gpus] == [81920, 81920]
-    assert config.declared_gpus[0].uuid == parse_gpus("2x80G", agent_name="node-8")[0].uuid
+    assert config.declared_gpus[0].uuid == parse_gpu_inventory("2x80G", agent_name="node-8")[0].uuid
 
 
 def test_config_defaults_and_validation(tmp_path: Path) -> None:
