@@ -79,8 +79,11 @@ def test_sigterm_ends_open_streams_and_exits_promptly(
 ) -> None:
     server = server_factory(args=["--shutdown-grace", "30"])
     stubs = server.stubs()
-    agent = fake_agent(server.channel())
-    run = stubs.runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox")).op_run
+    agent = fake_agent(server.channel(), cpu=4)
+    # Too big for the agent: it stays PENDING, so the watch sees nothing new until the end.
+    run = stubs.runs.CreateOpRun(
+        pb.CreateOpRunRequest(image="busybox", constraints=resources_pb2.Constraints(cpu=64))
+    ).op_run
     watch = stubs.runs.WatchOpRun(pb.WatchOpRunRequest(run_id=run.id), timeout=60)
     snapshot = next(watch)
     for _ in range(snapshot.sequence):
