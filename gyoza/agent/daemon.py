@@ -86,7 +86,20 @@ class ConnectionState(enum.Enum):
 
 
 class AgentError(RuntimeError):
-    """The agent cannot go on (refused by the server, state directory in use...)."""
+    """The agent cannot go on (refused by the server, state directory in use...).
+
+    Parameters
+    ----------
+    message : str
+        What happened.
+    code : grpc.StatusCode | None
+        The status the server refused the stream with, when it did. (The cause is then a
+        ``grpc.aio.AioRpcError``, which is a ``grpc.RpcError`` but not a ``grpc.Call``.)
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def agent_version() -> str:
@@ -474,7 +487,8 @@ class Agent:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_CODES:
                     raise AgentError(
-                        f"the server refused agent {self.name}: {exc.code().name}: {exc.details()}"
+                        f"the server refused agent {self.name}: {exc.code().name}: {exc.details()}",
+                        exc.code(),
                     ) from exc
                 log.warning(
                     "agent %s: stream failed: %s: %s", self.name, exc.code().name, exc.details()

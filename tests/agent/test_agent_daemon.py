@@ -436,8 +436,9 @@ def test_a_refused_token_stops_the_agent(tmp_path: Path) -> None:
 
     async def test(peer: StreamPeer, address: str) -> None:
         agent = Agent(config(address, tmp_path))
-        with pytest.raises(AgentError, match="UNAUTHENTICATED"):
+        with pytest.raises(AgentError, match="UNAUTHENTICATED") as caught:
             await asyncio.wait_for(agent.run(), WAIT_S)
+        assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
         assert agent.state is ConnectionState.STOPPED
 
     with_peer(test, peer)
