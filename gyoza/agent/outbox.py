@@ -172,6 +172,7 @@ class Outbox:
         self._committing: list[tuple[_Attempt, _Stored]] = []
         self._writer: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
+        self._closing = False
         self._subscribers: list[Callable[[pb.Report], None]] = []
         self._on_failure: list[Callable[[BaseException], None]] = []
         self._emptied = asyncio.Event()
@@ -249,7 +250,9 @@ class Outbox:
         self._db = db
 
     async def close(self) -> None:
-        """Write what is queued, then close the file."""
+        """Write what is queued, then close the file. Reports stored from now on are
+        dropped."""
+        self._closing = True
         await self.flush()
         db, self._db = self._db, None
         if db is not None:
@@ -367,16 +370,20 @@ class Outbox:
         Returns
         -------
         pb.Report | None
-            The numbered report once committed; ``None`` when it was dropped (the attempt
-            is not held, or already ended).
+            The numbered report once committed; ``None`` when it was dropped: the attempt
+            is not held or already ended, or the outbox is closing (an executor that
+            reports while the agent stops; it resumes from the durable cursor later).
 
         Raises
         ------
         OutboxError
-            When the outbox failed to write or is closed.
+            When the outbox failed to write.
         """
         if self._error is not None:
             raise OutboxError("the outbox failed to write") from self._error
+        if self._closing:
+            log.debug("outbox: closing; dropping a report of %s/%s", report.run_id, report.attempt)
+            return None
         held = self._attempts.get((report.run_id, report.attempt))
         if held is None or held.terminal_seq > 0:
             log.debug(

@@ -263,3 +263,21 @@ def test_a_cancelled_store_keeps_its_seq(tmp_path: Path) -> None:
         await outbox.close()
 
     run(scenario)
+
+
+def test_reports_stored_while_closing_are_dropped(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        outbox = await open_outbox(tmp_path)
+        await outbox.hold(assignment())
+        sink = OutboxSink(outbox, "run_a", 1)
+        await sink.event(EventType.STARTED, cursor=1)
+        closing = asyncio.create_task(outbox.close())
+        await asyncio.sleep(0)  # let close() begin
+        await sink.event(EventType.INFO, cursor=2)  # the executor was still running
+        await closing
+        reopened = await open_outbox(tmp_path)
+        assert [r.seq for r in reopened.pending()] == [1]
+        assert reopened.cursor("run_a", 1) == 1
+        await reopened.close()
+
+    run(scenario)
