@@ -122,12 +122,14 @@ class Cluster:
                 raise AssertionError(f"server not serving:\n{self.server.log()}")
             time.sleep(0.05)
 
-    def add_agent(self, name: str, gpus: str = "", start: bool = True) -> Proc:
+    def add_agent(
+        self, name: str, gpus: str = "", start: bool = True, executor: str = "scripted"
+    ) -> Proc:
         args = [
             GYOZA, "agent",
             "--server", self.address,
             "--name", name,
-            "--executor", "scripted",
+            "--executor", executor,
             "--state-dir", str(self.tmp / f"agent-{name}"),
         ]  # fmt: skip
         if gpus:
