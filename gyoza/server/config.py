@@ -213,6 +213,11 @@ class ServerConfig:
         if grace < 0:
             raise ConfigError(f"--shutdown-grace must be >= 0, not {grace}")
 
+        try:
+            control = ControlSettings.from_env(env)
+        except ValueError as error:
+            raise ConfigError(f"agent protocol timing: {error}") from None
+
         return cls(
             listen=listen_value,
             database_url=database_url,
@@ -223,7 +228,7 @@ class ServerConfig:
             log_level=level,
             log_format=fmt,
             shutdown_grace_s=grace,
-            control=ControlSettings.from_env(env),
+            control=control,
         )
 
 

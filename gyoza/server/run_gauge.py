@@ -17,6 +17,15 @@ from gyoza.server.hub import Hub
 from gyoza.server.store.store import Store
 
 
+ACTIVE_STATES = (
+    OpRunState.PENDING,
+    OpRunState.ASSIGNED,
+    OpRunState.RUNNING,
+    OpRunState.FAILED,
+)
+"""The states ``gyoza_runs`` reports (FAILED: waiting for an automatic retry)."""
+
+
 def _is_active(run: OpRun) -> bool:
     return not run.state.is_terminal or (
         run.state is OpRunState.FAILED and run.next_retry_at is not None
@@ -36,7 +45,7 @@ class RunStateGauge:
         self._states: dict[str, OpRunState] = {}
         self._counts: Counter[OpRunState] = Counter()
         self._touched: set[str] | None = set()  # runs changed before the seed; None after
-        for state in OpRunState:
+        for state in ACTIVE_STATES:
             metrics.RUNS_BY_STATE.labels(state=state.value).set(0)
         hub.add_run_listener(self._on_change)
 

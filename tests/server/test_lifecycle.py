@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections.abc import Callable
@@ -159,3 +160,31 @@ def test_database_url_from_the_environment(
     server = server_factory(database_url="", env={"GYOZA_DATABASE_URL": f"sqlite:///{path}"})
     server.stubs().runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox"))
     assert path.exists()
+
+
+def test_a_taken_port_or_bad_setting_stops_the_server_with_an_error(
+    sqlite_server: Any, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gyoza.server", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+
+    taken = run("--listen", sqlite_server.address, "--database", f"sqlite:///{tmp_path / 'b.db'}")
+    assert taken.returncode == 1
+    assert "server failed" in taken.stderr
+    assert "cannot listen" in taken.stderr
+    bad = run(env={"GYOZA_LEASE_TIMEOUT_S": "soon"})
+    assert bad.returncode == 2
+    assert "agent protocol timing" in bad.stderr
+    # The first server is unharmed.
+    assert sqlite_server.stubs().runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox"))
