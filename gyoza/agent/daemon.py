@@ -133,6 +133,13 @@ def create_channel(config: AgentConfig) -> grpc.aio.Channel:
         ("grpc.initial_reconnect_backoff_ms", int(config.reconnect_initial_s * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(config.reconnect_initial_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(config.reconnect_max_s * 1000)),
+        # Ping an idle stream so that a server that vanished without closing the
+        # connection (a dead machine, a dropped route) is noticed in seconds, not at
+        # TCP's retransmission timeout. The server permits pings every 5 s.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if not config.uses_tls:
         return grpc.aio.insecure_channel(config.server, options=options)

@@ -156,8 +156,7 @@ def agent(
     except KeyboardInterrupt:
         pass
     except daemon.AgentError as error:
-        cause = error.__cause__
-        refused = isinstance(cause, grpc.Call) and cause.code() in _REFUSED
+        refused = error.code in _REFUSED
         fail(f"agent stopped: {error}", ExitCode.UNREACHABLE if refused else ExitCode.RUN_FAILED)
 
 

@@ -261,4 +261,13 @@ def normalize_database_url(value: str) -> str:
         return f"sqlite:///{value}"
     if value.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + value.split("://", 1)[1]
+    scheme = value.split("://", 1)[0]
+    if scheme not in _DATABASE_SCHEMES:
+        raise ConfigError(
+            f"--database {scheme}:// is not supported: use a sqlite:///PATH file or a "
+            "postgresql://USER@HOST/DB URL"
+        )
     return value
+
+
+_DATABASE_SCHEMES = {"sqlite", "sqlite+pysqlite", "postgresql+psycopg"}
