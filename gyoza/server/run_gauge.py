@@ -16,7 +16,6 @@ from gyoza.server import metrics
 from gyoza.server.hub import Hub
 from gyoza.server.store.store import Store
 
-
 ACTIVE_STATES = (
     OpRunState.PENDING,
     OpRunState.ASSIGNED,
