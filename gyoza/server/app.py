@@ -139,7 +139,7 @@ def build_server(
         server,
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentServiceServicer(controller, sessions), server
+        AgentServiceServicer(controller, sessions, max_json_bytes=config.max_json_bytes), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

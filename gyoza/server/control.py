@@ -33,6 +33,7 @@ from gyoza.models.errors import (
 )
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventEntry, EventType, FailureClass, OpRunState
+from gyoza.server import metrics
 from gyoza.server.hub import Hub
 from gyoza.server.scheduler import Placement, Scheduler
 from gyoza.server.store import Store
@@ -495,6 +496,7 @@ class RunController:
         committed in one write. A report whose seq is at or below the attempt's
         watermark was applied before and is acknowledged again without effect.
         """
+        started = time.perf_counter()
         groups: dict[tuple[str, int], list[ReportIn]] = {}
         for report in reports:
             groups.setdefault((report.run_id, report.attempt), []).append(report)
@@ -507,6 +509,7 @@ class RunController:
             if ack is not None:
                 acks.append(ack)
             nacks.extend(group_nacks)
+        metrics.EVENT_APPLY_SECONDS.observe(time.perf_counter() - started)
         return acks, nacks
 
     async def _apply_group(

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from gyoza.api.v1 import (
     agent_pb2,
@@ -205,5 +206,30 @@ def test_reconnect_reconciles_held_attempts(cluster: Any) -> None:
         acks = await again.next("acks")
         assert acks.acks[0].seq == 2
         await again.close()
+
+    asyncio.run(scenario())
+
+
+def test_outputs_over_the_size_limit_fail_the_run(cluster: Any) -> None:
+    async def scenario() -> None:
+        peer = FakePeer(cluster.address, "p1")
+        peer.open()
+        peer.hello()
+        await peer.next("welcome")
+        run_id = await _create(peer)
+        await peer.next("assignment")
+        peer.send(assignment_reply=pb.AssignmentReply(run_id=run_id, attempt=1, accepted=True))
+        peer.report(run_id, 1, 1, type=S.EVENT_TYPE_STARTED)
+        huge = struct_pb2.Struct()
+        huge.update({"blob": "x" * (1 << 20)})
+        peer.report(run_id, 1, 2, type=S.EVENT_TYPE_COMPLETED, outputs=huge)
+        while (await peer.next("acks")).acks[-1].seq < 2:
+            pass
+        reply = await peer.runs.GetOpRun(op_run_service_pb2.GetOpRunRequest(run_id=run_id))
+        run = reply.op_run
+        assert run.state == S.OP_RUN_STATE_FAILED
+        assert run.execution_summary.failure_class == S.FAILURE_CLASS_OUTPUT_INVALID
+        assert "limit" in run.execution_summary.error_message
+        await peer.close()
 
     asyncio.run(scenario())

@@ -27,6 +27,7 @@ from gyoza.api.v1 import (
 from gyoza.models.errors import NotFound
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
+from gyoza.server.limits import json_size
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState, struct_dict
 
 log = logging.getLogger("gyoza.agents")
@@ -65,9 +66,16 @@ class _Refused(Exception):
 class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
     """Serves agent streams and the fleet views."""
 
-    def __init__(self, controller: RunController, sessions: SessionRegistry) -> None:
+    def __init__(
+        self,
+        controller: RunController,
+        sessions: SessionRegistry,
+        *,
+        max_json_bytes: int = 1 << 20,
+    ) -> None:
         self.controller = controller
         self.sessions = sessions
+        self.max_json_bytes = max_json_bytes
         controller.link = sessions
 
     async def Connect(
@@ -220,7 +228,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         nacks: list[NackOut] = []
         for report in batch.reports:
             try:
-                reports.append(_report_in(report))
+                reports.append(_bounded(_report_in(report), self.max_json_bytes))
             except _Refused as exc:
                 nacks.append(
                     NackOut(
@@ -314,6 +322,27 @@ def _report_in(report: agent_service_pb2.Report) -> ReportIn:
         error_message=event.error_message,
         duration_ms=event.duration_ms,
     )
+
+
+def _bounded(report: ReportIn, limit: int) -> ReportIn:
+    """Hold reports to the server's JSON size limit: outputs over it fail the attempt
+    (OUTPUT_INVALID) rather than leave it running forever; any other oversized payload
+    is refused."""
+    if report.event_type is EventType.COMPLETED and json_size(report.outputs or {}) > limit:
+        return replace(
+            report,
+            event_type=EventType.FAILED,
+            outputs=None,
+            failure_class=FailureClass.OUTPUT_INVALID,
+            error_message=f"the outputs are larger than the server's limit of {limit} bytes",
+        )
+    if json_size(report.payload) > limit:
+        return replace(
+            report,
+            event_type=None,
+            refusal=f"the event payload is larger than the server's limit of {limit} bytes",
+        )
+    return report
 
 
 def _ack(ack: AckOut) -> agent_service_pb2.Ack:
