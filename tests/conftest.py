@@ -151,3 +151,38 @@ def _ensure_test_image(client: Any) -> None:
 def test_image(docker_client: Any) -> str:
     """Name of the busybox test image (built by scripts/make-test-image.sh)."""
     return TEST_IMAGE
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test CA with a server certificate for 127.0.0.1 and a client certificate.
+
+    Files: ``ca.pem``, ``server.pem``/``server.key``, ``client.pem``/``client.key``.
+    """
+    import shutil
+
+    if shutil.which("openssl") is None:
+        service_unavailable("the openssl command is needed to make test certificates")
+    where = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=gyoza test CA", "-keyout", "ca.key", "-out", "ca.pem",
+        cwd=where,
+    )  # fmt: skip
+    (where / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=gyoza {name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            cwd=where,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra,
+            cwd=where,
+        )  # fmt: skip
+    return where

@@ -620,37 +620,12 @@ def test_client_subscribe_and_watch(stack: Stack) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def mtls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def mtls_stack(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Stack]:
     """A server that requires client certificates signed by a test CA (no agent)."""
-    if shutil.which("openssl") is None:
-        # As tests/conftest.py does for services: fail under CI, skip elsewhere.
-        message = "the openssl command is needed to make test certificates"
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(message)
-        pytest.skip(message)
     tmp = tmp_path_factory.mktemp("mtls")
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=gyoza e2e CA", "-keyout", "ca.key", "-out", "ca.pem",
-        cwd=tmp,
-    )  # fmt: skip
-    (tmp / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=gyoza {name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            cwd=tmp,
-        )  # fmt: skip
-        openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra,
-            cwd=tmp,
-        )  # fmt: skip
+    for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"):
+        shutil.copy(pki / name, tmp / name)
     address = f"127.0.0.1:{free_port()}"
     server = start(
         "server",

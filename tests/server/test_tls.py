@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,36 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gyoza.api.v1 import op_run_service_pb2 as pb
 from gyoza.api.v1 import op_run_service_pb2_grpc
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    where = tmp_path_factory.mktemp("pki")
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=gyoza test CA", "-keyout", "ca.key", "-out", "ca.pem",
-        cwd=where,
-    )  # fmt: skip
-    (where / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=gyoza {name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            cwd=where,
-        )  # fmt: skip
-        openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra,
-            cwd=where,
-        )  # fmt: skip
-    return where
 
 
 def wait_serving(channel: grpc.Channel) -> None:
