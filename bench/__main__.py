@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.common import python_speed
 from bench.processes import REPO
 from bench.report import table, write_docs
 from bench.runner import BenchConfig, run_bench
@@ -43,6 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CPU cores each working agent declares (each run reserves one)",
     )
     parser.add_argument("--idle-agents", type=int, default=default.idle_agents)
+    parser.add_argument("--single-runs", type=int, default=default.single_runs)
     parser.add_argument("--watch-runs", type=int, default=default.watch_runs)
     parser.add_argument("--watch-concurrency", type=int, default=default.watch_concurrency)
     parser.add_argument("--watch-sleep-ms", type=int, default=default.watch_sleep_ms)
@@ -78,6 +80,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             concurrency=args.concurrency,
             agents=4,
             idle_agents=50,
+            single_runs=30,
             watch_runs=40,
             watch_concurrency=args.watch_concurrency,
             watch_sleep_ms=args.watch_sleep_ms,
@@ -92,6 +95,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         agents=args.agents,
         agent_cpu=args.agent_cpu,
         idle_agents=args.idle_agents,
+        single_runs=args.single_runs,
         watch_runs=args.watch_runs,
         watch_concurrency=args.watch_concurrency,
         watch_sleep_ms=args.watch_sleep_ms,
@@ -107,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from(args)
     workdir = Path(tempfile.mkdtemp(prefix="gyoza-bench-"))
     start = time.monotonic()
+    speed = python_speed()
     try:
         results = asyncio.run(run_bench(config, workdir))
     except Exception as error:
@@ -114,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"(logs kept in {workdir})", file=sys.stderr)
         return 1
     results["elapsed_s"] = time.monotonic() - start
+    results["python_speed"] = speed
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

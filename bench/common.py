@@ -109,6 +109,17 @@ def load_average() -> float:
         return float(loadavg.read().split()[0])
 
 
+def python_speed(iterations: int = 2_000_000) -> float:
+    """Millions of iterations per CPU second of a bare Python loop (``s += i * i``): how
+    fast this machine runs Python, to compare figures across machines."""
+    start = time.process_time()
+    total = 0
+    for i in range(iterations):
+        total += i * i
+    used = time.process_time() - start
+    return iterations / used / 1e6 if used > 0 else math.inf
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The *q*-th percentile (0-100) of already sorted values, nearest rank."""
     if not sorted_values:

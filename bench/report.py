@@ -75,60 +75,76 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def _latency_row(what: str, summary: dict[str, float]) -> tuple[str, str, str]:
+    p99 = summary["p99_ms"]
+    return (
+        f"{what}, p50 / p99",
+        f"{_ms(summary['p50_ms'])} / {_ms(p99)}",
+        f"p99 <= {TARGET_P99_MS:.0f} ms: {_verdict(p99 <= TARGET_P99_MS)}",
+    )
+
+
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """``(what, figure, target)`` rows of the summary table."""
     config = results["config"]
     life = results["lifecycles"]
+    single = results["single"]
     watch = results["watch"]
     memory = results["memory"]
-    dispatch = life["dispatch_latency"]
-    topic = life["topic_event_latency"]
-    wdispatch = watch["dispatch_latency"]
-    wevent = watch["event_latency"]
-    create = life["create_latency"]
+    cpu = life["cpu_percent"]
     batch = f"{life['completed']} runs"
     if life.get("cut_short"):
         batch += f" in the {config['runs_max_s']:.0f} s limit"
+    in_flight = f"{config['concurrency']} in flight"
+    light = f"{config['watch_concurrency']} in flight, sleep_ms {config['watch_sleep_ms']}"
+
+    def per_lifecycle(key: str) -> str:
+        if not life["per_second"]:
+            return "n/a"
+        return f"{10 * cpu.get(key, 0) / life['per_second']:.1f} ms"
+
     out = [
         (
-            f"full lifecycles/s ({batch}, {config['concurrency']} in flight, "
-            f"{config['agents']} agents)",
+            f"full lifecycles/s ({batch}, {in_flight}, {config['agents']} agents)",
             f"{life['per_second']:.0f}/s",
             f">= {TARGET_LIFECYCLES:.0f}/s: {_verdict(life['per_second'] >= TARGET_LIFECYCLES)}",
         ),
         (
-            "  dispatch latency under that load, p50 / p99",
-            f"{_ms(dispatch['p50_ms'])} / {_ms(dispatch['p99_ms'])}",
-            f"p99 <= {TARGET_P99_MS:.0f} ms: {_verdict(dispatch['p99_ms'] <= TARGET_P99_MS)}",
-        ),
-        (
-            "  PROGRESS → topic subscriber under that load, p50 / p99",
-            f"{_ms(topic['p50_ms'])} / {_ms(topic['p99_ms'])}",
-            f"p99 <= {TARGET_P99_MS:.0f} ms: {_verdict(topic['p99_ms'] <= TARGET_P99_MS)}",
-        ),
-        (
-            "  CreateOpRun call under that load, p50 / p99",
-            f"{_ms(create['p50_ms'])} / {_ms(create['p99_ms'])}",
+            "  CPU meanwhile, % of a core: server / agents / clients / other processes",
+            " / ".join(f"{cpu.get(k, 0):.0f}%" for k in ("server", "agents", "clients", "others")),
             "",
         ),
         (
-            "  CPU during the batch, % of a core: server / agents / clients / other processes",
-            " / ".join(
-                f"{life['cpu_percent'].get(k, 0):.0f}%"
-                for k in ("server", "agents", "clients", "others")
-            ),
+            "  CPU per lifecycle: server / agents",
+            f"{per_lifecycle('server')} / {per_lifecycle('agents')}",
             "",
         ),
+    ]
+    batch_profiled = results.get("profile", {}).get("batch")
+    if batch_profiled:
+        out.append(
+            (
+                "  lifecycles/s with py-spy attached to the server",
+                f"{batch_profiled['per_second']:.0f}/s",
+                "",
+            )
+        )
+    out += [
+        _latency_row(f"dispatch latency, {in_flight}", life["dispatch_latency"]),
+        _latency_row(f"PROGRESS → topic subscriber, {in_flight}", life["topic_event_latency"]),
         (
-            f"dispatch latency, {config['watch_concurrency']} runs in flight, p50 / p99",
-            f"{_ms(wdispatch['p50_ms'])} / {_ms(wdispatch['p99_ms'])}",
-            f"p99 <= {TARGET_P99_MS:.0f} ms: {_verdict(wdispatch['p99_ms'] <= TARGET_P99_MS)}",
+            f"CreateOpRun call, {in_flight}, p50 / p99",
+            f"{_ms(life['create_latency']['p50_ms'])} / {_ms(life['create_latency']['p99_ms'])}",
+            "",
         ),
+        _latency_row(f"dispatch latency, {light}", watch["dispatch_latency"]),
+        _latency_row(f"PROGRESS → WatchOpRun client, {light}", watch["event_latency"]),
+        _latency_row("dispatch latency, 1 in flight", single["dispatch_latency"]),
+        _latency_row("PROGRESS → topic subscriber, 1 in flight", single["topic_event_latency"]),
         (
-            f"PROGRESS → WatchOpRun client, {config['watch_concurrency']} runs in flight, "
-            "p50 / p99",
-            f"{_ms(wevent['p50_ms'])} / {_ms(wevent['p99_ms'])}",
-            f"p99 <= {TARGET_P99_MS:.0f} ms: {_verdict(wevent['p99_ms'] <= TARGET_P99_MS)}",
+            "whole lifecycle, 1 in flight (create → COMPLETED on the topic)",
+            _ms(1000 / single["per_second"]) if single["per_second"] else "n/a",
+            "",
         ),
         ("server RSS just started, no agent", _mib(memory["rss_start"]), ""),
         ("server RSS, no agent connected (after the runs)", _mib(memory["rss_zero_agents"]), ""),
@@ -137,19 +153,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             _mib(memory["rss_idle_agents"]),
             "",
         ),
-        ("  per idle agent", _kib(memory["per_agent"]), ""),
+        ("  server RSS per idle agent", _kib(memory["per_agent"]), ""),
     ]
-    profile = results.get("profile", {})
-    batch = profile.get("batch")
-    if batch:
-        out.insert(
-            5,
-            (
-                "  lifecycles/s with py-spy attached to the server",
-                f"{batch['per_second']:.0f}/s",
-                "",
-            ),
-        )
     return out
 
 
@@ -166,7 +171,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 #: Rows README leaves out (details on docs/benchmarks.md).
-_README_SKIP = ("CreateOpRun", "CPU during", "py-spy", "just started")
+_README_SKIP = ("CreateOpRun", "CPU meanwhile", "py-spy", "just started", "no agent connected")
 
 
 def markdown_table(results: dict[str, Any], *, short: bool = False) -> str:
@@ -210,6 +215,11 @@ def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
     """The whole ``docs/benchmarks.md``."""
     config = results["config"]
     info = machine()
+    if "python_speed" in results:
+        info["python speed"] = (
+            f"{results['python_speed']:.1f} M iterations/s of `total += i * i` "
+            "(one core, before the benchmark)"
+        )
     life = results["lifecycles"]
     watch = results["watch"]
     memory = results["memory"]
@@ -258,11 +268,14 @@ def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
         "- **Event latency.** The bench's scripted executor stamps each PROGRESS event's",
         "  payload with `time.time_ns()` as it emits it (before the outbox commit and the",
         "  send); the receiving client subtracts the stamp from its own clock. Measured on",
-        "  the topic stream under full load, and on `WatchOpRun` streams (one per run) with",
-        f"  {config['watch_concurrency']} runs in flight and `sleep_ms` "
-        f"{config['watch_sleep_ms']} so that the",
+        "  the topic stream under full load and with one run in flight, and on",
+        "  `WatchOpRun` streams (one per run, opened right after the create) at light load:",
+        f"  {config['watch_concurrency']} runs in flight with `sleep_ms` "
+        f"{config['watch_sleep_ms']}, so that the PROGRESS",
         "  events come after the watch's snapshot (only changes newer than the snapshot",
         "  count).",
+        f"- **One in flight.** {config['single_runs']} runs one after the other: the latency",
+        "  floor, with nothing queued anywhere.",
         "- **Memory.** Server RSS (`VmRSS` in `/proc/<pid>/status`, median of several",
         "  samples) with no agent connected after the runs, then with "
         f"{memory['idle_agents']} idle agents",
@@ -285,7 +298,7 @@ def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
         f"- Watch phase: {watch['completed']} of {watch['runs']} runs completed, "
         f"{watch['event_latency']['count']} live PROGRESS samples, "
         f"{watch['error_count']} errors.",
-        f"- Idle agents: outboxes open in {memory['agents_open_s']} s, all connected "
+        f"- Idle agents: outboxes open in {memory['agents_open_s']:.1f} s, all connected "
         f"{memory['agents_connect_s']:.1f} s later; server threads "
         f"{memory['threads_start']} at start, {memory['threads_idle_agents']} with "
         f"{memory['idle_agents']} agents.",
@@ -318,9 +331,9 @@ def readme_section(results: dict[str, Any]) -> str:
         [
             "## Benchmarks",
             "",
-            f"Measured with `{COMMAND}` on {info['cpu']} (server, agents and clients on the",
-            "same cores, loopback only); method, profile and details in",
-            "[docs/benchmarks.md](docs/benchmarks.md).",
+            f"Measured with `{COMMAND}` on {info['cpu']}: one server process, one",
+            "process of simulated agents and the clients share those cores, over loopback.",
+            "Method, server profile and the other figures: [docs/benchmarks.md](docs/benchmarks.md).",
             "",
             markdown_table(results, short=True),
             "",

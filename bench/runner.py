@@ -7,10 +7,12 @@
    topic event latency (agent emits PROGRESS → subscriber has it) come with it, under
    that full load.
 2. Profile: the same load again for a fixed time with py-spy attached to the server.
-3. Watch: fewer runs in flight, each followed by its own ``WatchOpRun``; the scripted op
+3. One at a time: a single run in flight, for the latency floor (dispatch, and PROGRESS
+   to the topic subscriber) with nothing queued.
+4. Watch: few runs in flight, each followed by its own ``WatchOpRun``; the scripted op
    spreads its PROGRESS events over ``sleep_ms`` so that they are delivered live. Dispatch
-   and event latency at moderate load.
-4. Memory: the work fleet stops; server RSS with no agent connected, then with
+   and event latency at light load.
+5. Memory: the work fleet stops; server RSS with no agent connected, then with
    ``idle_agents`` idle agents connected (one HTTP/2 connection each), and the difference
    per agent. (RSS right after the server started is reported too.)
 """
@@ -55,23 +57,25 @@ from bench.server import ServerProcess
 class BenchConfig:
     """What the benchmark does; the defaults are ``make bench``'s."""
 
-    runs: int = 3000
+    runs: int = 2000
     warmup_runs: int = 300
     concurrency: int = 32
     agents: int = 8
     agent_cpu: float = 8.0
     idle_agents: int = 1000
-    watch_runs: int = 300
-    watch_concurrency: int = 8
-    watch_sleep_ms: int = 150
+    single_runs: int = 100
+    watch_runs: int = 200
+    watch_concurrency: int = 4
+    watch_sleep_ms: int = 200
     profile_s: int = 15
     profile: bool = True
     #: Time limits (seconds) that keep the whole run short on a slow server: a batch still
     #: going at its limit creates no more runs, and the figures say it was cut short.
     warmup_max_s: float = 10.0
-    runs_max_s: float = 45.0
+    runs_max_s: float = 60.0
     watch_max_s: float = 20.0
-    server_log_level: str = "warning"
+    single_max_s: float = 10.0
+    server_log_level: str = "info"
     profile_svg: Path = Path("/tmp/gyoza-bench-profile.svg")
     profile_raw: Path = Path("/tmp/gyoza-bench-profile.txt")
 
@@ -252,7 +256,27 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
 
         server.check()
 
-        # -- 3. watch -----------------------------------------------------------------
+        # -- 3. one run at a time -------------------------------------------------------
+        _say(f"one at a time: {config.single_runs} runs, 1 in flight")
+        listener.progress_latency_ms.clear()
+        listener.measuring = True
+        meter.start()
+        single = await lifecycle_batch(
+            channel,
+            listener,
+            runs=config.single_runs,
+            concurrency=1,
+            deadline_s=config.single_max_s,
+        )
+        cpu = meter.stop()
+        listener.measuring = False
+        results["single"] = _batch_dict(single, cpu)
+        results["single"]["topic_event_latency"] = Summary.of(
+            list(listener.progress_latency_ms)
+        ).to_dict()
+        server.check()
+
+        # -- 4. watch -----------------------------------------------------------------
         _say(
             f"watch: {config.watch_runs} runs, {config.watch_concurrency} in flight, "
             f"each with its own WatchOpRun (sleep_ms {config.watch_sleep_ms})"
@@ -292,9 +316,12 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
         results["watch"]["dispatch_latency"] = Summary.of(
             dispatch_latencies_ms(watch.sent_ns, assigned)
         ).to_dict()
+        results["single"]["dispatch_latency"] = Summary.of(
+            dispatch_latencies_ms(single.sent_ns, assigned)
+        ).to_dict()
         results["fleet_stop"] = stopped
 
-        # -- 4. memory ----------------------------------------------------------------
+        # -- 5. memory ----------------------------------------------------------------
         await asyncio.sleep(1.0)
         rss_zero = await _rss_sample(server)
         _say(f"memory: starting {config.idle_agents} idle agents")

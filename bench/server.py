@@ -25,7 +25,7 @@ class ServerProcess:
         The server's ``--log-level``.
     """
 
-    def __init__(self, workdir: Path, *, log_level: str = "warning") -> None:
+    def __init__(self, workdir: Path, *, log_level: str = "info") -> None:
         self.workdir = workdir
         self.port = free_port()
         self.database = workdir / "bench.db"
