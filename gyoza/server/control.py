@@ -606,14 +606,22 @@ class RunController:
             if current.reported_seq == watermark_before:
                 return AckOut(run_id, attempt_no, current.reported_seq), nacks
             try:
+                # Both writes are queued before either is awaited, so they normally share
+                # one group commit.
+                writes = [self._commit(run, marks, before)]
                 if lines:
-                    last = await self.store.append_logs(run_id, attempt_no, lines)
-                    self.hub.publish_logs(run_id, attempt_no, last)
-                await self._commit(run, marks, before)
+                    writes.append(self._append_logs(run_id, attempt_no, lines))
+                await asyncio.gather(*writes)
             except BaseException:
                 self._forget(run_id)
                 raise
             return AckOut(run_id, attempt_no, current.reported_seq), nacks
+
+    async def _append_logs(
+        self, run_id: str, attempt: int, lines: list[tuple[str, str, datetime]]
+    ) -> None:
+        last = await self.store.append_logs(run_id, attempt, lines)
+        self.hub.publish_logs(run_id, attempt, last)
 
     # ------------------------------------------------------------------
     # Internals: mutation and commit

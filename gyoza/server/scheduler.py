@@ -67,16 +67,10 @@ class AgentSlot:
     reservations: dict[str, Reservation] = field(default_factory=dict)
     connected: bool = True
     draining: bool = False
-
-    @property
-    def cpu_reserved(self) -> float:
-        """CPU cores reserved by the runs on this agent."""
-        return sum(r.cpu for r in self.reservations.values())
-
-    @property
-    def ram_reserved_mb(self) -> int:
-        """Memory reserved by the runs on this agent."""
-        return sum(r.ram_mb for r in self.reservations.values())
+    #: CPU cores reserved by the runs on this agent (kept as runs come and go).
+    cpu_reserved: float = 0.0
+    #: Memory reserved by the runs on this agent.
+    ram_reserved_mb: int = 0
 
     @property
     def accepts_work(self) -> bool:
@@ -261,6 +255,8 @@ class Scheduler:
             gpu_ids=gpu_ids,
         )
         slot.reservations[run_id] = reservation
+        slot.cpu_reserved += reservation.cpu
+        slot.ram_reserved_mb += reservation.ram_mb
         for index in gpu_ids:
             gpu = slot.gpus.get(index)
             if gpu is None:
@@ -283,6 +279,8 @@ class Scheduler:
         reservation = slot.reservations.pop(run_id, None)
         if reservation is None:
             return None
+        slot.cpu_reserved = max(slot.cpu_reserved - reservation.cpu, 0.0)
+        slot.ram_reserved_mb -= reservation.ram_mb
         for index in reservation.gpu_ids:
             gpu = slot.gpus.get(index)
             if gpu is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -194,39 +194,63 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             message = await inbound.get()
             if message is None:
                 return
-            kind = message.WhichOneof("message")
-            if kind == "reports":
-                await self._reports(session, message.reports)
-            elif kind == "assignment_reply":
-                reply = message.assignment_reply
-                await self.controller.reply(
-                    session.name, reply.run_id, reply.attempt, reply.accepted, reply.reason
-                )
-            elif kind == "hello":
-                session.send(
-                    agent_service_pb2.ConnectResponse(
-                        nack=agent_service_pb2.Nack(
-                            code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
-                            reason="HELLO_REPEATED",
-                            message="Hello is only valid as the first message of a stream",
-                        )
-                    )
-                )
-            else:
-                session.send(
-                    agent_service_pb2.ConnectResponse(
-                        nack=agent_service_pb2.Nack(
-                            code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                            reason="EMPTY_MESSAGE",
-                            message="the message carries no known field",
-                        )
-                    )
-                )
+            # Everything that queued up while the last write was committing is handled
+            # now: consecutive report batches go to the controller as one, so one commit
+            # covers them, and the agent gets one acknowledgement for them.
+            pending: list[agent_service_pb2.Report] = []
+            while message is not None:
+                if message.WhichOneof("message") == "reports":
+                    pending.extend(message.reports.reports)
+                else:
+                    if pending:
+                        await self._reports(session, pending)
+                        pending = []
+                    await self._other(session, message)
+                if inbound.empty():
+                    break
+                message = inbound.get_nowait()
+                if message is None:
+                    inbound.put_nowait(None)  # seen again at the top: the session ends
+                    break
+            if pending:
+                await self._reports(session, pending)
 
-    async def _reports(self, session: AgentSession, batch: agent_service_pb2.ReportBatch) -> None:
+    async def _other(
+        self, session: AgentSession, message: agent_service_pb2.ConnectRequest
+    ) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "assignment_reply":
+            reply = message.assignment_reply
+            await self.controller.reply(
+                session.name, reply.run_id, reply.attempt, reply.accepted, reply.reason
+            )
+        elif kind == "hello":
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    nack=agent_service_pb2.Nack(
+                        code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                        reason="HELLO_REPEATED",
+                        message="Hello is only valid as the first message of a stream",
+                    )
+                )
+            )
+        else:
+            session.send(
+                agent_service_pb2.ConnectResponse(
+                    nack=agent_service_pb2.Nack(
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                        reason="EMPTY_MESSAGE",
+                        message="the message carries no known field",
+                    )
+                )
+            )
+
+    async def _reports(
+        self, session: AgentSession, batch: Sequence[agent_service_pb2.Report]
+    ) -> None:
         reports: list[ReportIn] = []
         nacks: list[NackOut] = []
-        for report in batch.reports:
+        for report in batch:
             try:
                 reports.append(_bounded(_report_in(report), self.max_json_bytes))
             except _Refused as exc:
