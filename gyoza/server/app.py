@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterable
@@ -356,6 +357,9 @@ def main_server(
         print(f"gyoza server: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(config.log_level, config.log_format)
+    # The event loop hands every write to the store's writer thread and back: with the
+    # default 5 ms GIL switch interval each hand-off can wait that long.
+    sys.setswitchinterval(float(os.environ.get("GYOZA_SWITCH_INTERVAL_S", "0.0005")))
     try:
         asyncio.run(serve(config))
     except Exception as error:
