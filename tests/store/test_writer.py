@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine
 from gyoza.models import AlreadyExists, EventEntry, OpRun
 from gyoza.server.store.engines import create_engines, normalize_url
 from gyoza.server.store.repository import Repository
-from gyoza.server.store.rows import encode_run, log_rows
+from gyoza.server.store.rows import log_rows
 from gyoza.server.store.schema import upgrade
 from gyoza.server.store.writer import Writer
 from gyoza.server.store.writes import AppendLogs, SaveRuns
@@ -132,7 +132,7 @@ def _stored_runs(engine: Engine, count: int) -> tuple[Repository, list[OpRun]]:
     runs = [OpRun.create("busybox", inputs={"i": i}) for i in range(count)]
     with engine.begin() as conn:
         for run in runs:
-            repository.create_run(conn, encode_run(run, []))
+            repository.create_run(conn, repository.encode_run(run, []))
     return repository, runs
 
 
@@ -142,7 +142,7 @@ def _event(run: OpRun, text: str) -> list[tuple[int, EventEntry]]:
 
 def test_saves_and_log_appends_of_different_runs_are_combined(engine: Engine) -> None:
     repository, runs = _stored_runs(engine, 4)
-    writer = Writer(engine)
+    writer = Writer(engine, on_rollback=repository.forget)
     writer.start()
     gate = threading.Event()
     now = datetime.now(UTC)
@@ -152,12 +152,12 @@ def test_saves_and_log_appends_of_different_runs_are_combined(engine: Engine) ->
         await asyncio.sleep(0.05)
         futures: list[asyncio.Future[Any]] = []
         for run in runs:
-            futures.append(writer.submit(SaveRuns(repository, [encode_run(run, _event(run, "a"))])))
-            rows = log_rows(run.id, 1, [("line", "stdout", now)] * 2)
+            futures.append(writer.submit(SaveRuns(repository, [repository.encode_run(run, _event(run, "a"))])))
+            rows = log_rows(run.id, 1, [("line", "stdout", now)] * 2, stamp=repository.stamp)
             futures.append(writer.submit(AppendLogs(repository, run.id, 1, rows)))
         # A second save of the first run, queued after its log append.
         futures.append(
-            writer.submit(SaveRuns(repository, [encode_run(runs[0], _event(runs[0], "b"))]))
+            writer.submit(SaveRuns(repository, [repository.encode_run(runs[0], _event(runs[0], "b"))]))
         )
         gate.set()
         await blocker
@@ -182,20 +182,20 @@ def test_saves_and_log_appends_of_different_runs_are_combined(engine: Engine) ->
 
 def test_a_failing_combined_write_fails_alone(engine: Engine) -> None:
     repository, runs = _stored_runs(engine, 3)
-    writer = Writer(engine)
+    writer = Writer(engine, on_rollback=repository.forget)
     writer.start()
     gate = threading.Event()
     duplicate = _event(runs[1], "once")
 
     async def main() -> list[object]:
-        first = writer.submit(SaveRuns(repository, [encode_run(runs[1], duplicate)]))
+        first = writer.submit(SaveRuns(repository, [repository.encode_run(runs[1], duplicate)]))
         await first
         blocker = writer.submit(lambda conn: gate.wait(10))
         await asyncio.sleep(0.05)
         futures = [
-            writer.submit(SaveRuns(repository, [encode_run(runs[0], _event(runs[0], "x"))])),
-            writer.submit(SaveRuns(repository, [encode_run(runs[1], duplicate)])),
-            writer.submit(SaveRuns(repository, [encode_run(runs[2], _event(runs[2], "y"))])),
+            writer.submit(SaveRuns(repository, [repository.encode_run(runs[0], _event(runs[0], "x"))])),
+            writer.submit(SaveRuns(repository, [repository.encode_run(runs[1], duplicate)])),
+            writer.submit(SaveRuns(repository, [repository.encode_run(runs[2], _event(runs[2], "y"))])),
         ]
         gate.set()
         await blocker

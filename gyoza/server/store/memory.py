@@ -24,6 +24,9 @@ from gyoza.server.store import paging
 from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
 from gyoza.server.store.repository import ACTIVE_STATES
 from gyoza.server.store.rows import (
+    ATTEMPT_COLUMNS,
+    EVENT_COLUMNS,
+    RUN_COLUMNS,
     RunWrite,
     definition_from_row,
     definition_payload,
@@ -32,6 +35,7 @@ from gyoza.server.store.rows import (
     event_from_row,
     log_rows,
     run_from_rows,
+    utc,
 )
 
 T = TypeVar("T")
@@ -194,7 +198,7 @@ class InMemoryStore:
     # ------------------------------------------------------------------
 
     async def create_run(self, run: OpRun) -> OpRun:
-        write = encode_run(run, [(a.attempt, e) for a in run.attempts for e in a.events])
+        write = encode_run(run, [(a.attempt, e) for a in run.attempts for e in a.events], stamp=utc)
         await self._enter()
         if write.request_id is not None and write.request_id in self._request_ids:
             raise AlreadyExists(
@@ -267,14 +271,14 @@ class InMemoryStore:
     async def save_run(
         self, run: OpRun, new_events: Sequence[tuple[int, EventEntry]]
     ) -> list[TopicRecord]:
-        write = encode_run(run, new_events)
+        write = encode_run(run, new_events, stamp=utc)
         await self._enter()
         return self._atomic(lambda undo: self._save(undo, write))
 
     async def save_runs(
         self, items: Sequence[tuple[OpRun, Sequence[tuple[int, EventEntry]]]]
     ) -> list[list[TopicRecord]]:
-        writes = [encode_run(run, events) for run, events in items]
+        writes = [encode_run(run, events, stamp=utc) for run, events in items]
         await self._enter()
         return self._atomic(lambda undo: [self._save(undo, w) for w in writes])
 
@@ -297,7 +301,7 @@ class InMemoryStore:
         if owner is not None and owner != run_id:
             raise AlreadyExists(f"request id {write.request_id!r} was used already by another run")
         old = self._runs.get(run_id)
-        run_row = dict(write.run)
+        run_row = dict(zip(RUN_COLUMNS, write.run, strict=True))
         if old is not None:
             run_row["created_at"] = old["created_at"]
             if old["request_id"] is not None and old["request_id"] != write.request_id:
@@ -306,8 +310,8 @@ class InMemoryStore:
         if write.request_id is not None:
             undo.set(self._request_ids, write.request_id, run_id)
         attempts = self._attempts.setdefault(run_id, {})
-        for row in write.attempts:
-            stored = dict(row)
+        for values in write.attempts:
+            row = stored = dict(zip(ATTEMPT_COLUMNS, values, strict=True))
             previous = attempts.get(row["attempt"])
             if previous is not None:
                 stored["created_at"] = previous["created_at"]
@@ -315,13 +319,14 @@ class InMemoryStore:
             if (run_id, row["attempt"]) not in self._log_lines:
                 undo.set(self._log_lines, (run_id, row["attempt"]), 0)
         events = self._events.setdefault(run_id, {})
-        for row in write.events:
+        for values in write.events:
+            row = dict(zip(EVENT_COLUMNS, values, strict=True))
             key = (row["attempt"], row["seq"])
             if row["attempt"] not in attempts:
                 raise ValueError(f"run {run_id}: a new event names an attempt the run lacks")
             if key in events:
                 raise AlreadyExists(f"run {run_id}: event (attempt, seq) {key} is stored already")
-            undo.set(events, key, dict(row))
+            undo.set(events, key, row)
         records = []
         for record in write.topics:
             stored_record = dataclasses.replace(record, offset=len(self._topic_log) + 1)
@@ -351,18 +356,16 @@ class InMemoryStore:
     async def append_logs(
         self, run_id: str, attempt: int, lines: Sequence[tuple[str, str, datetime]]
     ) -> int:
-        rows = log_rows(run_id, attempt, lines)
+        rows = log_rows(run_id, attempt, lines, stamp=utc)
         await self._enter()
         key = (run_id, attempt)
         if key not in self._log_lines:
             raise NotFound(f"run {run_id} has no attempt {attempt}")
         kept = self._logs.setdefault(key, deque(maxlen=self.log_retention))
         number = self._log_lines[key]
-        for row in rows:
+        for stream, text, t in rows:
             number += 1
-            kept.append(
-                LogRecord(number=number, text=row["text"], stream=row["stream"], t=row["t"])
-            )
+            kept.append(LogRecord(number=number, text=text, stream=stream, t=t))
         self._log_lines[key] = number
         return number
 

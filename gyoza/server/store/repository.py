@@ -9,14 +9,13 @@ thread, inside the transaction that thread manages. Writes take rows encoded by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Insert,
     String,
     and_,
     delete,
@@ -24,12 +23,9 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     tuple_,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 
 from gyoza.models.errors import AlreadyExists, NotFound
 from gyoza.models.op_definition import OpDefinition
@@ -37,14 +33,23 @@ from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventEntry, OpRunState
 from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
 from gyoza.server.store.rows import (
+    ATTEMPT_COLUMNS,
+    EVENT_COLUMNS,
+    LOG_COLUMNS,
+    RUN_COLUMNS,
+    TOPIC_COLUMNS,
     RunWrite,
+    Stamp,
     definition_from_row,
     encode_json,
+    encode_run,
     event_from_row,
     group_events,
     log_record_from_row,
     run_from_rows,
-    topic_record_from_row,
+    sqlite_stamp,
+    topic_record,
+    utc,
 )
 from gyoza.server.store.tables import (
     UTCDateTime,
@@ -56,6 +61,7 @@ from gyoza.server.store.tables import (
     op_runs,
     topic_log,
 )
+from gyoza.server.store.writer import StaleCache
 
 ACTIVE_STATES = (OpRunState.PENDING, OpRunState.ASSIGNED, OpRunState.RUNNING)
 
@@ -66,12 +72,15 @@ ACTIVE_STATES = (OpRunState.PENDING, OpRunState.ASSIGNED, OpRunState.RUNNING)
 _TOPIC_LOCK = 0x67796F7A61746F70
 
 # Columns a save overwrites; log_lines belongs to append_logs, created_at never changes.
-_RUN_UPDATED = [c.name for c in op_runs.columns if c.name not in ("id", "created_at")]
+_RUN_UPDATED = [name for name in RUN_COLUMNS if name not in ("id", "created_at")]
 _ATTEMPT_UPDATED = [
-    c.name
-    for c in op_attempts.columns
-    if c.name not in ("run_id", "attempt", "created_at", "log_lines")
+    name for name in ATTEMPT_COLUMNS if name not in ("run_id", "attempt", "created_at")
 ]
+
+# Most entries of the writer's caches (attempt rows, log line counts); when full, a
+# cache is emptied (and refilled as runs are written).
+_ATTEMPT_CACHE = 20_000
+_LOG_COUNT_CACHE = 20_000
 
 
 def _active_condition() -> ColumnElement[bool]:
@@ -81,11 +90,45 @@ def _active_condition() -> ColumnElement[bool]:
     )
 
 
-def _is_foreign_key_violation(exc: IntegrityError) -> bool:
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) == "23503":  # psycopg
+def _is_foreign_key_violation(exc: Exception) -> bool:
+    """Whether a driver's IntegrityError is a foreign key violation."""
+    if getattr(exc, "sqlstate", None) == "23503":  # psycopg
         return True
-    return getattr(orig, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_FOREIGNKEY"
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_FOREIGNKEY"
+
+
+class StaleLogCount(StaleCache):
+    """An attempt's stored log line count is not the one the writer remembered."""
+
+
+def _columns(names: Iterable[str]) -> str:
+    return ", ".join(f'"{name}"' for name in names)
+
+
+def _insert_sql(table: str, columns: Sequence[str], p: str) -> str:
+    return f"INSERT INTO {table} ({_columns(columns)}) VALUES ({', '.join([p] * len(columns))})"
+
+
+def _upsert_sql(
+    table: str, columns: Sequence[str], key: Sequence[str], updated: Sequence[str], p: str
+) -> str:
+    assignments = ", ".join(f'"{name}" = excluded."{name}"' for name in updated)
+    return (
+        f"{_insert_sql(table, columns, p)} ON CONFLICT ({_columns(key)}) DO UPDATE SET "
+        + assignments
+    )
+
+
+def _cursor(conn: Connection) -> Any:
+    """A driver cursor on *conn*, inside the transaction *conn* is in."""
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def _execute_many(cursor: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    if len(rows) == 1:
+        cursor.execute(sql, rows[0])
+    else:
+        cursor.executemany(sql, rows)
 
 
 class Repository:
@@ -106,26 +149,69 @@ class Repository:
             raise ValueError("log_retention must be at least 1")
         self.dialect = dialect
         self.log_retention = log_retention
-        self._postgres = dialect == "postgresql"
-        insert = postgresql.insert if self._postgres else sqlite.insert
+        self._postgres = postgres = dialect == "postgresql"
+        self.stamp: Stamp = utc if postgres else sqlite_stamp
+        """How this dialect's writes hold timestamps (see :func:`rows.encode_run`)."""
+        self._integrity_error: type[Exception]
+        if postgres:
+            import psycopg
 
-        upsert_run = insert(op_runs)
-        self._upsert_run: Insert = upsert_run.on_conflict_do_update(
-            index_elements=[op_runs.c.id],
-            set_={name: upsert_run.excluded[name] for name in _RUN_UPDATED},
-        )
-        upsert_attempt = insert(op_attempts)
-        self._upsert_attempt: Insert = upsert_attempt.on_conflict_do_update(
-            index_elements=[op_attempts.c.run_id, op_attempts.c.attempt],
-            set_={name: upsert_attempt.excluded[name] for name in _ATTEMPT_UPDATED},
-        )
+            self._integrity_error = psycopg.IntegrityError
+        else:
+            import sqlite3
+
+            self._integrity_error = sqlite3.IntegrityError
+        # Kept by the writer thread (the only caller of the write methods), dropped on
+        # every rollback: the attempt rows it last wrote, the log line counts.
+        self._attempt_rows: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self._log_lines: dict[tuple[str, int], int] = {}
+
+        insert = postgresql.insert if postgres else sqlite.insert
         next_version = insert(op_definition_versions)
         self._next_version = next_version.on_conflict_do_update(
             index_elements=[op_definition_versions.c.name],
             set_={"last_version": op_definition_versions.c.last_version + 1},
         ).returning(op_definition_versions.c.last_version)
-        self._insert_topic = topic_log.insert().returning(
-            topic_log.c.offset, sort_by_parameter_order=True
+
+        p = "%s" if postgres else "?"
+        self._sql_request_owner = f"SELECT id FROM op_runs WHERE request_id = {p}"
+        self._sql_insert_run = _insert_sql("op_runs", RUN_COLUMNS, p)
+        self._sql_upsert_run = _upsert_sql("op_runs", RUN_COLUMNS, ("id",), _RUN_UPDATED, p)
+        self._sql_upsert_attempt = _upsert_sql(
+            "op_attempts", ATTEMPT_COLUMNS, ("run_id", "attempt"), _ATTEMPT_UPDATED, p
+        )
+        self._sql_insert_event = _insert_sql("op_events", EVENT_COLUMNS, p)
+        if postgres:
+            self._sql_topic_lock = f"SELECT pg_advisory_xact_lock({_TOPIC_LOCK})"
+            self._sql_insert_topic = (
+                _insert_sql("topic_log", TOPIC_COLUMNS, p) + ' RETURNING "offset"'
+            )
+        else:
+            self._sql_insert_topic = _insert_sql("topic_log", ("offset", *TOPIC_COLUMNS), p)
+            # AUTOINCREMENT: the largest offset ever used is in sqlite_sequence.
+            self._sql_last_offset = (
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence"
+                " WHERE name = 'topic_log'), 0),"
+                ' COALESCE((SELECT MAX("offset") FROM topic_log), 0))'
+            )
+        self._sql_log_lines = (
+            f"SELECT log_lines FROM op_attempts WHERE run_id = {p} AND attempt = {p}"
+            + (" FOR UPDATE" if postgres else "")
+        )
+        self._sql_set_log_lines = (
+            f"UPDATE op_attempts SET log_lines = {p}"
+            f" WHERE run_id = {p} AND attempt = {p} AND log_lines = {p}"
+        )
+        self._sql_insert_log = _insert_sql(
+            "op_logs", ("run_id", "attempt", "number", *LOG_COLUMNS), p
+        )
+        self._sql_trim_logs = (
+            f"DELETE FROM op_logs WHERE run_id = {p} AND attempt = {p} AND number < {p}"
+        )
+        self._sql_read_topic = (
+            'SELECT "offset", topic, run_id, attempt, event, attributes, run_state,'
+            f' op_definition FROM topic_log WHERE topic = {p} AND "offset" > {p}'
+            f' ORDER BY "offset" LIMIT {p}'
         )
 
     # ------------------------------------------------------------------
@@ -216,6 +302,27 @@ class Repository:
     # ------------------------------------------------------------------
     # Runs: writes
     # ------------------------------------------------------------------
+    #
+    # The hot writes go to the driver directly (its own cursor on the connection's
+    # DBAPI connection, inside the transaction the writer began), with SQL built once
+    # here and rows already encoded as tuples by :func:`rows.encode_run`: SQLAlchemy's
+    # per-statement work (cache keys, bind processors, result set-up) cost more than the
+    # database did.
+
+    def encode_run(self, run: OpRun, new_events: Iterable[tuple[int, EventEntry]]) -> RunWrite:
+        """:func:`rows.encode_run` with this dialect's timestamps."""
+        return encode_run(run, new_events, stamp=self.stamp)
+
+    def forget(self) -> None:
+        """Drop what the writer remembers of the database (after a rollback)."""
+        self._attempt_rows.clear()
+        self._log_lines.clear()
+
+    def _check_write(self, write: RunWrite) -> None:
+        if write.stamp is not self.stamp:
+            raise ValueError(
+                "the write was encoded for another dialect (use Repository.encode_run)"
+            )
 
     def create_run(self, conn: Connection, write: RunWrite) -> list[TopicRecord]:
         """Insert a new run with its attempts and events.
@@ -225,19 +332,24 @@ class Repository:
         AlreadyExists
             When a run has this id, or another run this request id.
         """
+        self._check_write(write)
+        cursor = _cursor(conn)
         if write.request_id is not None:
-            taken = conn.execute(
-                select(op_runs.c.id).where(op_runs.c.request_id == write.request_id)
-            ).first()
+            cursor.execute(self._sql_request_owner, (write.request_id,))
+            taken = cursor.fetchone()
             if taken is not None:
                 raise AlreadyExists(
                     f"request id {write.request_id!r} was used already by run {taken[0]}"
                 )
         try:
-            conn.execute(op_runs.insert(), write.run)
-        except IntegrityError as exc:
+            cursor.execute(self._sql_insert_run, write.run)
+        except self._integrity_error as exc:
             raise AlreadyExists(f"run {write.run_id} exists already") from exc
-        return self._write_children(conn, [write])[0]
+        records = self._write_children(cursor, [write])[0]
+        # The attempts are new: no log lines yet.
+        for row in write.attempts:
+            self._log_lines[(row[0], row[1])] = 0
+        return records
 
     def save_run(self, conn: Connection, write: RunWrite) -> list[TopicRecord]:
         """Upsert a run and all its attempts; insert its new events and topic rows.
@@ -259,44 +371,81 @@ class Repository:
         """
         if not writes:
             return []
+        for write in writes:
+            self._check_write(write)
         runs = {w.run_id: w.run for w in writes}
+        cursor = _cursor(conn)
         try:
-            conn.execute(self._upsert_run, list(runs.values()))
-        except IntegrityError as exc:
+            _execute_many(cursor, self._sql_upsert_run, list(runs.values()))
+        except self._integrity_error as exc:
             requests = ", ".join(repr(w.request_id) for w in writes if w.request_id)
             raise AlreadyExists(f"request id {requests} was used already by another run") from exc
-        return self._write_children(conn, writes)
+        return self._write_children(cursor, writes)
 
-    def _write_children(
-        self, conn: Connection, writes: Sequence[RunWrite]
-    ) -> list[list[TopicRecord]]:
-        attempts = {(a["run_id"], a["attempt"]): a for w in writes for a in w.attempts}
+    def _write_children(self, cursor: Any, writes: Sequence[RunWrite]) -> list[list[TopicRecord]]:
+        # Attempt rows as this writer last wrote them: an unchanged attempt (a finished
+        # one, or one only an event was added to) is not written again. The cache is
+        # dropped on every rollback, so it never holds what was not committed.
+        cache = self._attempt_rows
+        attempts: dict[tuple[str, int], tuple[Any, ...]] = {}
+        for w in writes:
+            for row in w.attempts:
+                key = (row[0], row[1])
+                if cache.get(key) != row:
+                    attempts[key] = row
         if attempts:
-            conn.execute(self._upsert_attempt, list(attempts.values()))
+            _execute_many(cursor, self._sql_upsert_attempt, list(attempts.values()))
+            if len(cache) > _ATTEMPT_CACHE:
+                cache.clear()
+            cache.update(attempts)
         events = [e for w in writes for e in w.events]
         if events:
             try:
-                conn.execute(op_events.insert(), events)
-            except IntegrityError as exc:
+                _execute_many(cursor, self._sql_insert_event, events)
+            except self._integrity_error as exc:
                 runs = ", ".join(sorted({w.run_id for w in writes if w.events}))
                 if _is_foreign_key_violation(exc):
                     raise ValueError(
                         f"run {runs}: a new event names an attempt the run lacks"
                     ) from exc
-                keys = ", ".join(f"({e['attempt']}, {e['seq']})" for e in events)
+                keys = ", ".join(f"({e[1]}, {e[2]})" for e in events)
                 raise AlreadyExists(
                     f"run {runs}: one of the events (attempt, seq) {keys} is stored already"
                 ) from exc
         topic_rows = [t for w in writes for t in w.topic_rows]
         if not topic_rows:
             return [[] for _ in writes]
-        if self._postgres:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _TOPIC_LOCK})
-        offsets = iter(conn.execute(self._insert_topic, topic_rows).scalars().all())
+        offsets = iter(self._insert_topic_rows(cursor, topic_rows))
         return [
-            [dataclasses.replace(record, offset=int(next(offsets))) for record in w.topics]
+            [dataclasses.replace(record, offset=next(offsets)) for record in w.topics]
             for w in writes
         ]
+
+    def _insert_topic_rows(self, cursor: Any, rows: list[tuple[Any, ...]]) -> list[int]:
+        """Append rows to the topic log; their offsets, in order."""
+        if self._postgres:
+            cursor.execute(self._sql_topic_lock)
+            if len(rows) == 1:
+                cursor.execute(self._sql_insert_topic, rows[0])
+                return [int(cursor.fetchone()[0])]
+            cursor.executemany(self._sql_insert_topic, rows, returning=True)
+            offsets = []
+            while True:
+                offsets.append(int(cursor.fetchone()[0]))
+                if not cursor.nextset():
+                    break
+            return offsets
+        # SQLite: the writer holds the database's write lock (BEGIN IMMEDIATE), so the
+        # offsets can be handed out here, on from the largest ever used.
+        cursor.execute(self._sql_last_offset)
+        last = int(cursor.fetchone()[0])
+        offsets = list(range(last + 1, last + 1 + len(rows)))
+        _execute_many(
+            cursor,
+            self._sql_insert_topic,
+            [(offset, *row) for offset, row in zip(offsets, rows, strict=True)],
+        )
+        return offsets
 
     # ------------------------------------------------------------------
     # Runs: reads
@@ -431,11 +580,12 @@ class Repository:
     # ------------------------------------------------------------------
 
     def append_logs(
-        self, conn: Connection, run_id: str, attempt: int, rows: Sequence[dict[str, Any]]
+        self, conn: Connection, run_id: str, attempt: int, rows: Sequence[tuple[str, str, Any]]
     ) -> int:
         """Number and store new lines of an attempt; returns the last line number.
 
-        Only the newest ``log_retention`` lines are kept.
+        *rows* are (stream, text, t) as :func:`rows.log_rows` makes them. Only the
+        newest ``log_retention`` lines are kept.
 
         Raises
         ------
@@ -445,52 +595,61 @@ class Repository:
         return self.append_logs_many(conn, [(run_id, attempt, rows)])[0]
 
     def append_logs_many(
-        self, conn: Connection, items: Sequence[tuple[str, int, Sequence[dict[str, Any]]]]
+        self, conn: Connection, items: Sequence[tuple[str, int, Sequence[tuple[str, str, Any]]]]
     ) -> list[int]:
-        """:meth:`append_logs` for several appends at once, as if applied in order."""
+        """:meth:`append_logs` for several appends at once, as if applied in order.
+
+        The line count of an attempt (its ``log_lines``) is read once and then kept in
+        memory by the writer; each append sets the new count only where the stored one
+        is still the remembered one, so a count changed behind the writer's back (a
+        second store on the database) fails the batch, which the writer then applies
+        again, with nothing remembered.
+        """
         added: dict[tuple[str, int], int] = {}
         for run_id, attempt, rows in items:
             added[(run_id, attempt)] = added.get((run_id, attempt), 0) + len(rows)
-        # Line count before these appends, per attempt: one UPDATE per attempt.
+        cursor = _cursor(conn)
+        counts = self._log_lines
         before: dict[tuple[str, int], int] = {}
-        for (run_id, attempt), count in added.items():
-            where = and_(op_attempts.c.run_id == run_id, op_attempts.c.attempt == attempt)
-            if count:
-                last = conn.execute(
-                    update(op_attempts)
-                    .where(where)
-                    .values(log_lines=op_attempts.c.log_lines + count)
-                    .returning(op_attempts.c.log_lines)
-                ).scalar()
-            else:
-                last = conn.execute(select(op_attempts.c.log_lines).where(where)).scalar()
-            if last is None:
-                raise NotFound(f"run {run_id} has no attempt {attempt}")
-            before[(run_id, attempt)] = int(last) - count
-        ends = {key: before[key] + count for key, count in added.items()}
-        numbered: list[dict[str, Any]] = []
+        for key in added:
+            count = counts.get(key)
+            if count is None:
+                cursor.execute(self._sql_log_lines, key)
+                found = cursor.fetchone()
+                if found is None:
+                    raise NotFound(f"run {key[0]} has no attempt {key[1]}")
+                count = int(found[0])
+            before[key] = count
+        numbered: list[tuple[Any, ...]] = []
         results: list[int] = []
         position = dict(before)
+        retention = self.log_retention
+        ends = {key: before[key] + count for key, count in added.items()}
         for run_id, attempt, rows in items:
             key = (run_id, attempt)
-            keep_from = ends[key] - self.log_retention + 1
-            for row in rows:
-                position[key] += 1
-                if position[key] >= keep_from:
-                    numbered.append({**row, "number": position[key]})
-            results.append(position[key])
+            number = position[key]
+            keep_from = ends[key] - retention + 1
+            for stream, text, t in rows:
+                number += 1
+                if number >= keep_from:
+                    numbered.append((run_id, attempt, number, stream, text, t))
+            position[key] = number
+            results.append(number)
+        updates = [(ends[key], *key, before[key]) for key, count in added.items() if count]
+        if updates:
+            _execute_many(cursor, self._sql_set_log_lines, updates)
+            if cursor.rowcount != len(updates):
+                self.forget()
+                raise StaleLogCount("an attempt's log line count changed behind the writer")
         if numbered:
-            conn.execute(op_logs.insert(), numbered)
-        for (run_id, attempt), end in ends.items():
-            keep_from = end - self.log_retention + 1
-            if before[(run_id, attempt)] > 0 and keep_from > 1:
-                conn.execute(
-                    delete(op_logs).where(
-                        op_logs.c.run_id == run_id,
-                        op_logs.c.attempt == attempt,
-                        op_logs.c.number < keep_from,
-                    )
-                )
+            _execute_many(cursor, self._sql_insert_log, numbered)
+        if len(counts) > _LOG_COUNT_CACHE:
+            counts.clear()
+        for key, end in ends.items():
+            counts[key] = end
+            keep_from = end - retention + 1
+            if before[key] > 0 and keep_from > 1 and added[key]:
+                cursor.execute(self._sql_trim_logs, (*key, keep_from))
         return results
 
     def read_logs(
@@ -524,13 +683,9 @@ class Repository:
     def read_topic(
         self, conn: Connection, topic: str, *, after_offset: int = 0, limit: int = 500
     ) -> list[TopicRecord]:
-        rows = conn.execute(
-            select(topic_log)
-            .where(topic_log.c.topic == topic, topic_log.c.offset > after_offset)
-            .order_by(topic_log.c.offset)
-            .limit(limit)
-        ).mappings()
-        return [topic_record_from_row(r) for r in rows]
+        cursor = _cursor(conn)
+        cursor.execute(self._sql_read_topic, (topic, after_offset, limit))
+        return [topic_record(*row) for row in cursor.fetchall()]
 
     def latest_offset(self, conn: Connection) -> int:
         return int(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +27,9 @@ from gyoza.models.resources import (
     OpRunState,
     RetryPolicy,
 )
+from gyoza.models.timestamps import parse_timestamp
 from gyoza.server.store.records import LOG_STREAMS, LogRecord, TopicRecord
+from gyoza.server.store.tables import op_attempts, op_events, op_runs, topic_log
 
 # A row: a dict, or what SQLAlchemy's .mappings() gives.
 Row = Mapping[Any, Any]
@@ -48,16 +50,23 @@ class EncodedJSON:
         return json.loads(self.text)
 
 
+dumps: Callable[[Any], str] = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":")
+).encode
+"""Compact JSON text of a value; NaN and infinities are refused (no database stores
+them). One encoder for every call: ``json.dumps`` with options builds one per call."""
+
+
 def encode_json(value: Any) -> EncodedJSON:
-    """Serialise *value*; NaN and infinities are refused (no database stores them)."""
-    return EncodedJSON(json.dumps(value, ensure_ascii=False, allow_nan=False))
+    """Serialise *value* (see :func:`dumps`)."""
+    return EncodedJSON(dumps(value))
 
 
 def json_serializer(value: Any) -> str:
     """The engines' JSON serialiser: passes :class:`EncodedJSON` through."""
     if isinstance(value, EncodedJSON):
         return value.text
-    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    return dumps(value)
 
 
 def decode_json(value: Any) -> Any:
@@ -106,10 +115,35 @@ def definition_from_row(row: Row) -> OpDefinition:
 # Runs
 # ----------------------------------------------------------------------
 
+Stamp = Callable[[datetime], Any]
+"""How a write stores a timestamp: :func:`utc` (an aware datetime) for PostgreSQL and
+the in-memory store, :func:`sqlite_stamp` (text) for SQLite."""
+
+# Column order of the tuples a RunWrite holds (the tables' order; an attempt row
+# without log_lines, which only append_logs writes).
+RUN_COLUMNS = tuple(c.name for c in op_runs.columns)
+ATTEMPT_COLUMNS = tuple(c.name for c in op_attempts.columns if c.name != "log_lines")
+EVENT_COLUMNS = tuple(c.name for c in op_events.columns)
+TOPIC_COLUMNS = tuple(c.name for c in topic_log.columns if c.name != "offset")
+LOG_COLUMNS = ("stream", "text", "t")
+"""A log row, before the writer gives it its run, attempt and number."""
+
+
+def sqlite_stamp(value: datetime) -> str:
+    """*value* as SQLite keeps it: naive UTC text, as SQLAlchemy's DateTime writes it."""
+    if value.tzinfo is not UTC:
+        value = utc(value)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _optional(stamp: Stamp, value: datetime | None) -> Any:
+    return None if value is None else stamp(value)
+
 
 @dataclass
 class RunWrite:
-    """Everything one save of a run writes, encoded.
+    """Everything one save of a run writes, encoded: tuples in the ``*_COLUMNS`` order,
+    JSON as text, timestamps as *stamp* made them.
 
     ``topics`` holds one record per topic row, its ``offset`` still 0: the repository
     returns copies with the offsets the database assigned.
@@ -117,116 +151,138 @@ class RunWrite:
 
     run_id: str
     request_id: str | None
-    run: dict[str, Any]
-    attempts: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    topic_rows: list[dict[str, Any]] = field(default_factory=list)
+    stamp: Stamp
+    run: tuple[Any, ...]
+    attempts: list[tuple[Any, ...]]
+    events: list[tuple[Any, ...]]
+    topic_rows: list[tuple[Any, ...]] = field(default_factory=list)
     topics: list[TopicRecord] = field(default_factory=list)
 
 
-def encode_run(run: OpRun, new_events: Iterable[tuple[int, EventEntry]]) -> RunWrite:
+def encode_run(
+    run: OpRun, new_events: Iterable[tuple[int, EventEntry]], *, stamp: Stamp
+) -> RunWrite:
     """Snapshot a run, every attempt of it, and the events that are new."""
-    new = list(new_events)
+    run_id = run.id
+    events = []
+    encoded = []
+    for attempt, entry in new_events:
+        row, payload = event_row(run_id, attempt, entry, stamp)
+        events.append(row)
+        encoded.append((attempt, entry, payload))
     write = RunWrite(
-        run_id=run.id,
+        run_id=run_id,
         request_id=run.request_id,
-        run=run_row(run),
-        attempts=[attempt_row(run, a) for a in run.attempts],
-        events=[event_row(run.id, attempt, e) for attempt, e in new],
+        stamp=stamp,
+        run=run_row(run, stamp),
+        attempts=[attempt_row(run, a, stamp) for a in run.attempts],
+        events=events,
     )
     topic = run.event_delivery.topic
     if topic:
         attributes = dict(run.event_delivery.attributes)
-        attributes_json = encode_json(attributes)
-        for attempt, entry in new:
-            event = _copy_event(entry)
+        attributes_json = dumps(attributes)
+        state = OpRunState(run.state)
+        definition = run.op_definition
+        for attempt, entry, payload in encoded:
+            t = utc(entry.t)
+            event_json = (
+                f'{{"seq":{entry.seq},"t":{dumps(t.isoformat())},"type":{dumps(entry.type)},'
+                f'"msg":{dumps(entry.msg)},"payload":{payload}}}'
+            )
             write.topic_rows.append(
-                {
-                    "topic": topic,
-                    "run_id": run.id,
-                    "attempt": attempt,
-                    "seq": event.seq,
-                    "type": event.type,
-                    "event": encode_json(event.to_dict()),
-                    "attributes": attributes_json,
-                    "run_state": run.state.value,
-                    "op_definition": run.op_definition,
-                    "t": utc(event.t),
-                }
+                (
+                    topic,
+                    run_id,
+                    attempt,
+                    entry.seq,
+                    entry.type,
+                    event_json,
+                    attributes_json,
+                    state.value,
+                    definition,
+                    stamp(t),
+                )
+            )
+            event = EventEntry(
+                t=t, type=entry.type, msg=entry.msg, payload=json.loads(payload), seq=entry.seq
             )
             write.topics.append(
                 TopicRecord(
                     offset=0,
                     topic=topic,
-                    run_id=run.id,
+                    run_id=run_id,
                     attempt=attempt,
                     event=event,
                     attributes=dict(attributes),
-                    run_state=run.state,
-                    op_definition=run.op_definition,
+                    run_state=state,
+                    op_definition=definition,
                 )
             )
     return write
 
 
-def run_row(run: OpRun) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "state": OpRunState(run.state).value,
-        "priority": run.priority,
-        "image": run.image,
-        "inputs": encode_json(run.inputs),
-        "constraints": encode_json(run.constraints.to_dict()),
-        "retry_policy": encode_json(run.retry_policy.to_dict()),
-        "event_delivery": encode_json(run.event_delivery.to_dict()),
-        "op_definition": run.op_definition,
-        "op_definition_version": run.op_definition_version,
-        "request_id": run.request_id,
-        "cancel_requested": bool(run.cancel_requested),
-        "next_retry_at": optional_utc(run.next_retry_at),
-        "current_attempt": run.current_attempt,
-        "created_at": utc(run.created_at),
-        "updated_at": utc(run.updated_at),
-    }
+def run_row(run: OpRun, stamp: Stamp) -> tuple[Any, ...]:
+    """The op_runs row of *run*, in :data:`RUN_COLUMNS` order."""
+    return (
+        run.id,
+        OpRunState(run.state).value,
+        run.priority,
+        run.image,
+        dumps(run.inputs),
+        dumps(run.constraints.to_dict()),
+        dumps(run.retry_policy.to_dict()),
+        dumps(run.event_delivery.to_dict()),
+        run.op_definition,
+        run.op_definition_version,
+        run.request_id,
+        bool(run.cancel_requested),
+        _optional(stamp, run.next_retry_at),
+        run.current_attempt,
+        stamp(run.created_at),
+        stamp(run.updated_at),
+    )
 
 
-def attempt_row(run: OpRun, attempt: OpAttempt) -> dict[str, Any]:
-    return {
-        "run_id": run.id,
-        "attempt": attempt.attempt,
-        "state": OpRunState(attempt.state).value,
-        "progress": attempt.progress,
-        "outputs": encode_json(attempt.outputs),
-        "execution_summary": encode_json(attempt.execution_summary.to_dict()),
+def attempt_row(run: OpRun, attempt: OpAttempt, stamp: Stamp) -> tuple[Any, ...]:
+    """The op_attempts row of *attempt*, in :data:`ATTEMPT_COLUMNS` order."""
+    return (
+        run.id,
+        attempt.attempt,
+        OpRunState(attempt.state).value,
+        attempt.progress,
+        dumps(attempt.outputs),
+        dumps(attempt.execution_summary.to_dict()),
         # Stored only when they differ from the run's (they are copies of them).
-        "inputs": None if attempt.inputs == run.inputs else encode_json(attempt.inputs),
-        "constraints": (
-            None
-            if attempt.constraints == run.constraints
-            else encode_json(attempt.constraints.to_dict())
-        ),
-        "reported_seq": attempt.reported_seq,
-        "created_at": utc(attempt.created_at),
-        "started_at": optional_utc(attempt.started_at),
-        "finished_at": optional_utc(attempt.finished_at),
-    }
+        None if attempt.inputs == run.inputs else dumps(attempt.inputs),
+        None if attempt.constraints == run.constraints else dumps(attempt.constraints.to_dict()),
+        attempt.reported_seq,
+        stamp(attempt.created_at),
+        _optional(stamp, attempt.started_at),
+        _optional(stamp, attempt.finished_at),
+    )
 
 
-def event_row(run_id: str, attempt: int, event: EventEntry) -> dict[str, Any]:
+def event_row(
+    run_id: str, attempt: int, event: EventEntry, stamp: Stamp
+) -> tuple[tuple[Any, ...], str]:
+    """The op_events row of *event* (:data:`EVENT_COLUMNS` order), and its payload JSON."""
     if event.seq < 1:
         raise ValueError(f"event {event.type} of run {run_id} has no seq")
     msg = event.msg
     is_int = isinstance(msg, int) and not isinstance(msg, bool)
-    return {
-        "run_id": run_id,
-        "attempt": attempt,
-        "seq": event.seq,
-        "type": event.type,
-        "msg": str(msg),
-        "msg_int": msg if is_int else None,
-        "payload": encode_json(event.payload),
-        "t": utc(event.t),
-    }
+    payload = dumps(event.payload)
+    row = (
+        run_id,
+        attempt,
+        event.seq,
+        event.type,
+        str(msg),
+        msg if is_int else None,
+        payload,
+        stamp(event.t),
+    )
+    return row, payload
 
 
 def event_from_row(row: Row) -> EventEntry:
@@ -323,39 +379,63 @@ def group_events(rows: Iterable[Row]) -> dict[tuple[str, int], list[EventEntry]]
     return grouped
 
 
-def _copy_event(event: EventEntry) -> EventEntry:
-    return EventEntry(
-        t=utc(event.t),
-        type=event.type,
-        msg=event.msg,
-        payload=copy.deepcopy(event.payload),
-        seq=event.seq,
-    )
-
-
 # ----------------------------------------------------------------------
 # Topic log and logs
 # ----------------------------------------------------------------------
 
 
 def topic_record_from_row(row: Row) -> TopicRecord:
-    event_data = decode_json(row["event"])
+    return topic_record(
+        row["offset"],
+        row["topic"],
+        row["run_id"],
+        row["attempt"],
+        row["event"],
+        row["attributes"],
+        row["run_state"],
+        row["op_definition"],
+    )
+
+
+def topic_record(
+    offset: int,
+    topic: str,
+    run_id: str,
+    attempt: int,
+    event_json: Any,
+    attributes_json: Any,
+    run_state: str,
+    op_definition: str | None,
+) -> TopicRecord:
+    """A topic record from its columns (JSON as text or as decoded by the driver)."""
+    data = decode_json(event_json)
+    payload = data.get("payload")
+    msg = data.get("msg")
+    seq = data.get("seq")
     return TopicRecord(
-        offset=int(row["offset"]),
-        topic=str(row["topic"]),
-        run_id=str(row["run_id"]),
-        attempt=int(row["attempt"]),
-        event=EventEntry.from_dict(event_data),
-        attributes={str(k): str(v) for k, v in decode_json(row["attributes"]).items()},
-        run_state=OpRunState(row["run_state"]),
-        op_definition=row["op_definition"],
+        offset=int(offset),
+        topic=str(topic),
+        run_id=str(run_id),
+        attempt=int(attempt),
+        # *data* is a fresh object: its payload needs no copy.
+        event=EventEntry(
+            t=parse_timestamp(data["t"]),
+            type=str(data["type"]),
+            msg="" if msg is None else msg,
+            payload={} if payload is None else payload,
+            seq=0 if seq is None else int(seq),
+        ),
+        attributes={str(k): str(v) for k, v in decode_json(attributes_json).items()},
+        run_state=OpRunState(run_state),
+        op_definition=op_definition,
     )
 
 
 def log_rows(
-    run_id: str, attempt: int, lines: Sequence[tuple[str, str, datetime]]
-) -> list[dict[str, Any]]:
-    """Rows of new log lines, not numbered yet (the writer numbers them).
+    run_id: str, attempt: int, lines: Sequence[tuple[str, str, datetime]], *, stamp: Stamp
+) -> list[tuple[str, str, Any]]:
+    """(stream, text, t) rows of new log lines of *run_id*'s *attempt* (the writer
+    numbers them).
 
     PostgreSQL text cannot hold NUL characters: they become U+FFFD on both databases.
     """
@@ -363,15 +443,10 @@ def log_rows(
     for text, stream, t in lines:
         if stream not in LOG_STREAMS:
             raise ValueError(f"log stream must be stdout or stderr, not {stream!r}")
-        rows.append(
-            {
-                "run_id": run_id,
-                "attempt": attempt,
-                "stream": stream,
-                "text": str(text).replace("\x00", "\ufffd"),
-                "t": utc(t),
-            }
-        )
+        text = str(text)
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")
+        rows.append((stream, text, stamp(t)))
     return rows
 
 

@@ -27,7 +27,7 @@ from gyoza.server.store import paging
 from gyoza.server.store.engines import create_engines, normalize_url
 from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
 from gyoza.server.store.repository import Repository
-from gyoza.server.store.rows import definition_payload, encode_run, log_rows
+from gyoza.server.store.rows import definition_payload, log_rows
 from gyoza.server.store.schema import upgrade
 from gyoza.server.store.writer import Writer, WriterStats
 from gyoza.server.store.writes import AppendLogs, CreateRun, SaveRuns
@@ -60,7 +60,7 @@ class Store:
         self._writer_engine = writer_engine
         self._reader_engine = reader_engine
         self._repo = repository
-        self._writer = Writer(writer_engine)
+        self._writer = Writer(writer_engine, on_rollback=repository.forget)
         self._readers = ThreadPoolExecutor(
             max_workers=readers, thread_name_prefix="gyoza-store-read"
         )
@@ -219,7 +219,7 @@ class Store:
         AlreadyExists
             When ``run.request_id`` (or ``run.id``) is taken already.
         """
-        write = encode_run(run, [(a.attempt, e) for a in run.attempts for e in a.events])
+        write = self._repo.encode_run(run, [(a.attempt, e) for a in run.attempts for e in a.events])
         await self._writer.submit(CreateRun(self._repo, write))
         return run
 
@@ -280,7 +280,7 @@ class Store:
         ValueError
             When a new event names an attempt the run lacks.
         """
-        write = encode_run(run, new_events)
+        write = self._repo.encode_run(run, new_events)
         saved = await self._writer.submit(SaveRuns(self._repo, [write]))
         return saved[0]
 
@@ -288,7 +288,7 @@ class Store:
         self, items: Sequence[tuple[OpRun, Sequence[tuple[int, EventEntry]]]]
     ) -> list[list[TopicRecord]]:
         """:meth:`save_run` for several runs in one transaction: all or nothing."""
-        writes = [encode_run(run, events) for run, events in items]
+        writes = [self._repo.encode_run(run, events) for run, events in items]
         if not writes:
             return []
         return await self._writer.submit(SaveRuns(self._repo, writes))
@@ -328,7 +328,7 @@ class Store:
         ValueError
             For a stream other than ``"stdout"`` and ``"stderr"``.
         """
-        rows = log_rows(run_id, attempt, lines)
+        rows = log_rows(run_id, attempt, lines, stamp=self._repo.stamp)
         return await self._writer.submit(AppendLogs(self._repo, run_id, attempt, rows))
 
     async def read_logs(

@@ -96,6 +96,14 @@ class _Stage:
     keys: set[Hashable]
 
 
+class StaleCache(Exception):
+    """A write found the database differ from what it had cached.
+
+    The writer rolls the batch back (which tells ``on_rollback`` to drop the caches)
+    and applies it again, each write in its savepoint, even a batch of one write.
+    """
+
+
 class _Failed(Exception):
     """A write of a plain (savepoint-free) run failed: the transaction is dropped."""
 
@@ -131,14 +139,26 @@ class Writer:
         Most writes per transaction.
     name : str
         Name of the thread.
+    on_rollback : Callable[[], None] | None
+        Called on the thread whenever a transaction or a write's savepoint is rolled
+        back, so that whatever the writes cache about the database can be dropped.
     """
 
     def __init__(
-        self, engine: Engine, *, max_batch: int = MAX_BATCH, name: str = "gyoza-store-writer"
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = MAX_BATCH,
+        name: str = "gyoza-store-writer",
+        on_rollback: Callable[[], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._engine = engine
+        self._on_rollback = on_rollback
+        # Kept open between batches (checked out once, not per batch); dropped when a
+        # batch fails, in case the connection is what failed.
+        self._conn: Connection | None = None
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -203,6 +223,22 @@ class Writer:
                     break
                 batch.append(job)
             self._apply(batch)
+        self._drop_connection()
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _rolled_back(self) -> None:
+        if self._on_rollback is not None:
+            self._on_rollback()
 
     def _apply(self, batch: list[_Job[Any]]) -> None:
         stats = self.stats
@@ -213,7 +249,7 @@ class Writer:
             try:
                 self._combined(batch)
             except _Failed as failed:
-                if len(batch) == 1:
+                if len(batch) == 1 and not isinstance(failed.error, StaleCache):
                     self._fail(batch[0], failed.error)
                 else:
                     stats.retried_batches += 1
@@ -222,6 +258,8 @@ class Writer:
             # Caught whatever it is: a dead writer thread would leave every later write
             # waiting forever.
             log.warning("store write batch of %d failed: %s", len(batch), exc)
+            self._rolled_back()
+            self._drop_connection()
             for job in batch:
                 if job.error is None:
                     self._fail(job, exc)
@@ -231,7 +269,8 @@ class Writer:
         """Apply the batch in stages, without savepoints; _Failed on the first error."""
         stages = _stages(batch)
         self.stats.stages += len(stages)
-        with self._engine.connect() as conn, _transaction(conn, batch):
+        conn = self._connection()
+        with _transaction(conn, batch, self._rolled_back):
             for stage in stages:
                 try:
                     if stage.kind is None or len(stage.jobs) == 1:
@@ -247,13 +286,15 @@ class Writer:
 
     def _isolated(self, batch: list[_Job[Any]]) -> None:
         """Apply each write in queue order within its own savepoint."""
-        with self._engine.connect() as conn, _transaction(conn, batch):
+        conn = self._connection()
+        with _transaction(conn, batch, self._rolled_back):
             for job in batch:
                 try:
                     with conn.begin_nested():
                         result = job.apply(conn)
                     job.ok, job.result = True, result
                 except Exception as exc:
+                    self._rolled_back()
                     self._fail(job, exc)
 
     @staticmethod
@@ -274,8 +315,8 @@ class Writer:
 
 
 @contextlib.contextmanager
-def _transaction(conn: Connection, batch: list[_Job[Any]]) -> Any:
-    """Commit at the end, or roll back and mark no job applied."""
+def _transaction(conn: Connection, batch: list[_Job[Any]], rolled_back: Callable[[], None]) -> Any:
+    """Commit at the end, or roll back (telling *rolled_back*) and mark no job applied."""
     for job in batch:
         job.ok, job.result, job.error = False, None, None
     transaction = conn.begin()
@@ -285,6 +326,7 @@ def _transaction(conn: Connection, batch: list[_Job[Any]]) -> Any:
     except BaseException:
         if transaction.is_active:
             transaction.rollback()
+        rolled_back()
         for job in batch:
             job.ok, job.result = False, None
         raise

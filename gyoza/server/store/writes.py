@@ -67,7 +67,7 @@ class AppendLogs(Combinable[int]):
         repository: Repository,
         run_id: str,
         attempt: int,
-        rows: Sequence[dict[str, Any]],
+        rows: Sequence[tuple[str, str, Any]],
     ) -> None:
         self.repository = repository
         self.item = (run_id, attempt, rows)
