@@ -38,6 +38,7 @@ from gyoza.server.store.rows import (
     LOG_COLUMNS,
     RUN_COLUMNS,
     TOPIC_COLUMNS,
+    JsonMemo,
     RunWrite,
     Stamp,
     definition_from_row,
@@ -165,6 +166,7 @@ class Repository:
         # every rollback: the attempt rows it last wrote, the log line counts.
         self._attempt_rows: dict[tuple[str, int], tuple[Any, ...]] = {}
         self._log_lines: dict[tuple[str, int], int] = {}
+        self._memo = JsonMemo()
 
         insert = postgresql.insert if postgres else sqlite.insert
         next_version = insert(op_definition_versions)
@@ -310,8 +312,9 @@ class Repository:
     # database did.
 
     def encode_run(self, run: OpRun, new_events: Iterable[tuple[int, EventEntry]]) -> RunWrite:
-        """:func:`rows.encode_run` with this dialect's timestamps."""
-        return encode_run(run, new_events, stamp=self.stamp)
+        """:func:`rows.encode_run` with this dialect's timestamps; call it from one
+        thread (the event loop's)."""
+        return encode_run(run, new_events, stamp=self.stamp, memo=self._memo)
 
     def forget(self) -> None:
         """Drop what the writer remembers of the database (after a rollback)."""

@@ -129,11 +129,51 @@ LOG_COLUMNS = ("stream", "text", "t")
 """A log row, before the writer gives it its run, attempt and number."""
 
 
+_STAMPS: dict[datetime, str] = {}
+_STAMPS_KEPT = 4096
+
+
 def sqlite_stamp(value: datetime) -> str:
-    """*value* as SQLite keeps it: naive UTC text, as SQLAlchemy's DateTime writes it."""
-    if value.tzinfo is not UTC:
-        value = utc(value)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    """*value* as SQLite keeps it: naive UTC text, as SQLAlchemy's DateTime writes it.
+
+    Remembered (a run's creation and start times are written with every save): equal
+    aware datetimes are one instant, which has one text.
+    """
+    text = _STAMPS.get(value)
+    if text is None:
+        if value.tzinfo is not UTC:
+            value = utc(value)
+        # "YYYY-MM-DD HH:MM:SS.ffffff" and the "+00:00" cut off.
+        text = value.isoformat(" ", "microseconds")[:26]
+        if len(_STAMPS) >= _STAMPS_KEPT:
+            _STAMPS.clear()
+        _STAMPS[value] = text
+    return text
+
+
+class JsonMemo:
+    """The JSON last written of each run's documents, to skip encoding them again.
+
+    Keyed by (run id, document); a document is encoded again when it compares unequal
+    to the one remembered (``==``: a change between equal values of different types,
+    as 1 to 1.0, would not be seen; the documents given are ``to_dict()`` results,
+    whose types the domain fixes). Used by one thread; forgets everything when full.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._size = size
+        self._docs: dict[tuple[str, str], tuple[Any, str]] = {}
+
+    def dumps(self, run_id: str, name: str, value: Any) -> str:
+        key = (run_id, name)
+        hit = self._docs.get(key)
+        if hit is not None and hit[0] == value:
+            return hit[1]
+        text = dumps(value)
+        if len(self._docs) >= self._size:
+            self._docs.clear()
+        self._docs[key] = (value, text)
+        return text
 
 
 def _optional(stamp: Stamp, value: datetime | None) -> Any:
@@ -160,9 +200,20 @@ class RunWrite:
 
 
 def encode_run(
-    run: OpRun, new_events: Iterable[tuple[int, EventEntry]], *, stamp: Stamp
+    run: OpRun,
+    new_events: Iterable[tuple[int, EventEntry]],
+    *,
+    stamp: Stamp,
+    memo: JsonMemo | None = None,
 ) -> RunWrite:
-    """Snapshot a run, every attempt of it, and the events that are new."""
+    """Snapshot a run, every attempt of it, and the events that are new.
+
+    *memo* (fresh documents of the run, its settings and attempt summaries, are
+    compared with the last ones encoded instead of being encoded again) must be used
+    by one thread only.
+    """
+    if memo is None:
+        memo = JsonMemo()
     run_id = run.id
     events = []
     encoded = []
@@ -174,8 +225,8 @@ def encode_run(
         run_id=run_id,
         request_id=run.request_id,
         stamp=stamp,
-        run=run_row(run, stamp),
-        attempts=[attempt_row(run, a, stamp) for a in run.attempts],
+        run=run_row(run, stamp, memo),
+        attempts=[attempt_row(run, a, stamp, memo) for a in run.attempts],
         events=events,
     )
     topic = run.event_delivery.topic
@@ -222,17 +273,18 @@ def encode_run(
     return write
 
 
-def run_row(run: OpRun, stamp: Stamp) -> tuple[Any, ...]:
+def run_row(run: OpRun, stamp: Stamp, memo: JsonMemo) -> tuple[Any, ...]:
     """The op_runs row of *run*, in :data:`RUN_COLUMNS` order."""
+    run_id = run.id
     return (
-        run.id,
+        run_id,
         OpRunState(run.state).value,
         run.priority,
         run.image,
         dumps(run.inputs),
-        dumps(run.constraints.to_dict()),
-        dumps(run.retry_policy.to_dict()),
-        dumps(run.event_delivery.to_dict()),
+        memo.dumps(run_id, "constraints", run.constraints.to_dict()),
+        memo.dumps(run_id, "retry_policy", run.retry_policy.to_dict()),
+        memo.dumps(run_id, "event_delivery", run.event_delivery.to_dict()),
         run.op_definition,
         run.op_definition_version,
         run.request_id,
@@ -244,7 +296,7 @@ def run_row(run: OpRun, stamp: Stamp) -> tuple[Any, ...]:
     )
 
 
-def attempt_row(run: OpRun, attempt: OpAttempt, stamp: Stamp) -> tuple[Any, ...]:
+def attempt_row(run: OpRun, attempt: OpAttempt, stamp: Stamp, memo: JsonMemo) -> tuple[Any, ...]:
     """The op_attempts row of *attempt*, in :data:`ATTEMPT_COLUMNS` order."""
     return (
         run.id,
@@ -252,7 +304,7 @@ def attempt_row(run: OpRun, attempt: OpAttempt, stamp: Stamp) -> tuple[Any, ...]
         OpRunState(attempt.state).value,
         attempt.progress,
         dumps(attempt.outputs),
-        dumps(attempt.execution_summary.to_dict()),
+        memo.dumps(run.id, f"summary {attempt.attempt}", attempt.execution_summary.to_dict()),
         # Stored only when they differ from the run's (they are copies of them).
         None if attempt.inputs == run.inputs else dumps(attempt.inputs),
         None if attempt.constraints == run.constraints else dumps(attempt.constraints.to_dict()),
