@@ -843,3 +843,28 @@ def test_two_stores_on_one_database_share_versions_and_offsets(
             await second.close()
 
     run_with(make_store, body)
+
+
+def test_log_numbering_survives_a_second_store_appending(make_sql_store: StoreFactory) -> None:
+    """The writer remembers line counts; one changed behind it is noticed and re-read."""
+    make_store = make_sql_store
+
+    async def body(first: AnyStore) -> None:
+        second = make_store()
+        try:
+            run = new_run(1)
+            await first.create_run(run)
+            line = [("x", "stdout", BASE)]
+            assert await first.append_logs(run.id, 1, line * 3) == 3
+            assert await second.append_logs(run.id, 1, line * 2) == 5
+            assert await first.append_logs(run.id, 1, line) == 6
+            assert isinstance(first, Store)
+            assert first.writer_stats.retried_batches == 1  # the stale count, re-read
+            assert await first.append_logs(run.id, 1, line) == 7
+            kept, dropped = await second.read_logs(run.id, 1)
+            assert [r.number for r in kept] == list(range(1, 8))
+            assert dropped == 0
+        finally:
+            await second.close()
+
+    run_with(make_store, body)

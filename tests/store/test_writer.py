@@ -152,12 +152,16 @@ def test_saves_and_log_appends_of_different_runs_are_combined(engine: Engine) ->
         await asyncio.sleep(0.05)
         futures: list[asyncio.Future[Any]] = []
         for run in runs:
-            futures.append(writer.submit(SaveRuns(repository, [repository.encode_run(run, _event(run, "a"))])))
+            futures.append(
+                writer.submit(SaveRuns(repository, [repository.encode_run(run, _event(run, "a"))]))
+            )
             rows = log_rows(run.id, 1, [("line", "stdout", now)] * 2, stamp=repository.stamp)
             futures.append(writer.submit(AppendLogs(repository, run.id, 1, rows)))
         # A second save of the first run, queued after its log append.
         futures.append(
-            writer.submit(SaveRuns(repository, [repository.encode_run(runs[0], _event(runs[0], "b"))]))
+            writer.submit(
+                SaveRuns(repository, [repository.encode_run(runs[0], _event(runs[0], "b"))])
+            )
         )
         gate.set()
         await blocker
@@ -193,9 +197,13 @@ def test_a_failing_combined_write_fails_alone(engine: Engine) -> None:
         blocker = writer.submit(lambda conn: gate.wait(10))
         await asyncio.sleep(0.05)
         futures = [
-            writer.submit(SaveRuns(repository, [repository.encode_run(runs[0], _event(runs[0], "x"))])),
+            writer.submit(
+                SaveRuns(repository, [repository.encode_run(runs[0], _event(runs[0], "x"))])
+            ),
             writer.submit(SaveRuns(repository, [repository.encode_run(runs[1], duplicate)])),
-            writer.submit(SaveRuns(repository, [repository.encode_run(runs[2], _event(runs[2], "y"))])),
+            writer.submit(
+                SaveRuns(repository, [repository.encode_run(runs[2], _event(runs[2], "y"))])
+            ),
         ]
         gate.set()
         await blocker

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ C = TypeVar("C", bound="Combinable[Any]")
 
 MAX_BATCH = 500
 """Most writes applied in one transaction."""
+
+IDLE_RECONNECT_S = 30.0
+"""The writer's connection is checked out afresh after this long unused."""
 
 
 class Combinable(ABC, Generic[T]):
@@ -157,8 +161,10 @@ class Writer:
         self._engine = engine
         self._on_rollback = on_rollback
         # Kept open between batches (checked out once, not per batch); dropped when a
-        # batch fails, in case the connection is what failed.
+        # batch fails, in case the connection is what failed, and after an idle spell
+        # (checking it out again runs the pool's pre-ping, if the engine has one).
         self._conn: Connection | None = None
+        self._conn_used = 0.0
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -226,8 +232,12 @@ class Writer:
         self._drop_connection()
 
     def _connection(self) -> Connection:
+        now = time.monotonic()
+        if self._conn is not None and now - self._conn_used > IDLE_RECONNECT_S:
+            self._drop_connection()
         if self._conn is None:
             self._conn = self._engine.connect()
+        self._conn_used = now
         return self._conn
 
     def _drop_connection(self) -> None:
