@@ -10,17 +10,25 @@ All methods run on the event loop thread: the controller publishes from its coro
 A streaming RPC subscribes *before* it reads its starting point (a run snapshot, a topic
 backlog, the log lines so far) from the store, then skips what that read covered: so no
 change committed in between is missed and none is sent twice.
+
+What subscribers send is converted to its message once per publish, on first use, and
+shared by every subscriber (:class:`TopicEntry`, :class:`RunChange`): a published change
+costs one conversion however many streams follow it. The hub also remembers which topic
+offsets it was given (:class:`PublishedOffsets`), so that a topic stream can tell when the
+records it holds follow the last one it sent with nothing missing in between.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from gyoza.api.v1 import op_run_pb2
+from gyoza.api.v1 import op_run_service_pb2 as service_pb
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventEntry
 from gyoza.server import mapping, metrics
@@ -61,7 +69,6 @@ class SequencedEvent:
     event: op_run_pb2.OpRunEvent
 
 
-@dataclass(frozen=True)
 class RunChange:
     """One committed change of a run, as watchers receive it.
 
@@ -74,8 +81,125 @@ class RunChange:
         (a new priority, for one).
     """
 
-    run: op_run_pb2.OpRun
-    events: tuple[SequencedEvent, ...]
+    __slots__ = ("_responses", "_snapshot", "events", "run")
+
+    def __init__(self, run: op_run_pb2.OpRun, events: tuple[SequencedEvent, ...]) -> None:
+        self.run = run
+        self.events = events
+        self._responses: tuple[service_pb.WatchOpRunResponse, ...] | None = None
+        self._snapshot: service_pb.WatchOpRunResponse | None = None
+
+    def responses(self) -> tuple[service_pb.WatchOpRunResponse, ...]:
+        """One WatchOpRun message per event, built once and shared: do not modify."""
+        if self._responses is None:
+            self._responses = tuple(
+                service_pb.WatchOpRunResponse(
+                    sequence=item.sequence, op_run=self.run, event=item.event
+                )
+                for item in self.events
+            )
+        return self._responses
+
+    def snapshot(self) -> service_pb.WatchOpRunResponse:
+        """The WatchOpRun message of the run alone, built once and shared."""
+        if self._snapshot is None:
+            self._snapshot = service_pb.WatchOpRunResponse(
+                sequence=self.run.event_sequence, op_run=self.run
+            )
+        return self._snapshot
+
+
+class TopicEntry:
+    """A published topic record and its SubscribeEvents message, built once on first use.
+
+    Attributes
+    ----------
+    record : TopicRecord
+        The committed record.
+    offset : int
+        Its offset.
+    """
+
+    __slots__ = ("_response", "offset", "record")
+
+    def __init__(self, record: TopicRecord) -> None:
+        self.record = record
+        self.offset = record.offset
+        self._response: service_pb.SubscribeEventsResponse | None = None
+
+    def response(self) -> service_pb.SubscribeEventsResponse:
+        """The message every subscriber sends (shared: do not modify)."""
+        if self._response is None:
+            self._response = topic_response(self.record)
+        return self._response
+
+    def __lt__(self, other: TopicEntry) -> bool:
+        return self.offset < other.offset
+
+
+def topic_response(record: TopicRecord) -> service_pb.SubscribeEventsResponse:
+    """The SubscribeEvents message of one topic record."""
+    return service_pb.SubscribeEventsResponse(
+        offset=record.offset,
+        topic=record.topic,
+        run_id=record.run_id,
+        event=mapping.event_to_proto(record.event, record.attempt),
+        attributes=record.attributes,
+        run_state=mapping.state_to_proto(record.run_state),
+        op_definition=record.op_definition or "",
+    )
+
+
+class PublishedOffsets:
+    """The topic offsets (of every topic) the hub was given, as disjoint ranges.
+
+    Offsets are given in commit order but not always published in it (two runs of one
+    group commit resume in either order), and some committed records are never published
+    here (written by another process, or by a call that did not publish them). A topic
+    stream that has sent everything of its topic up to offset ``a`` may send a record at
+    offset ``b`` straight away when every offset between them was published: a record of
+    its topic among them would have reached it.
+
+    Only the newest ``max_ranges`` ranges are kept: forgetting older ones is safe (a
+    stream then reads the store instead).
+    """
+
+    def __init__(self, max_ranges: int = 256) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._max_ranges = max_ranges
+
+    def add(self, offset: int) -> None:
+        """Offset *offset* was published."""
+        starts, ends = self._starts, self._ends
+        if ends and offset == ends[-1] + 1:
+            ends[-1] = offset  # the usual case: the next offset
+            return
+        index = bisect_right(starts, offset)
+        if index and offset <= ends[index - 1]:
+            return  # known already
+        joins_left = index > 0 and ends[index - 1] == offset - 1
+        joins_right = index < len(starts) and starts[index] == offset + 1
+        if joins_left and joins_right:
+            ends[index - 1] = ends[index]
+            del starts[index], ends[index]
+        elif joins_left:
+            ends[index - 1] = offset
+        elif joins_right:
+            starts[index] = offset
+        else:
+            starts.insert(index, offset)
+            ends.insert(index, offset)
+            if len(starts) > self._max_ranges:
+                del starts[0], ends[0]
+
+    def contiguous_end(self, after: int) -> int:
+        """The highest offset ``b >= after`` such that every offset in ``(after, b]`` was
+        published; *after* itself when ``after + 1`` was not."""
+        index = bisect_right(self._starts, after + 1)
+        if index and self._ends[index - 1] > after:
+            return self._ends[index - 1]
+        return after
 
 
 class Subscription(Generic[T]):
@@ -224,7 +348,9 @@ class Hub:
     def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
         self._queue_size = queue_size
         self._runs: dict[str, set[Subscription[RunChange]]] = {}
-        self._topics: dict[str, set[Subscription[TopicRecord]]] = {}
+        self._topics: dict[str, set[Subscription[TopicEntry]]] = {}
+        self.published_offsets = PublishedOffsets()
+        """Every topic offset published here (the newest ranges)."""
         self._logs: dict[str, set[LogSignal]] = {}
         self._run_listeners: list[Callable[[OpRun], None]] = []
         self._closed = False
@@ -270,10 +396,20 @@ class Hub:
             watcher.offer(change)
 
     def publish_topic(self, records: Sequence[TopicRecord]) -> None:
-        """Events were committed to the durable topic log."""
+        """Events were committed to the durable topic log.
+
+        Each record reaches its topic's subscribers as one :class:`TopicEntry`, whose
+        message is built once, by the first subscriber that sends it.
+        """
+        published = self.published_offsets
+        topics = self._topics
         for record in records:
-            for subscriber in list(self._topics.get(record.topic, ())):
-                subscriber.offer(record)
+            published.add(record.offset)
+            subscribers = topics.get(record.topic)
+            if subscribers:
+                entry = TopicEntry(record)
+                for subscriber in list(subscribers):
+                    subscriber.offer(entry)
 
     def publish_logs(self, run_id: str, attempt: int, last_number: int) -> None:
         """Log lines up to ``last_number`` were committed for an attempt."""
@@ -287,7 +423,7 @@ class Hub:
         """Receive every change of one run committed from now on."""
         return self._subscribe(self._runs, run_id)
 
-    def subscribe_topic(self, topic: str) -> Subscription[TopicRecord]:
+    def subscribe_topic(self, topic: str) -> Subscription[TopicEntry]:
         """Receive every topic record of *topic* committed from now on."""
         return self._subscribe(self._topics, topic)
 
@@ -327,7 +463,7 @@ class Hub:
     def close(self) -> None:
         """End every subscription: the server is shutting down."""
         self._closed = True
-        closing: list[Subscription[RunChange] | Subscription[TopicRecord]] = [
+        closing: list[Subscription[RunChange] | Subscription[TopicEntry]] = [
             *(s for subscribers in self._runs.values() for s in subscribers),
             *(s for subscribers in self._topics.values() for s in subscribers),
         ]

@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 import pytest
 
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import EventDelivery
+from gyoza.models.resources import EventDelivery, EventEntry
+from gyoza.models.timestamps import utc_now
 from gyoza.server.control import RunController
-from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
+from gyoza.server.hub import Hub, HubClosed, PublishedOffsets, SubscriptionDropped
 from gyoza.server.services import run_streams
+from gyoza.server.store.records import TopicRecord
 from gyoza.server.store.store import Store
 
 T = TypeVar("T")
@@ -111,3 +113,183 @@ def test_a_dropped_topic_subscriber_catches_up_from_the_store(tmp_path: Path) ->
             await controller.stop()
 
     run_async(main, tmp_path)
+
+
+def test_published_offsets_track_ranges_given_in_any_order() -> None:
+    published = PublishedOffsets(max_ranges=3)
+    assert published.contiguous_end(0) == 0
+    for offset in (1, 2, 3, 5, 7, 6):
+        published.add(offset)
+    assert published.contiguous_end(0) == 3  # 4 is missing
+    assert published.contiguous_end(2) == 3
+    assert published.contiguous_end(3) == 3
+    assert published.contiguous_end(4) == 7
+    published.add(4)  # joins both neighbours
+    assert published.contiguous_end(0) == 7
+    published.add(4)  # again: nothing changes
+    for offset in (10, 20, 30):  # four ranges: the oldest is forgotten
+        published.add(offset)
+    assert published.contiguous_end(0) == 0
+    assert published.contiguous_end(9) == 10
+    assert published.contiguous_end(29) == 30
+
+
+class FakeTopicStore:
+    """The topic log of a store: committed records, and how often it was read."""
+
+    def __init__(self) -> None:
+        self.records: list[TopicRecord] = []
+        self.reads = 0
+
+    def commit(self, topic: str, count: int = 1) -> list[TopicRecord]:
+        new = [
+            TopicRecord(
+                offset=len(self.records) + 1 + i,
+                topic=topic,
+                run_id="r",
+                attempt=1,
+                event=EventEntry(t=utc_now(), type="PROGRESS", msg=i, seq=i + 1),
+            )
+            for i in range(count)
+        ]
+        self.records.extend(new)
+        return new
+
+    async def read_topic(
+        self, topic: str, *, after_offset: int = 0, limit: int = 500
+    ) -> list[TopicRecord]:
+        self.reads += 1
+        found = [r for r in self.records if r.topic == topic and r.offset > after_offset]
+        return found[:limit]
+
+    async def latest_offset(self) -> int:
+        return len(self.records)
+
+
+async def _ready() -> None:
+    return None
+
+
+def test_a_topic_stream_sends_live_records_without_reading_the_store() -> None:
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        stream: Any = run_streams.subscribe_topic(store, hub, "t", 0, False, _ready)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        assert store.reads == 1  # the backlog
+        for _ in range(3):
+            hub.publish_topic(store.commit("t", 2))
+            store.commit("other")
+            hub.publish_topic(store.records[-1:])
+        received = [(await first).offset, *[m.offset for m in await take(stream, 5)]]
+        assert received == [1, 2, 4, 5, 7, 8]
+        assert store.reads == 1
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_topic_stream_reorders_records_published_out_of_order() -> None:
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        hub.publish_topic(store.commit("t"))
+        stream: Any = run_streams.subscribe_topic(store, hub, "t", 0, False, _ready)
+        assert (await take(stream, 1))[0].offset == 1
+        a, b, c = store.commit("t", 3)
+        for record in (c, a, b):
+            hub.publish_topic([record])
+        assert [m.offset for m in await take(stream, 3)] == [2, 3, 4]
+        assert store.reads == 1
+        # One still unpublished when the stream runs: the store has it, once.
+        d, e = store.commit("t", 2)
+        hub.publish_topic([e])
+        assert [m.offset for m in await take(stream, 2)] == [5, 6]
+        assert store.reads == 2
+        hub.publish_topic([d])
+        hub.publish_topic(store.commit("t"))
+        assert [m.offset for m in await take(stream, 1)] == [7]
+        assert store.reads == 2
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_topic_stream_reads_the_store_for_a_record_never_published() -> None:
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        stream: Any = run_streams.subscribe_topic(store, hub, "t", 0, False, _ready)
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        hub.publish_topic(store.commit("t"))
+        assert (await pending).offset == 1
+        store.commit("t")  # committed by someone who does not publish
+        hub.publish_topic(store.commit("t"))
+        received = [m.offset for m in await take(stream, 2)]
+        assert received == [2, 3]
+        assert store.reads == 2
+        # The gap is filled for good: later records need no read.
+        hub.publish_topic(store.commit("t"))
+        assert (await take(stream, 1))[0].offset == 4
+        assert store.reads == 2
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_topic_stream_from_latest_needs_no_backlog_read() -> None:
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        store.commit("t", 3)
+        stream: Any = run_streams.subscribe_topic(store, hub, "t", 0, True, _ready)
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        hub.publish_topic(store.commit("t"))
+        assert (await pending).offset == 4
+        assert store.reads == 0
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_topic_messages_are_built_once_for_every_subscriber() -> None:
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        streams: list[Any] = [
+            run_streams.subscribe_topic(store, hub, "t", 0, True, _ready) for _ in range(3)
+        ]
+        pending = [asyncio.ensure_future(anext(s)) for s in streams]
+        await asyncio.sleep(0)
+        hub.publish_topic(store.commit("t"))
+        messages = [await p for p in pending]
+        assert all(m is messages[0] for m in messages)
+        assert messages[0].offset == 1 and messages[0].event.progress == 0
+        for stream in streams:
+            await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_run_changes_are_converted_once_and_only_when_watched() -> None:
+    async def main() -> None:
+        hub = Hub()
+        run = OpRun.create(image="busybox")
+        calls: list[str] = []
+        hub.add_run_listener(lambda r: calls.append(r.id))
+        hub.publish_run(run, [(1, run.events[0])])  # nobody watches: a listener call only
+        assert calls == [run.id]
+        first, second = hub.subscribe_run(run.id), hub.subscribe_run(run.id)
+        hub.publish_run(run, [(1, run.events[0])])
+        a, b = await first.get(), await second.get()
+        assert a is b
+        assert a.responses()[0] is b.responses()[0]
+        assert a.responses()[0].sequence == 1 and a.responses()[0].op_run.id == run.id
+        assert a.snapshot() is b.snapshot()
+        first.close()
+        second.close()
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ UNAVAILABLE and the position to resume from.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -21,8 +22,15 @@ from gyoza.models.op_run import OpRun
 from gyoza.server import mapping
 from gyoza.server.control import RunController
 from gyoza.server.errors import ApiError
-from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
-from gyoza.server.store.records import LogRecord, TopicRecord
+from gyoza.server.hub import (
+    Hub,
+    HubClosed,
+    Subscription,
+    SubscriptionDropped,
+    TopicEntry,
+    topic_response,
+)
+from gyoza.server.store.records import LogRecord
 from gyoza.server.store.store import Store
 
 Ready = Callable[[], Awaitable[None]]
@@ -99,18 +107,15 @@ async def watch_run(
                 if watch_is_over(snapshot):
                     return
                 async for change in subscription:
+                    # The messages are built once per change and shared by its watchers.
                     updated = change.run.update_time.ToNanoseconds()
                     if not change.events and last_update is not None and updated > last_update:
-                        yield pb.WatchOpRunResponse(
-                            sequence=change.run.event_sequence, op_run=change.run
-                        )
-                    for item in change.events:
-                        if item.sequence <= sent:
-                            continue
-                        yield pb.WatchOpRunResponse(
-                            sequence=item.sequence, op_run=change.run, event=item.event
-                        )
-                        sent = item.sequence
+                        yield change.snapshot()
+                    if change.events and change.events[-1].sequence > sent:
+                        for item, response in zip(change.events, change.responses(), strict=True):
+                            if item.sequence > sent:
+                                yield response
+                                sent = item.sequence
                     last_update = max(last_update or 0, updated)
                     if watch_is_over(change.run):
                         return
@@ -118,18 +123,6 @@ async def watch_run(
             raise _shutting_down("after_sequence", sent) from None
         except SubscriptionDropped:
             continue  # fell behind: resubscribe and catch up from the store
-
-
-def _topic_response(record: TopicRecord) -> pb.SubscribeEventsResponse:
-    return pb.SubscribeEventsResponse(
-        offset=record.offset,
-        topic=record.topic,
-        run_id=record.run_id,
-        event=mapping.event_to_proto(record.event, record.attempt),
-        attributes=dict(record.attributes),
-        run_state=mapping.state_to_proto(record.run_state),
-        op_definition=record.op_definition or "",
-    )
 
 
 async def subscribe_topic(
@@ -145,41 +138,81 @@ async def subscribe_topic(
     *ready* is awaited once the subscription is in place (the servicer sends the
     response headers then, so a client can tell that later events will reach it).
 
-    Live records only wake the stream; what it sends is always read from the store in
-    offset order. Offsets are assigned in commit order, but two runs committed in one
-    group may be published in either order, so sending the hub's records directly could
-    send a later offset before an earlier one, and deduplication would then lose it.
+    Records go out in offset (commit) order, each once. The stream keeps ``covered``:
+    every record of its topic at or below it was sent. Live records come from the hub,
+    which may publish them out of offset order (two runs committed in one group resume
+    in either order); the stream holds them sorted and sends those below the first
+    offset the hub has not published (:meth:`PublishedOffsets.contiguous_end`): a record
+    of this topic before them would have reached it. When a held record waits on an
+    offset the hub never got (a record another caller did not publish, or one published
+    while this stream was not subscribed), the stream reads the store: every offset below
+    a published one is committed, so that read fills the gap.
+
+    It reads the store at the start, after being dropped for falling behind, and to fill
+    such a gap; never for a record the hub handed it in order.
     """
-    position = after_offset
+    position = after_offset  # the last offset sent (or skipped, with from_latest)
     first = True
     while True:
         try:
             async with hub.subscribe_topic(topic) as subscription:
+                must_read = True
                 if first:
                     if from_latest:
                         position = await store.latest_offset()
+                        must_read = False  # later records reach the subscription
                     await ready()
-                first = False
+                    first = False
+                covered = position
+                held: list[TopicEntry] = []  # live records not sent yet, a heap by offset
                 while True:
-                    while True:
-                        records = await store.read_topic(
-                            topic, after_offset=position, limit=TOPIC_READ_LIMIT
-                        )
-                        for record in records:
-                            yield _topic_response(record)
-                            position = record.offset
-                        if len(records) < TOPIC_READ_LIMIT:
-                            break
-                    # Wait for something newer than what was sent, then read again.
-                    record = await subscription.get()
-                    while record.offset <= position:
-                        record = await subscription.get()
-                    while subscription.get_nowait() is not None:
-                        pass  # the read that follows covers them all
+                    if must_read:
+                        # Every held record is committed, and so is everything before it.
+                        high = max((entry.offset for entry in held), default=position)
+                        while True:
+                            records = await store.read_topic(
+                                topic, after_offset=position, limit=TOPIC_READ_LIMIT
+                            )
+                            for record in records:
+                                yield topic_response(record)
+                                position = record.offset
+                            if len(records) < TOPIC_READ_LIMIT:
+                                break
+                        covered = max(position, high)
+                        held.clear()
+                        must_read = False
+                    _take_queued(subscription, held, covered)
+                    while held:
+                        end = hub.published_offsets.contiguous_end(covered)
+                        if held[0].offset > end:
+                            break  # an offset before it was never published here
+                        while held and held[0].offset <= end:
+                            entry = heapq.heappop(held)
+                            yield entry.response()
+                            position = entry.offset
+                            # What was queued meanwhile is above end: all below was held.
+                            _take_queued(subscription, held, end)
+                        covered = end
+                    if held:
+                        must_read = True
+                        continue
+                    covered = hub.published_offsets.contiguous_end(covered)
+                    entry = await subscription.get()
+                    if entry.offset > covered:
+                        heapq.heappush(held, entry)
         except HubClosed:
             raise _shutting_down("after_offset", position) from None
         except SubscriptionDropped:
-            continue
+            continue  # resubscribe, then catch up from the store
+
+
+def _take_queued(
+    subscription: Subscription[TopicEntry], held: list[TopicEntry], covered: int
+) -> None:
+    """Move the subscription's queued records above *covered* into the *held* heap."""
+    while (entry := subscription.get_nowait()) is not None:
+        if entry.offset > covered:
+            heapq.heappush(held, entry)
 
 
 def _log_responses(
