@@ -50,6 +50,8 @@ from gyoza.models.timestamps import utc_now
 # Largest integer a double holds exactly; JSON numbers travel as doubles in a Struct.
 _MAX_EXACT_INT = 2**53
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 # --------------------------------------------------------------------------------------
 # Timestamp <-> aware datetime
 # --------------------------------------------------------------------------------------
@@ -65,9 +67,11 @@ def timestamp_to_proto(value: datetime) -> timestamp_pb2.Timestamp:
     """
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"naive datetime {value.isoformat()} has no time zone")
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(value)
-    return message
+    # Exact integer arithmetic: the same as ``Timestamp.FromDatetime``, several times faster.
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def timestamp_from_proto(message: timestamp_pb2.Timestamp) -> datetime:
@@ -100,8 +104,21 @@ def value_to_proto(value: Any, path: str = "value") -> struct_pb2.Value:
         If an integer is too large for a double to hold exactly.
     """
     message = struct_pb2.Value()
-    if value is None:
+    _fill_value(message, value, path)
+    return message
+
+
+def _fill_value(message: struct_pb2.Value, value: Any, path: str) -> None:
+    """Write the JSON value *value* into *message* in place (no intermediate messages)."""
+    kind = type(value)
+    if kind is str:
+        message.string_value = value
+    elif value is None:
         message.null_value = struct_pb2.NULL_VALUE
+    elif kind is bool:
+        message.bool_value = value
+    elif kind is float:
+        message.number_value = value
     elif isinstance(value, bool):
         message.bool_value = value
     elif isinstance(value, int):
@@ -113,15 +130,24 @@ def value_to_proto(value: Any, path: str = "value") -> struct_pb2.Value:
     elif isinstance(value, str):
         message.string_value = value
     elif isinstance(value, Mapping):
-        message.struct_value.CopyFrom(struct_to_proto(value, path))
+        _fill_struct(message.struct_value, value, path)
     elif isinstance(value, list | tuple):
-        message.list_value.SetInParent()  # an empty list is still a list
-        items = message.list_value.values
+        items = message.list_value
+        items.SetInParent()  # an empty list is still a list
+        values = items.values
         for index, item in enumerate(value):
-            items.append(value_to_proto(item, f"{path}[{index}]"))
+            _fill_value(values.add(), item, f"{path}[{index}]")
     else:
         raise TypeError(f"{path}: {type(value).__name__} is not a JSON value")
-    return message
+
+
+def _fill_struct(message: struct_pb2.Struct, value: Mapping[str, Any], path: str) -> None:
+    message.SetInParent()  # an empty dict is still a dict
+    fields = message.fields
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{path}: key {key!r} is not a string")
+        _fill_value(fields[key], item, f"{path}.{key}")
 
 
 def value_from_proto(message: struct_pb2.Value) -> Any:
@@ -157,10 +183,7 @@ def struct_to_proto(value: Mapping[str, Any], path: str = "struct") -> struct_pb
         If an integer is too large for a double to hold exactly.
     """
     message = struct_pb2.Struct()
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{path}: key {key!r} is not a string")
-        message.fields[key].CopyFrom(value_to_proto(item, f"{path}.{key}"))
+    _fill_struct(message, value, path)
     return message
 
 
@@ -178,9 +201,14 @@ def _unspecified(field: str, what: str) -> InvalidInput:
     return InvalidInput([FieldViolation(field, f"{what} must be set (got UNSPECIFIED)")])
 
 
+_STATE_NUMBERS: dict[OpRunState, resources_pb2.OpRunState.ValueType] = {
+    state: resources_pb2.OpRunState.Value(f"OP_RUN_STATE_{state.value}") for state in OpRunState
+}
+
+
 def state_to_proto(state: OpRunState) -> resources_pb2.OpRunState.ValueType:
     """Convert an :class:`OpRunState` to its enum number."""
-    return resources_pb2.OpRunState.Value(f"OP_RUN_STATE_{state.value}")
+    return _STATE_NUMBERS[state]
 
 
 def state_from_proto(value: resources_pb2.OpRunState.ValueType, field: str = "state") -> OpRunState:
@@ -204,7 +232,17 @@ def event_type_to_proto(event_type: EventType | str) -> resources_pb2.EventType.
     ValueError
         If *event_type* is not an event type.
     """
-    return resources_pb2.EventType.Value(f"EVENT_TYPE_{EventType(event_type).value}")
+    number = _EVENT_TYPE_NUMBERS.get(event_type)
+    if number is None:
+        return resources_pb2.EventType.Value(f"EVENT_TYPE_{EventType(event_type).value}")
+    return number
+
+
+_EVENT_TYPE_NUMBERS: dict[EventType | str, resources_pb2.EventType.ValueType] = {
+    key: resources_pb2.EventType.Value(f"EVENT_TYPE_{event_type.value}")
+    for event_type in EventType
+    for key in (event_type, event_type.value)
+}
 
 
 def event_type_from_proto(
