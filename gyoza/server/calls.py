@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -30,6 +31,17 @@ log = logging.getLogger("gyoza.server.rpc")
 
 _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Probes and reflection are logged at DEBUG only; they would drown the rest."""
+
+_durations: dict[tuple[str, str], Any] = {}
+"""``gyoza_rpc_duration_seconds`` series by (method, code), looked up once each."""
+
+
+def _observe(method: str, code: str, elapsed: float) -> None:
+    series = _durations.get((method, code))
+    if series is None:
+        series = metrics.RPC_DURATION_SECONDS.labels(method=method, code=code)
+        _durations[(method, code)] = series
+    series.observe(elapsed)
 
 
 def _given_request_id(details: grpc.HandlerCallDetails) -> str | None:
@@ -64,7 +76,7 @@ async def _call_scope(details: grpc.HandlerCallDetails, context: Context) -> Asy
     finally:
         elapsed = time.perf_counter() - started
         method = details.method
-        metrics.RPC_DURATION_SECONDS.labels(method=method, code=code.name).observe(elapsed)
+        _observe(method, code.name, elapsed)
         quiet = method.startswith(_QUIET_PREFIXES) and code is grpc.StatusCode.OK
         log_event(
             log,

@@ -9,12 +9,13 @@ that one call's lines can be found together. Extra fields are given with
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import sys
-import uuid
+import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
@@ -43,9 +44,16 @@ def unbind_request_id(token: contextvars.Token[str | None]) -> None:
     _request_id.reset(token)
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def new_request_id() -> str:
-    """A fresh request id (32 hex digits)."""
-    return uuid.uuid4().hex
+    """A fresh request id (32 hex digits): random per process, then a call counter.
+
+    Unique without asking the OS for randomness on every call.
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def choose_request_id(given: str | None) -> str:
@@ -66,11 +74,34 @@ _STANDARD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None)
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields of a record: ``extra={"fields": {...}}`` and plain extras."""
-    found = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRIBUTES}
-    fields = getattr(record, "fields", None)
+    attributes = record.__dict__
+    extras = attributes.keys() - _STANDARD_ATTRIBUTES
+    found = {k: attributes[k] for k in extras} if extras else {}
+    fields = attributes.get("fields")
     if isinstance(fields, Mapping):
         found.update(fields)
     return found
+
+
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _format_time(created: float) -> str:
+    """``created`` as ISO 8601 UTC with milliseconds (``2024-05-01T12:00:00.123+00:00``).
+
+    The same text as ``datetime.isoformat(timespec="milliseconds")``; the part up to the
+    second is computed once a second.
+    """
+    global _last_second
+    second = int(created)
+    micro = round((created - second) * 1e6)  # as datetime.fromtimestamp rounds
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    cached_second, text = _last_second
+    if second != cached_second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{micro // 1000:03d}+00:00"
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,7 +109,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": _format_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -97,10 +128,7 @@ class LogfmtFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         pairs: list[tuple[str, Any]] = [
-            (
-                "time",
-                datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            ),
+            ("time", _format_time(record.created)),
             ("level", record.levelname.lower()),
             ("logger", record.name),
             ("msg", record.getMessage()),
@@ -157,6 +185,17 @@ def log_event(
     """Write one structured event: *event* is the message, *fields* its attributes.
 
     With ``exc_info`` the traceback of the exception being handled is added.
+
+    Cheap when the level is off (one check); when on, the record is made directly,
+    without ``Logger.log`` looking up the caller's file and line on the stack (no
+    formatter of ours writes them).
     """
-    if logger.isEnabledFor(level):
-        logger.log(level, event, exc_info=exc_info, extra={"fields": fields})
+    if not logger.isEnabledFor(level):
+        return
+    if exc_info:
+        logger.log(level, event, exc_info=True, extra={"fields": fields})
+        return
+    record = logger.makeRecord(
+        logger.name, level, "(unknown file)", 0, event, (), None, extra={"fields": fields}
+    )
+    logger.handle(record)

@@ -8,7 +8,7 @@ final state, since the server started (the store keeps the all-time history).
 
 from __future__ import annotations
 
-from collections import Counter
+from typing import Any
 
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import OpRunState
@@ -42,10 +42,15 @@ class RunStateGauge:
 
     def __init__(self, hub: Hub) -> None:
         self._states: dict[str, OpRunState] = {}
-        self._counts: Counter[OpRunState] = Counter()
+        self._counts: dict[OpRunState, int] = dict.fromkeys(ACTIVE_STATES, 0)
         self._touched: set[str] | None = set()  # runs changed before the seed; None after
-        for state in ACTIVE_STATES:
-            metrics.RUNS_BY_STATE.labels(state=state.value).set(0)
+        # The labelled series, looked up once: ``labels()`` costs a lock and a dict.
+        self._gauges = {
+            state: metrics.RUNS_BY_STATE.labels(state=state.value) for state in ACTIVE_STATES
+        }
+        self._finished: dict[OpRunState, Any] = {}  # a series appears once counted
+        for gauge in self._gauges.values():
+            gauge.set(0)
         hub.add_run_listener(self._on_change)
 
     async def seed(self, store: Store) -> None:
@@ -57,21 +62,33 @@ class RunStateGauge:
         self._touched = None
 
     def _on_change(self, run: OpRun) -> None:
+        """O(1): one dict update, and the two series whose count moved."""
         if self._touched is not None:
             self._touched.add(run.id)
         if _is_active(run):
             self._set(run.id, run.state)
         else:
             self._set(run.id, None)
-            metrics.RUNS_FINISHED.labels(state=run.state.value).inc()
+            finished = self._finished.get(run.state)
+            if finished is None:
+                finished = self._finished[run.state] = metrics.RUNS_FINISHED.labels(
+                    state=run.state.value
+                )
+            finished.inc()
 
     def _set(self, run_id: str, state: OpRunState | None) -> None:
-        previous = self._states.pop(run_id, None)
-        if state is not None:
-            self._states[run_id] = state
-        if previous == state:
+        states = self._states
+        previous = states.get(run_id)
+        if previous is state:
             return
-        for changed, delta in ((previous, -1), (state, 1)):
-            if changed is not None:
-                self._counts[changed] += delta
-                metrics.RUNS_BY_STATE.labels(state=changed.value).set(self._counts[changed])
+        if state is None:
+            del states[run_id]
+        else:
+            states[run_id] = state
+        counts = self._counts
+        if previous is not None:
+            counts[previous] -= 1
+            self._gauges[previous].set(counts[previous])
+        if state is not None:
+            counts[state] += 1
+            self._gauges[state].set(counts[state])
