@@ -278,12 +278,14 @@ def test_run_changes_are_converted_once_and_only_when_watched() -> None:
     async def main() -> None:
         hub = Hub()
         run = OpRun.create(image="busybox")
+        event = EventEntry(t=utc_now(), type="PROGRESS", msg=5, seq=1)
+        run.current_op_attempt.events.append(event)
         calls: list[str] = []
         hub.add_run_listener(lambda r: calls.append(r.id))
-        hub.publish_run(run, [(1, run.events[0])])  # nobody watches: a listener call only
+        hub.publish_run(run, [(1, event)])  # nobody watches: a listener call only
         assert calls == [run.id]
         first, second = hub.subscribe_run(run.id), hub.subscribe_run(run.id)
-        hub.publish_run(run, [(1, run.events[0])])
+        hub.publish_run(run, [(1, event)])
         a, b = await first.get(), await second.get()
         assert a is b
         assert a.responses()[0] is b.responses()[0]
