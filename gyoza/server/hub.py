@@ -139,15 +139,17 @@ class TopicEntry:
 
 def topic_response(record: TopicRecord) -> service_pb.SubscribeEventsResponse:
     """The SubscribeEvents message of one topic record."""
-    return service_pb.SubscribeEventsResponse(
+    message = service_pb.SubscribeEventsResponse(
         offset=record.offset,
         topic=record.topic,
         run_id=record.run_id,
-        event=mapping.event_to_proto(record.event, record.attempt),
-        attributes=record.attributes,
         run_state=mapping.state_to_proto(record.run_state),
         op_definition=record.op_definition or "",
     )
+    mapping.fill_event(message.event, record.event, record.attempt)
+    if record.attributes:
+        message.attributes.update(record.attributes)
+    return message
 
 
 class PublishedOffsets:

@@ -65,13 +65,18 @@ def timestamp_to_proto(value: datetime) -> timestamp_pb2.Timestamp:
     ValueError
         If *value* is naive: its instant is unknown.
     """
+    message = timestamp_pb2.Timestamp()
+    _fill_timestamp(message, value)
+    return message
+
+
+def _fill_timestamp(message: timestamp_pb2.Timestamp, value: datetime) -> None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"naive datetime {value.isoformat()} has no time zone")
     # Exact integer arithmetic: the same as ``Timestamp.FromDatetime``, several times faster.
     delta = value - _EPOCH
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
+    message.seconds = delta.days * 86400 + delta.seconds
+    message.nanos = delta.microseconds * 1000
 
 
 def timestamp_from_proto(message: timestamp_pb2.Timestamp) -> datetime:
@@ -437,18 +442,23 @@ def event_to_proto(entry: EventEntry, attempt: int) -> op_run_pb2.OpRunEvent:
     A PROGRESS event's ``msg`` is its percentage: it goes to ``progress`` and
     ``message`` stays empty. Any other ``msg`` is the ``message``.
     """
-    message = op_run_pb2.OpRunEvent(
-        seq=entry.seq,
-        attempt=attempt,
-        type=event_type_to_proto(entry.type),
-        payload=struct_to_proto(entry.payload, "payload"),
-        time=timestamp_to_proto(entry.t),
-    )
+    message = op_run_pb2.OpRunEvent()
+    fill_event(message, entry, attempt)
+    return message
+
+
+def fill_event(message: op_run_pb2.OpRunEvent, entry: EventEntry, attempt: int) -> None:
+    """Write :func:`event_to_proto` of *entry* into *message* (an event field of another
+    message, say) in place, without building a message to copy."""
+    message.seq = entry.seq
+    message.attempt = attempt
+    message.type = event_type_to_proto(entry.type)
+    _fill_struct(message.payload, entry.payload, "payload")
+    _fill_timestamp(message.time, entry.t)
     if entry.type == EventType.PROGRESS.value and isinstance(entry.msg, int):
         message.progress = entry.msg
     else:
         message.message = str(entry.msg)
-    return message
 
 
 def event_from_proto(
@@ -562,8 +572,6 @@ def run_to_proto(
         state=state_to_proto(run.state),
         priority=run.priority,
         image=run.image,
-        inputs=struct_to_proto(run.inputs, "inputs"),
-        outputs=struct_to_proto(run.outputs, "outputs"),
         progress=run.progress,
         current_attempt=current,
         execution_summary=execution_summary_to_proto(run.execution_summary),
@@ -572,8 +580,6 @@ def run_to_proto(
         event_delivery=event_delivery_to_proto(run.event_delivery),
         op_definition=run.op_definition or "",
         op_definition_version=run.op_definition_version or 0,
-        create_time=timestamp_to_proto(run.created_at),
-        update_time=timestamp_to_proto(run.updated_at),
         cancel_requested=run.cancel_requested,
         request_id=run.request_id or "",
         event_sequence=(
@@ -582,10 +588,17 @@ def run_to_proto(
             else sum(len(a.events) for a in run.attempts)
         ),
     )
+    # Written in place: no intermediate messages to copy.
+    _fill_struct(message.inputs, run.inputs, "inputs")
+    _fill_struct(message.outputs, run.outputs, "outputs")
+    _fill_timestamp(message.create_time, run.created_at)
+    _fill_timestamp(message.update_time, run.updated_at)
     if events:
-        message.events.extend(event_to_proto(e, current) for e in run.events)
+        added = message.events
+        for entry in run.events:
+            fill_event(added.add(), entry, current)
     if run.next_retry_at is not None:
-        message.next_retry_time.CopyFrom(timestamp_to_proto(run.next_retry_at))
+        _fill_timestamp(message.next_retry_time, run.next_retry_at)
     return message
 
 
