@@ -8,6 +8,7 @@ final state, since the server started (the store keeps the all-time history).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from gyoza.models.op_run import OpRun
@@ -44,13 +45,13 @@ class RunStateGauge:
         self._states: dict[str, OpRunState] = {}
         self._counts: dict[OpRunState, int] = dict.fromkeys(ACTIVE_STATES, 0)
         self._touched: set[str] | None = set()  # runs changed before the seed; None after
-        # The labelled series, looked up once: ``labels()`` costs a lock and a dict.
-        self._gauges = {
-            state: metrics.RUNS_BY_STATE.labels(state=state.value) for state in ACTIVE_STATES
-        }
+        # The gauge reads the counts when it is scraped: a change only updates a dict.
+        for state in ACTIVE_STATES:
+            metrics.RUNS_BY_STATE.labels(state=state.value).set_function(
+                functools.partial(self._counts.__getitem__, state)
+            )
+        # Looked up once each: ``labels()`` costs a lock and a dict.
         self._finished: dict[OpRunState, Any] = {}  # a series appears once counted
-        for gauge in self._gauges.values():
-            gauge.set(0)
         hub.add_run_listener(self._on_change)
 
     async def seed(self, store: Store) -> None:
@@ -85,10 +86,7 @@ class RunStateGauge:
             del states[run_id]
         else:
             states[run_id] = state
-        counts = self._counts
         if previous is not None:
-            counts[previous] -= 1
-            self._gauges[previous].set(counts[previous])
+            self._counts[previous] -= 1
         if state is not None:
-            counts[state] += 1
-            self._gauges[state].set(counts[state])
+            self._counts[state] = self._counts.get(state, 0) + 1
