@@ -15,12 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from google.protobuf import json_format, struct_pb2
-
-from gyoza.api.v1 import agent_pb2, agent_service_pb2, resources_pb2
+from gyoza.api.v1 import agent_pb2, agent_service_pb2
 from gyoza.models.errors import NotFound
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import Constraints
+from gyoza.server import mapping
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
 
 log = logging.getLogger("gyoza.sessions")
@@ -94,15 +92,13 @@ class SessionRegistry:
         session = self.sessions.get(agent)
         if session is None:
             return False
-        inputs = struct_pb2.Struct()
-        inputs.update(run.inputs)
         message = agent_service_pb2.ConnectResponse(
             assignment=agent_service_pb2.Assignment(
                 run_id=run.id,
                 attempt=run.current_attempt,
                 image=run.image,
-                inputs=inputs,
-                constraints=constraints_message(run.constraints),
+                inputs=mapping.struct_to_proto(run.inputs),
+                constraints=mapping.constraints_to_proto(run.constraints),
                 gpu_ids=list(placement.gpu_ids),
                 gpu_uuids=list(placement.gpu_uuids),
                 op_definition=run.op_definition or "",
@@ -244,33 +240,3 @@ def gpu_slots(capacity: agent_pb2.Capacity) -> list[GpuSlot]:
         )
         for gpu in capacity.gpus
     ]
-
-
-def constraints_message(constraints: Constraints) -> resources_pb2.Constraints:
-    """Constraints as sent in an assignment."""
-    message = resources_pb2.Constraints(
-        cpu=constraints.cpu,
-        ram_mb=constraints.ram_mb,
-        vram_mb=constraints.vram_mb,
-        gpu_count=constraints.gpu_count,
-        timeout_seconds=constraints.timeout_s or 0.0,
-    )
-    if constraints.gpu_id is not None:
-        message.gpu_id = constraints.gpu_id
-    return message
-
-
-def struct_dict(value: struct_pb2.Struct) -> dict[str, object]:
-    """A Struct as a plain dict (integral numbers come back as ints)."""
-    data = json_format.MessageToDict(value)
-    return {k: _intify(v) for k, v in data.items()}
-
-
-def _intify(value: object) -> object:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _intify(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_intify(v) for v in value]
-    return value

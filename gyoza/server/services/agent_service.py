@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,8 +26,8 @@ from gyoza.api.v1 import (
 from gyoza.models.errors import NotFound
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
-from gyoza.server.limits import json_size
-from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState, struct_dict
+from gyoza.server.mapping import struct_from_proto
+from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 
 log = logging.getLogger("gyoza.agents")
 
@@ -252,7 +251,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         nacks: list[NackOut] = []
         for report in batch:
             try:
-                reports.append(_bounded(_report_in(report), self.max_json_bytes))
+                reports.append(_report_in(report, self.max_json_bytes))
             except _Refused as exc:
                 nacks.append(
                     NackOut(
@@ -314,59 +313,58 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         return agent_service_pb2.DrainAgentResponse(agent=self.sessions.describe(session))
 
 
-def _report_in(report: agent_service_pb2.Report) -> ReportIn:
+def _report_in(report: agent_service_pb2.Report, limit: int) -> ReportIn:
+    """A transport-neutral report, held to the server's size limit on JSON documents:
+    outputs over it fail the attempt (OUTPUT_INVALID) rather than leave it running
+    forever; any other oversized payload is refused. (The encoded size of a Struct is a
+    close, cheap stand-in for its JSON size.)"""
     if not report.run_id or report.attempt < 1 or report.seq < 1:
         raise _Refused("a report needs run_id, attempt >= 1 and seq >= 1")
     when = report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
-    base = ReportIn(run_id=report.run_id, attempt=report.attempt, seq=report.seq, time=when)
+    run_id, attempt, seq = report.run_id, report.attempt, report.seq
     body = report.WhichOneof("body")
     if body == "logs":
-        return replace(
-            base,
-            lines=tuple(
-                (line.text, _STREAMS.get(line.stream, "stdout")) for line in report.logs.lines
-            ),
+        lines = tuple(
+            (line.text, _STREAMS.get(line.stream, "stdout")) for line in report.logs.lines
         )
+        return ReportIn(run_id, attempt, seq, when, lines=lines)
     if body != "event":
-        return replace(base, refusal="the report carries neither an event nor log lines")
+        refusal = "the report carries neither an event nor log lines"
+        return ReportIn(run_id, attempt, seq, when, refusal=refusal)
     event = report.event
     kind = _EVENT_TYPES.get(event.type)
     if kind is None:
         name = resources_pb2.EventType.Name(event.type) if event.type in _ALL_TYPES else event.type
-        return replace(base, refusal=f"agents cannot report events of type {name}")
-    return replace(
-        base,
+        refusal = f"agents cannot report events of type {name}"
+        return ReportIn(run_id, attempt, seq, when, refusal=refusal)
+    if event.payload.ByteSize() > limit:
+        refusal = f"the event payload is larger than the server's limit of {limit} bytes"
+        return ReportIn(run_id, attempt, seq, when, refusal=refusal)
+    outputs = None
+    failure_class = _FAILURE_CLASSES.get(event.failure_class)
+    error_message = event.error_message
+    if event.HasField("outputs"):
+        if kind is EventType.COMPLETED and event.outputs.ByteSize() > limit:
+            kind = EventType.FAILED
+            failure_class = FailureClass.OUTPUT_INVALID
+            error_message = f"the outputs are larger than the server's limit of {limit} bytes"
+        else:
+            outputs = struct_from_proto(event.outputs)
+    return ReportIn(
+        run_id,
+        attempt,
+        seq,
+        when,
         event_type=kind,
         message=event.message,
         progress=event.progress,
-        payload=struct_dict(event.payload),
-        outputs=struct_dict(event.outputs) if event.HasField("outputs") else None,
-        failure_class=_FAILURE_CLASSES.get(event.failure_class),
+        payload=struct_from_proto(event.payload) if event.payload.fields else {},
+        outputs=outputs,
+        failure_class=failure_class,
         exit_code=event.exit_code if event.HasField("exit_code") else None,
-        error_message=event.error_message,
+        error_message=error_message,
         duration_ms=event.duration_ms,
     )
-
-
-def _bounded(report: ReportIn, limit: int) -> ReportIn:
-    """Hold reports to the server's JSON size limit: outputs over it fail the attempt
-    (OUTPUT_INVALID) rather than leave it running forever; any other oversized payload
-    is refused."""
-    if report.event_type is EventType.COMPLETED and json_size(report.outputs or {}) > limit:
-        return replace(
-            report,
-            event_type=EventType.FAILED,
-            outputs=None,
-            failure_class=FailureClass.OUTPUT_INVALID,
-            error_message=f"the outputs are larger than the server's limit of {limit} bytes",
-        )
-    if json_size(report.payload) > limit:
-        return replace(
-            report,
-            event_type=None,
-            refusal=f"the event payload is larger than the server's limit of {limit} bytes",
-        )
-    return report
 
 
 def _ack(ack: AckOut) -> agent_service_pb2.Ack:
