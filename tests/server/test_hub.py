@@ -7,6 +7,8 @@ from the store, so the client sees every event once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -293,5 +295,56 @@ def test_run_changes_are_converted_once_and_only_when_watched() -> None:
         assert a.snapshot() is b.snapshot()
         first.close()
         second.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_topic_stream_sends_every_record_once_in_order_whatever_the_publish_order(
+    seed: int,
+) -> None:
+    """Groups committed together and published in any order, records never published,
+    a queue small enough to drop the subscriber: the stream still sends the topic's log."""
+    rng = random.Random(seed)
+
+    async def main() -> None:
+        hub = Hub(queue_size=rng.choice([2, 8, 1024]))
+        store = FakeTopicStore()
+        store.commit("t", rng.randrange(4))  # a backlog
+        stream: Any = run_streams.subscribe_topic(store, hub, "t", 0, False, _ready)
+        received: list[int] = []
+
+        async def consume() -> None:
+            async for message in stream:
+                received.append(message.offset)
+
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)
+        for _ in range(40):
+            group = [
+                record
+                for _ in range(rng.randrange(1, 5))
+                for record in store.commit(rng.choice(["t", "t", "other"]))
+            ]
+            rng.shuffle(group)
+            unpublished = rng.random() < 0.1
+            for record in group[1:] if unpublished else group:
+                hub.publish_topic([record])
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0)
+            for _ in range(rng.randrange(3)):
+                await asyncio.sleep(0)
+        last = store.commit("t")
+        hub.publish_topic(last)
+        expected = [r.offset for r in store.records if r.topic == "t"]
+        for _ in range(1000):
+            if received[-1:] == [last[0].offset]:
+                break
+            await asyncio.sleep(0)
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await stream.aclose()
+        assert received == expected
 
     asyncio.run(main())
