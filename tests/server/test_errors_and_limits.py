@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -75,14 +77,24 @@ def test_request_id_is_returned_and_logged(sqlite_server: Any, expect_error: Exp
     )
     assert failed.trailing["x-request-id"] == "req-nf"
 
-    lines = [e for e in sqlite_server.log_events() if e.get("msg") == "rpc"]
+    # The access line is written as the call ends, which may be just after the client
+    # has its answer: wait (bounded) for the server to have written both lines.
+    def rpc_lines() -> list[dict[str, Any]]:
+        return [e for e in sqlite_server.log_events() if e.get("msg") == "rpc"]
+
+    deadline = time.monotonic() + 10
+    while not {"req-abc-1", "req-nf"} <= {e.get("request_id") for e in rpc_lines()}:
+        assert time.monotonic() < deadline, "the access log lines never appeared"
+        time.sleep(0.05)
+    lines = rpc_lines()
     created = [e for e in lines if e.get("request_id") == "req-abc-1"]
     assert created and created[0]["method"] == "/gyoza.api.v1.OpRunService/CreateOpRun"
     assert created[0]["code"] == "OK"
     assert any(e.get("request_id") == "req-nf" and e["code"] == "NOT_FOUND" for e in lines)
-    # Every line of the log is one JSON object.
-    text = sqlite_server.log_text().strip().splitlines()
-    assert len(sqlite_server.log_events()) == len(text)
+    # Every complete line of the log is one JSON object.
+    text = sqlite_server.log_text()
+    complete = text[: text.rfind("\n") + 1].splitlines()
+    assert all(json.loads(line) for line in complete)
 
 
 # -- the interceptor on a server of handlers that fail --------------------------------
