@@ -65,9 +65,12 @@ class AgentServiceServicer:
         the run's current one, or not held by this agent, is answered with a Nack (ABORTED or
         PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
         applies each exactly once and acknowledges cumulatively only after the write is
-        committed. Errors closing the stream: FAILED_PRECONDITION (no Hello first),
-        INVALID_ARGUMENT (malformed Hello), ALREADY_EXISTS (another live session holds the
-        name), UNAUTHENTICATED, PERMISSION_DENIED (not an agent token).
+        committed. A Hello naming an agent that already has a session replaces it (the older
+        stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
+        past the lease timeout has its stream closed. Errors closing the stream:
+        FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
+        UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
+        shutting down: reconnect).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,9 +42,12 @@ class AgentServiceStub:
     the run's current one, or not held by this agent, is answered with a Nack (ABORTED or
     PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
     applies each exactly once and acknowledges cumulatively only after the write is
-    committed. Errors closing the stream: FAILED_PRECONDITION (no Hello first),
-    INVALID_ARGUMENT (malformed Hello), ALREADY_EXISTS (another live session holds the
-    name), UNAUTHENTICATED, PERMISSION_DENIED (not an agent token).
+    committed. A Hello naming an agent that already has a session replaces it (the older
+    stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
+    past the lease timeout has its stream closed. Errors closing the stream:
+    FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
+    UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
+    shutting down: reconnect).
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
     """Lists the agents the server knows, with capacity, reservations and runs.
@@ -69,9 +72,12 @@ class AgentServiceAsyncStub(AgentServiceStub):
     the run's current one, or not held by this agent, is answered with a Nack (ABORTED or
     PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
     applies each exactly once and acknowledges cumulatively only after the write is
-    committed. Errors closing the stream: FAILED_PRECONDITION (no Hello first),
-    INVALID_ARGUMENT (malformed Hello), ALREADY_EXISTS (another live session holds the
-    name), UNAUTHENTICATED, PERMISSION_DENIED (not an agent token).
+    committed. A Hello naming an agent that already has a session replaces it (the older
+    stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
+    past the lease timeout has its stream closed. Errors closing the stream:
+    FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
+    UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
+    shutting down: reconnect).
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists the agents the server knows, with capacity, reservations and runs.
@@ -99,9 +105,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         the run's current one, or not held by this agent, is answered with a Nack (ABORTED or
         PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
         applies each exactly once and acknowledges cumulatively only after the write is
-        committed. Errors closing the stream: FAILED_PRECONDITION (no Hello first),
-        INVALID_ARGUMENT (malformed Hello), ALREADY_EXISTS (another live session holds the
-        name), UNAUTHENTICATED, PERMISSION_DENIED (not an agent token).
+        committed. A Hello naming an agent that already has a session replaces it (the older
+        stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
+        past the lease timeout has its stream closed. Errors closing the stream:
+        FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
+        UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
+        shutting down: reconnect).
         """
 
     @_abc_1.abstractmethod
