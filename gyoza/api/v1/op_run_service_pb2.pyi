@@ -533,7 +533,9 @@ class WatchOpRunResponse(_message.Message):
     """
     @_builtins.property
     def op_run(self) -> _op_run_pb2.OpRun:
-        """The run after the change."""
+        """The run after the change. Events replayed from history (on a resumed watch) carry
+        the run as it is now.
+        """
 
     @_builtins.property
     def event(self) -> _op_run_pb2.OpRunEvent:

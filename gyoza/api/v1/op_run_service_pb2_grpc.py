@@ -175,7 +175,8 @@ class OpRunServiceServicer:
         """Streams the run's snapshot, then every change as soon as it is committed, ending
         after the run is terminal. Resumable: with the last sequence seen, the stream sends a
         fresh snapshot then only the events after it, so nothing is missed or repeated.
-        Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the server is
+        shutting down; resume from the last sequence).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,8 +184,10 @@ class OpRunServiceServicer:
 
     def SubscribeEvents(self, request, context):
         """Streams every event of every run whose event delivery names the topic, in commit
-        order, from a durable log; resumable from an offset. The stream stays open.
-        Errors: INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED.
+        order, from a durable log; resumable from an offset. The stream stays open; its
+        response headers are sent once the subscription is in place. Errors:
+        INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
+        server is shutting down; resume from the last offset).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

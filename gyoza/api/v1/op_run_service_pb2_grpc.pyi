@@ -80,12 +80,15 @@ class OpRunServiceStub:
     """Streams the run's snapshot, then every change as soon as it is committed, ending
     after the run is terminal. Resumable: with the last sequence seen, the stream sends a
     fresh snapshot then only the events after it, so nothing is missed or repeated.
-    Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the server is
+    shutting down; resume from the last sequence).
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_op_run_service_pb2.SubscribeEventsRequest, _op_run_service_pb2.SubscribeEventsResponse]
     """Streams every event of every run whose event delivery names the topic, in commit
-    order, from a durable log; resumable from an offset. The stream stays open.
-    Errors: INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED.
+    order, from a durable log; resumable from an offset. The stream stays open; its
+    response headers are sent once the subscription is in place. Errors:
+    INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
+    server is shutting down; resume from the last offset).
     """
     GetOpRunLogs: _grpc.UnaryStreamMultiCallable[_op_run_service_pb2.GetOpRunLogsRequest, _op_run_service_pb2.GetOpRunLogsResponse]
     """Streams an attempt's log lines; with follow, keeps streaming new lines until the
@@ -144,12 +147,15 @@ class OpRunServiceAsyncStub(OpRunServiceStub):
     """Streams the run's snapshot, then every change as soon as it is committed, ending
     after the run is terminal. Resumable: with the last sequence seen, the stream sends a
     fresh snapshot then only the events after it, so nothing is missed or repeated.
-    Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the server is
+    shutting down; resume from the last sequence).
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_op_run_service_pb2.SubscribeEventsRequest, _op_run_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """Streams every event of every run whose event delivery names the topic, in commit
-    order, from a durable log; resumable from an offset. The stream stays open.
-    Errors: INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED.
+    order, from a durable log; resumable from an offset. The stream stays open; its
+    response headers are sent once the subscription is in place. Errors:
+    INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
+    server is shutting down; resume from the last offset).
     """
     GetOpRunLogs: _aio.UnaryStreamMultiCallable[_op_run_service_pb2.GetOpRunLogsRequest, _op_run_service_pb2.GetOpRunLogsResponse]  # type: ignore[assignment]
     """Streams an attempt's log lines; with follow, keeps streaming new lines until the
@@ -259,7 +265,8 @@ class OpRunServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the run's snapshot, then every change as soon as it is committed, ending
         after the run is terminal. Resumable: with the last sequence seen, the stream sends a
         fresh snapshot then only the events after it, so nothing is missed or repeated.
-        Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the server is
+        shutting down; resume from the last sequence).
         """
 
     @_abc_1.abstractmethod
@@ -269,8 +276,10 @@ class OpRunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_op_run_service_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_op_run_service_pb2.SubscribeEventsResponse]]:
         """Streams every event of every run whose event delivery names the topic, in commit
-        order, from a durable log; resumable from an offset. The stream stays open.
-        Errors: INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED.
+        order, from a durable log; resumable from an offset. The stream stays open; its
+        response headers are sent once the subscription is in place. Errors:
+        INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
+        server is shutting down; resume from the last offset).
         """
 
     @_abc_1.abstractmethod
