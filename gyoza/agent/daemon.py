@@ -414,6 +414,13 @@ class Agent:
                 )
 
         await asyncio.gather(*(adopt(a) for a in outbox.unfinished()))
+        try:
+            pruned = await executor.prune({(h.run_id, h.attempt) for h in outbox.held()})
+        except Exception:
+            log.exception("agent: removing leftovers of earlier attempts failed")
+        else:
+            for run_id, attempt in pruned:
+                log.info("agent: removed what was left of %s/%d", run_id, attempt)
 
     async def _close(self) -> None:
         tasks = list(self._tasks)

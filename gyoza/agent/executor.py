@@ -9,7 +9,7 @@ op from its inputs, for tests and benchmarks) and ``docker`` (one container per 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -134,6 +134,12 @@ class Executor(ABC):
         has not ended: follow it again from ``sink.cursor`` (or report how it ended while
         the agent was down). Return False when there is nothing to adopt (the attempt is
         then reported FAILED by the agent)."""
+
+    async def prune(self, keep: Collection[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Remove what this agent left of attempts that are not in ``keep`` (after a
+        restart: e.g. a container whose terminal report was stored just before the agent
+        died). Returns their ``(run_id, attempt)``; nothing to do by default."""
+        return []
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources. Running attempts are left running (they are adopted on the

@@ -113,3 +113,23 @@ def test_container_that_ended_while_the_agent_was_down_is_reported(
     done = cluster.watch_until(run_id, _ended, timeout=60)
     assert done.state == S.OP_RUN_STATE_COMPLETED, done
     _check_once(cluster, run_id)
+
+
+def test_agent_start_removes_containers_of_attempts_it_no_longer_holds(
+    patient_cluster: Any, docker_client: Any, test_image: str
+) -> None:
+    from gyoza.agent.docker.contract import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN_ID
+
+    labels = {LABEL_AGENT: "d1", LABEL_RUN_ID: "run_0123456789ab", LABEL_ATTEMPT: "1"}
+    leftover = docker_client.containers.create(
+        test_image, ["true"], labels=labels, network_mode="none"
+    )
+    try:
+        patient_cluster.add_agent("d1", executor="docker")  # returns once connected
+        remaining = docker_client.containers.list(
+            all=True, filters={"label": f"{LABEL_RUN_ID}=run_0123456789ab"}
+        )
+        assert remaining == []
+    finally:
+        for container in docker_client.containers.list(all=True, filters={"id": leftover.id}):
+            container.remove(force=True)
