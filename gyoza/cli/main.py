@@ -12,6 +12,7 @@ import click
 from gyoza.cli.agents import agents
 from gyoza.cli.context import CliState, GyozaGroup
 from gyoza.cli.definitions import definitions
+from gyoza.cli.events import events
 from gyoza.cli.runs import runs
 from gyoza.cli.services import agent, dev, server
 from gyoza.client import DEFAULT_SERVER
@@ -98,6 +99,7 @@ cli.add_command(dev)
 cli.add_command(definitions)
 cli.add_command(runs)
 cli.add_command(agents)
+cli.add_command(events)
 
 
 def main() -> None:

@@ -667,3 +667,27 @@ def test_tls_options(mtls_stack: Stack) -> None:
     missing = mtls_stack.gyoza("--tls-ca", str(tmp / "nope.pem"), "runs", "list")
     assert missing.code == 2
     assert missing.stderr.startswith("gyoza: cannot read a TLS file:")
+
+
+def test_events_subscribe_follows_a_topic(stack: Stack) -> None:
+    run_id = stack.create(
+        "--image", "scripted", "--inputs-json", '{"progress_steps": 2}', "--topic", "e2e-topic"
+    )
+    stack.wait_state(run_id, "COMPLETED")
+    # ASSIGNED, STARTED, PROGRESS x2, COMPLETED: the backlog, then --limit ends the stream.
+    result = stack.ok("events", "subscribe", "e2e-topic", "--limit", "5", "--output", "json")
+    lines = result.json_lines()
+    assert [line["run_id"] for line in lines] == [run_id] * 5
+    assert [line["event"]["type"] for line in lines] == [
+        "ASSIGNED", "STARTED", "PROGRESS", "PROGRESS", "COMPLETED",
+    ]  # fmt: skip
+    offsets = [line["offset"] for line in lines]
+    assert offsets == sorted(offsets)
+    # Resuming after the third event gives exactly the rest.
+    rest = stack.ok(
+        "events", "subscribe", "e2e-topic", "--after-offset", str(offsets[2]), "--limit", "2",
+        "-o", "json",
+    )  # fmt: skip
+    assert [line["offset"] for line in rest.json_lines()] == offsets[3:]
+    table = stack.ok("events", "subscribe", "e2e-topic", "--limit", "1")
+    assert run_id in table.stdout and "ASSIGNED" in table.stdout
