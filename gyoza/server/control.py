@@ -213,8 +213,6 @@ class RunController:
         self._avoid: dict[str, frozenset[str]] = {}
         self._place_scheduled = False
         self._stopped = False
-        #: Called after every commit with the run and its new events (metrics hook).
-        self.on_commit: Callable[[OpRun, Sequence[tuple[int, EventEntry]]], None] | None = None
 
     # ------------------------------------------------------------------
     # Life cycle
@@ -667,15 +665,11 @@ class RunController:
         ):
             run.schedule_auto_retry()
         new = _new_events(run, marks)
-        started = time.perf_counter()
         records = await self.store.save_run(run, new)
         self._after_commit(run, new, before, before_retry)
         self.hub.publish_run(run, new)
         if records:
             self.hub.publish_topic(records)
-        if self.on_commit is not None:
-            self.on_commit(run, new)
-        log.debug("committed %s in %.1f ms", run.id, (time.perf_counter() - started) * 1e3)
 
     def _after_commit(
         self,

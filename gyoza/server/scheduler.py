@@ -221,12 +221,6 @@ class Scheduler:
         if name in self.agents:
             self.agents[name].draining = draining
 
-    def remove_agent(self, name: str) -> None:
-        """Forget an agent that holds nothing."""
-        slot = self.agents.get(name)
-        if slot is not None and not slot.reservations:
-            del self.agents[name]
-
     # ------------------------------------------------------------------
     # Reservations
     # ------------------------------------------------------------------
