@@ -604,22 +604,14 @@ class RunController:
             if current.reported_seq == watermark_before:
                 return AckOut(run_id, attempt_no, current.reported_seq), nacks
             try:
-                # Both writes are queued before either is awaited, so they normally share
-                # one group commit.
-                writes = [self._commit(run, marks, before)]
-                if lines:
-                    writes.append(self._append_logs(run_id, attempt_no, lines))
-                await asyncio.gather(*writes)
+                # One write: the run row carries the watermark that covers these lines,
+                # so both commit together or neither does (a watermark committed alone
+                # would tell the agent to drop lines that were never stored).
+                await self._commit(run, marks, before, logs=(attempt_no, lines) if lines else None)
             except BaseException:
                 self._forget(run_id)
                 raise
             return AckOut(run_id, attempt_no, current.reported_seq), nacks
-
-    async def _append_logs(
-        self, run_id: str, attempt: int, lines: list[tuple[str, str, datetime]]
-    ) -> None:
-        last = await self.store.append_logs(run_id, attempt, lines)
-        self.hub.publish_logs(run_id, attempt, last)
 
     # ------------------------------------------------------------------
     # Internals: mutation and commit
@@ -657,6 +649,7 @@ class RunController:
         marks: dict[int, int],
         before: OpRunState,
         before_retry: datetime | None = None,
+        logs: tuple[int, list[tuple[str, str, datetime]]] | None = None,
     ) -> None:
         if (
             run.state is OpRunState.FAILED
@@ -665,7 +658,11 @@ class RunController:
         ):
             run.schedule_auto_retry()
         new = _new_events(run, marks)
-        records = await self.store.save_run(run, new)
+        if logs is None:
+            records = await self.store.save_run(run, new)
+        else:
+            records, last_line = await self.store.save_run_with_logs(run, new, *logs)
+            self.hub.publish_logs(run.id, logs[0], last_line)
         self._after_commit(run, new, before, before_retry)
         self.hub.publish_run(run, new)
         if records:

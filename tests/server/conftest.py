@@ -315,6 +315,7 @@ class FakeAgent:
         cpu: float = 64,
         ram_mb: int = 65536,
         metadata: Sequence[tuple[str, str]] = (),
+        held: Sequence[agent_service_pb2.HeldAttempt] = (),
     ) -> None:
         self.name = name
         self._outbound: queue.Queue[agent_service_pb2.ConnectRequest | None] = queue.Queue()
@@ -328,6 +329,7 @@ class FakeAgent:
                     agent_name=name,
                     capacity=agent_pb2.Capacity(cpu=cpu, ram_mb=ram_mb),
                     version="test",
+                    held=list(held),
                 )
             )
         )
@@ -377,6 +379,10 @@ class FakeAgent:
                 )
             )
         )
+
+    def resume_from(self, run_id: str, attempt: int, seq: int) -> None:
+        """Number this attempt's next report ``seq + 1`` (after a Welcome's resume)."""
+        self._seq[(run_id, attempt)] = seq
 
     def _report(self, run_id: str, attempt: int, **body: Any) -> None:
         key = (run_id, attempt)

@@ -275,6 +275,25 @@ class InMemoryStore:
         await self._enter()
         return self._atomic(lambda undo: self._save(undo, write))
 
+    async def save_run_with_logs(
+        self,
+        run: OpRun,
+        new_events: Sequence[tuple[int, EventEntry]],
+        attempt: int,
+        lines: Sequence[tuple[str, str, datetime]],
+    ) -> tuple[list[TopicRecord], int]:
+        write = encode_run(run, new_events, stamp=utc)
+        rows = log_rows(run.id, attempt, lines, stamp=utc)  # refuses a bad stream first
+        await self._enter()
+
+        def save(undo: _Undo) -> tuple[list[TopicRecord], int]:
+            records = self._save(undo, write)
+            if (run.id, attempt) not in self._log_lines:
+                raise NotFound(f"run {run.id} has no attempt {attempt}")
+            return records, self._append(run.id, attempt, rows)  # last: it cannot fail
+
+        return self._atomic(save)
+
     async def save_runs(
         self, items: Sequence[tuple[OpRun, Sequence[tuple[int, EventEntry]]]]
     ) -> list[list[TopicRecord]]:
@@ -358,9 +377,12 @@ class InMemoryStore:
     ) -> int:
         rows = log_rows(run_id, attempt, lines, stamp=utc)
         await self._enter()
-        key = (run_id, attempt)
-        if key not in self._log_lines:
+        if (run_id, attempt) not in self._log_lines:
             raise NotFound(f"run {run_id} has no attempt {attempt}")
+        return self._append(run_id, attempt, rows)
+
+    def _append(self, run_id: str, attempt: int, rows: Sequence[tuple[str, str, Any]]) -> int:
+        key = (run_id, attempt)
         kept = self._logs.setdefault(key, deque(maxlen=self.log_retention))
         number = self._log_lines[key]
         for stream, text, t in rows:

@@ -30,7 +30,7 @@ from gyoza.server.store.repository import Repository
 from gyoza.server.store.rows import definition_payload, log_rows
 from gyoza.server.store.schema import upgrade
 from gyoza.server.store.writer import Writer, WriterStats
-from gyoza.server.store.writes import AppendLogs, CreateRun, SaveRuns
+from gyoza.server.store.writes import AppendLogs, CreateRun, SaveRuns, SaveRunWithLogs
 
 T = TypeVar("T")
 
@@ -283,6 +283,27 @@ class Store:
         write = self._repo.encode_run(run, new_events)
         saved = await self._writer.submit(SaveRuns(self._repo, [write]))
         return saved[0]
+
+    async def save_run_with_logs(
+        self,
+        run: OpRun,
+        new_events: Sequence[tuple[int, EventEntry]],
+        attempt: int,
+        lines: Sequence[tuple[str, str, datetime]],
+    ) -> tuple[list[TopicRecord], int]:
+        """:meth:`save_run` and :meth:`append_logs` of one attempt, in one transaction.
+
+        Returns the topic records and the last log line number. All or nothing: the
+        run's applied-report watermark is never committed without the lines it covers.
+
+        Raises
+        ------
+        AlreadyExists, ValueError
+            As :meth:`save_run`; ValueError also for an unknown log stream.
+        """
+        write = self._repo.encode_run(run, new_events)
+        rows = log_rows(run.id, attempt, lines, stamp=self._repo.stamp)
+        return await self._writer.submit(SaveRunWithLogs(self._repo, write, attempt, rows))
 
     async def save_runs(
         self, items: Sequence[tuple[OpRun, Sequence[tuple[int, EventEntry]]]]

@@ -59,6 +59,40 @@ class SaveRuns(Combinable[list[list[TopicRecord]]]):
         return [[next(records) for _ in save.writes] for save in writes]
 
 
+class SaveRunWithLogs(Combinable[tuple[list[TopicRecord], int]]):
+    """Save a run and append lines to one of its attempts' logs, in one transaction.
+
+    The run row carries the attempt's applied-report watermark, which covers these
+    lines: the two commit together or not at all, so a watermark never gets ahead of
+    the log lines it acknowledges.
+    """
+
+    def __init__(
+        self,
+        repository: Repository,
+        write: RunWrite,
+        attempt: int,
+        rows: Sequence[tuple[str, str, Any]],
+    ) -> None:
+        self.repository = repository
+        self.write = write
+        self.item = (write.run_id, attempt, rows)
+        self.keys = _run_keys([write])
+
+    def apply(self, conn: Connection) -> tuple[list[TopicRecord], int]:
+        records = self.repository.save_runs(conn, [self.write])[0]
+        return records, self.repository.append_logs_many(conn, [self.item])[0]
+
+    @classmethod
+    def apply_all(cls, conn: Connection, writes: Sequence[SaveRunWithLogs]) -> list[Any]:
+        if not writes:
+            return []
+        repository = writes[0].repository
+        records = repository.save_runs(conn, [w.write for w in writes])
+        lasts = repository.append_logs_many(conn, [w.item for w in writes])
+        return list(zip(records, lasts, strict=True))
+
+
 class AppendLogs(Combinable[int]):
     """Append lines to an attempt's log."""
 

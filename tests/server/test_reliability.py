@@ -1,0 +1,68 @@
+"""What must hold when writes fail and streams end abruptly, against the real server.
+
+Faults are real: a store write that the database refuses (a trigger installed in the
+server's SQLite file), agent streams cancelled at the worst moment.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from gyoza.api.v1 import agent_service_pb2, resources_pb2
+from gyoza.api.v1 import op_run_service_pb2 as pb
+
+TIMEOUT_S = 15
+
+
+def _sqlite_path(server: Any) -> str:
+    prefix = "sqlite:///"
+    assert server.database_url.startswith(prefix)
+    return str(server.database_url.removeprefix(prefix))
+
+
+def _ack_seq(agent: Any, run_id: str, seq: int) -> None:
+    while True:
+        message = agent.receive("acks")
+        if any(a.run_id == run_id and a.seq >= seq for a in message.acks.acks):
+            return
+
+
+def test_a_watermark_never_commits_without_the_log_lines_it_covers(
+    sqlite_server: Any, fake_agent: Callable[..., Any]
+) -> None:
+    stubs = sqlite_server.stubs()
+    agent = fake_agent(sqlite_server.channel(), "a1")
+    run = stubs.runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox:latest")).op_run
+    agent.accept(agent.receive("assignment").assignment)
+    agent.event(run.id, 1, resources_pb2.EVENT_TYPE_STARTED)
+    _ack_seq(agent, run.id, 1)
+
+    # The database refuses the next log line: the whole write of report 2 must fail.
+    db = sqlite3.connect(_sqlite_path(sqlite_server), timeout=10)
+    db.execute(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON op_logs WHEN NEW.text = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+    )
+    db.commit()
+    agent.logs(run.id, 1, "poison")
+    with pytest.raises((grpc.RpcError, EOFError)):
+        agent.receive("acks")  # the session ends on the failed write
+    db.execute("DROP TRIGGER refuse_poison")
+    db.commit()
+    db.close()
+
+    # The agent comes back holding report 2: the server must not say it applied it.
+    held = agent_service_pb2.HeldAttempt(run_id=run.id, attempt=1, last_seq=2)
+    again = fake_agent(sqlite_server.channel(), "a1", held=[held])
+    (resume,) = [r for r in again.welcome.resume if r.run_id == run.id]
+    assert resume.seq == 1
+    again.resume_from(run.id, 1, resume.seq)
+    again.logs(run.id, 1, "poison")
+    _ack_seq(again, run.id, 2)
+    lines = list(stubs.runs.GetOpRunLogs(pb.GetOpRunLogsRequest(run_id=run.id)))
+    assert [line.text for m in lines for line in m.lines] == ["poison"]
