@@ -7,7 +7,10 @@ server's SQLite file), agent streams cancelled at the worst moment.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -17,6 +20,7 @@ from gyoza.api.v1 import agent_service_pb2, resources_pb2
 from gyoza.api.v1 import op_run_service_pb2 as pb
 
 TIMEOUT_S = 15
+_LIVE = {1, 2}  # AGENT_STATE_CONNECTED, AGENT_STATE_DRAINING
 
 
 def _sqlite_path(server: Any) -> str:
@@ -66,3 +70,46 @@ def test_a_watermark_never_commits_without_the_log_lines_it_covers(
     _ack_seq(again, run.id, 2)
     lines = list(stubs.runs.GetOpRunLogs(pb.GetOpRunLogsRequest(run_id=run.id)))
     assert [line.text for m in lines for line in m.lines] == ["poison"]
+
+
+def _hello_then_cancel(stub: Any, name: str) -> None:
+    """Say Hello, read the Welcome, cancel the stream at once."""
+    hello = agent_service_pb2.ConnectRequest(
+        hello=agent_service_pb2.Hello(agent_name=name, version="churn")
+    )
+    release = threading.Event()
+
+    def requests() -> Iterator[agent_service_pb2.ConnectRequest]:
+        yield hello
+        release.wait(TIMEOUT_S)
+
+    call = stub.Connect(requests(), timeout=TIMEOUT_S)
+    try:
+        first = next(call)
+        assert first.HasField("welcome")
+    finally:
+        call.cancel()
+        release.set()
+
+
+def test_churned_sessions_all_end_and_no_run_goes_to_a_zombie(sqlite_server: Any) -> None:
+    stubs = sqlite_server.stubs()
+    names = [f"churn-{i}" for i in range(60)]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):  # every name churns several times
+            list(pool.map(lambda n: _hello_then_cancel(stubs.agents, n), names))
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        agents = stubs.agents.ListAgents(
+            agent_service_pb2.ListAgentsRequest(include_disconnected=True)
+        ).agents
+        live = [a.name for a in agents if a.state in _LIVE]
+        if not live:
+            break
+        assert time.monotonic() < deadline, f"sessions still open after their streams ended: {live}"
+        time.sleep(0.05)
+    assert {a.name for a in agents} == set(names)
+    disconnected = [e for e in sqlite_server.log_events() if e.get("msg") == "agent disconnected"]
+    connected = [e for e in sqlite_server.log_events() if e.get("msg") == "agent connected"]
+    assert len(disconnected) == len(connected)

@@ -109,7 +109,14 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
         session.touch(loop.time())
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
-        reconciliation = await self.controller.agent_connected(session.name, held)
+        try:
+            reconciliation = await self.controller.agent_connected(session.name, held)
+        except BaseException:
+            # Reconciling stopped the agent's lost-timer; with no session to show for it,
+            # the clock must start again or its runs would wait for it forever.
+            if not self.sessions.is_connected(session.name):
+                self.controller.agent_disconnected(session.name, session.last_seen)
+            raise
         settings = self.controller.settings
         welcome = agent_service_pb2.Welcome(
             session_id=session.session_id,
@@ -136,6 +143,19 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
         inbound: asyncio.Queue[agent_service_pb2.ConnectRequest | None] = asyncio.Queue()
         ended: list[SessionState] = []
+        tasks: list[asyncio.Task[None]] = []
+
+        def end(state: SessionState) -> None:
+            """End the session once, however the stream ends: its lease clock starts."""
+            for task in tasks:
+                task.remove_done_callback(finished)
+                task.cancel()
+            if self.sessions.close(session, ended[0] if ended else state):
+                self.controller.agent_disconnected(session.name, session.last_seen)
+                log.info(
+                    "agent disconnected",
+                    extra={"agent": session.name, "state": session.state.value},
+                )
 
         def finished(task: asyncio.Task[None]) -> None:
             # Any background task ending ends the session: the writer below stops.
@@ -148,26 +168,23 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             session.close()
 
         lease = asyncio.create_task(self._lease(session))
-        tasks = [
+        tasks += [
             asyncio.create_task(self._read(iterator, session, inbound)),
             asyncio.create_task(self._process(session, inbound)),
             lease,
         ]
         for task in tasks:
             task.add_done_callback(finished)
+        # A stream cancelled while this generator waits at a yield is never resumed, so
+        # its finally block may never run: the end of the RPC itself ends the session.
+        context.add_done_callback(lambda _: end(SessionState.DISCONNECTED))
         try:
             # This handler is the stream's only writer.
             while (message := await session.outbox.get()) is not None:
                 yield message
         finally:
-            for task in tasks:
-                task.remove_done_callback(finished)
-                task.cancel()
+            end(SessionState.DISCONNECTED)
             await asyncio.gather(*tasks, return_exceptions=True)
-            state = ended[0] if ended else SessionState.DISCONNECTED
-            if self.sessions.close(session, state):
-                self.controller.agent_disconnected(session.name, session.last_seen)
-                log.info("agent disconnected", extra={"agent": session.name, "state": state.value})
 
     async def _read(
         self,
