@@ -122,17 +122,24 @@ def create_executor(config: AgentConfig) -> Executor:
     )
 
 
+CHANNEL_MAX_BACKOFF_S = 1.0
+"""Longest wait between the channel's connection tries while the server is away."""
+
+
 def create_channel(config: AgentConfig) -> grpc.aio.Channel:
     """An aio channel to ``config.server``, secure when TLS is configured.
 
-    The channel's own reconnect backoff (1 s growing to 120 s by default) is bounded by
-    the agent's: otherwise a call made while the channel waits to reconnect fails at
-    once, and a server that came back would be found only minutes later.
+    The channel's own reconnect backoff (1 s growing to 120 s by default) is what finds
+    a server that came back: the agent's Connect waits for the channel to be ready, so
+    it is capped at :data:`CHANNEL_MAX_BACKOFF_S` (and at the agent's own cap), which
+    puts every agent back on its stream within about that long of the server serving.
     """
+    initial_ms = int(config.reconnect_initial_s * 1000)
+    maximum_ms = max(int(min(config.reconnect_max_s, CHANNEL_MAX_BACKOFF_S) * 1000), initial_ms)
     options = [
-        ("grpc.initial_reconnect_backoff_ms", int(config.reconnect_initial_s * 1000)),
-        ("grpc.min_reconnect_backoff_ms", int(config.reconnect_initial_s * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(config.reconnect_max_s * 1000)),
+        ("grpc.initial_reconnect_backoff_ms", initial_ms),
+        ("grpc.min_reconnect_backoff_ms", initial_ms),
+        ("grpc.max_reconnect_backoff_ms", maximum_ms),
         # Ping an idle stream so that a server that vanished without closing the
         # connection (a dead machine, a dropped route) is noticed in seconds, not at
         # TCP's retransmission timeout. The server permits pings every 5 s.

@@ -144,7 +144,11 @@ class Session:
         TimeoutError
             No Welcome came in time.
         """
-        call = self._stub.Connect(metadata=self._metadata)
+        # wait_for_ready: while the server is down the call waits for the channel, which
+        # retries on its own short backoff, instead of failing at once and leaving the
+        # next try to the agent's longer one; a server that comes back is found within
+        # the channel's backoff (see create_channel).
+        call = self._stub.Connect(metadata=self._metadata, wait_for_ready=True)
         unsubscribe = None
         tasks: list[asyncio.Task[None]] = []
         try:

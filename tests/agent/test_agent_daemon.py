@@ -21,7 +21,13 @@ import grpc
 import pytest
 
 from gyoza.agent.config import AgentConfig
-from gyoza.agent.daemon import NOT_ADOPTED, Agent, AgentError, ConnectionState
+from gyoza.agent.daemon import (
+    CHANNEL_MAX_BACKOFF_S,
+    NOT_ADOPTED,
+    Agent,
+    AgentError,
+    ConnectionState,
+)
 from gyoza.agent.fleet import SimulatedFleet
 from gyoza.agent.mapping import event_type_from_proto
 from gyoza.agent.scripted import ScriptedExecutor
@@ -34,6 +40,7 @@ pytestmark = pytest.mark.timeout(60)
 
 Key = tuple[str, int]
 WAIT_S = 15.0
+OUTAGE_S = 8.0
 
 
 @dataclass
@@ -452,9 +459,33 @@ def test_agent_reconnects_when_the_server_comes_up_late(tmp_path: Path) -> None:
         port = server.add_insecure_port("127.0.0.1:0")
         agent = Agent(config(f"127.0.0.1:{port}", tmp_path))
         async with agent:
-            await asyncio.wait_for(agent.wait_for_state(ConnectionState.DISCONNECTED), WAIT_S)
+            # While the server is away the agent's call waits for it: CONNECTING.
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTING), WAIT_S)
             await server.start()
             await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
+        await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_an_agent_is_back_soon_after_a_long_outage(tmp_path: Path) -> None:
+    """With the default backoff: the server was away long enough for the agent's own
+    backoff to grow to many seconds; the agent is back within a small multiple of the
+    channel's capped backoff anyway, because its call waits on the channel."""
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        peer = StreamPeer()
+        pb_grpc.add_AgentServiceServicer_to_server(peer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        defaults = {"reconnect_initial_s": 0.2, "reconnect_max_s": 30.0}
+        agent = Agent(config(f"127.0.0.1:{port}", tmp_path, **defaults))
+        async with agent:
+            await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for an event
+            await server.start()
+            await asyncio.wait_for(
+                agent.wait_for_state(ConnectionState.CONNECTED), 5 * CHANNEL_MAX_BACKOFF_S
+            )
         await server.stop(None)
 
     asyncio.run(main())
