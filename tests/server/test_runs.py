@@ -378,3 +378,15 @@ def test_list_attempts_of_unknown_run(stubs: Any, expect_error: ExpectError) -> 
         lambda: stubs.runs.ListOpRunAttempts(pb.ListOpRunAttemptsRequest(run_id="run_000000000000"))
     )
     assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_listed_runs_carry_the_event_sequence_that_get_returns(stubs: Any) -> None:
+    quiet = stubs.runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox:latest")).op_run
+    busy = stubs.runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox:latest")).op_run
+    stubs.runs.CancelOpRun(pb.CancelOpRunRequest(run_id=busy.id))
+    stubs.runs.RetryOpRun(pb.RetryOpRunRequest(run_id=busy.id))
+    listed = {r.id: r.event_sequence for r in stubs.runs.ListOpRuns(pb.ListOpRunsRequest()).op_runs}
+    for run in (quiet, busy):
+        got = stubs.runs.GetOpRun(pb.GetOpRunRequest(run_id=run.id)).op_run
+        assert listed[run.id] == got.event_sequence
+    assert listed[busy.id] > 0

@@ -224,8 +224,13 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         runs, token = await self.store.list_runs(
             run_filter, page_size=size, page_token=request.page_token
         )
+        # The page's runs come without their events: their sequences are counted apart.
+        sequences = await self.store.event_counts([run.id for run in runs])
         return pb.ListOpRunsResponse(
-            op_runs=[mapping.run_to_proto(run, events=False) for run in runs],
+            op_runs=[
+                mapping.run_to_proto(run, events=False, event_sequence=sequences.get(run.id, 0))
+                for run in runs
+            ],
             next_page_token=token,
         )
 

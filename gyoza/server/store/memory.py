@@ -268,6 +268,10 @@ class InMemoryStore:
         rows.sort(key=lambda r: (r["created_at"], r["id"]))
         return [self._load(r["id"], with_events=True) for r in rows]
 
+    async def event_counts(self, run_ids: Sequence[str]) -> dict[str, int]:
+        await self._enter()
+        return {run_id: len(self._events[run_id]) for run_id in run_ids if self._events.get(run_id)}
+
     async def save_run(
         self, run: OpRun, new_events: Sequence[tuple[int, EventEntry]]
     ) -> list[TopicRecord]:

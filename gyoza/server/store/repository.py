@@ -523,6 +523,17 @@ class Repository:
             by_run.setdefault(attempt["run_id"], []).append(attempt)
         return [run_from_rows(r, by_run.get(r["id"], [])) for r in rows]
 
+    def event_counts(self, conn: Connection, run_ids: Sequence[str]) -> dict[str, int]:
+        """How many events each run has stored, over all its attempts (0: left out)."""
+        if not run_ids:
+            return {}
+        rows = conn.execute(
+            select(op_events.c.run_id, func.count())
+            .where(op_events.c.run_id.in_(list(run_ids)))
+            .group_by(op_events.c.run_id)
+        )
+        return {str(run_id): int(count) for run_id, count in rows}
+
     def load_active_runs(self, conn: Connection) -> list[OpRun]:
         """Full runs that are PENDING, ASSIGNED, RUNNING, or FAILED awaiting a retry."""
         active = _active_condition()

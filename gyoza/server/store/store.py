@@ -261,6 +261,12 @@ class Store:
             token = paging.encode_token("runs", fingerprint, [last.created_at.isoformat(), last.id])
         return page, token
 
+    async def event_counts(self, run_ids: Sequence[str]) -> dict[str, int]:
+        """Each run's number of events over all its attempts: its event sequence
+        (``list_runs`` loads runs without their events)."""
+        ids = list(run_ids)
+        return await self._read(lambda c: self._repo.event_counts(c, ids))
+
     async def load_active_runs(self) -> list[OpRun]:
         """Full runs that are PENDING, ASSIGNED or RUNNING, or FAILED with a retry set."""
         return await self._read(self._repo.load_active_runs)
