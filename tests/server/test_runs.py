@@ -9,11 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from gyoza.api.v1 import definition_service_pb2 as dpb
 from gyoza.api.v1 import op_definition_pb2, resources_pb2
 from gyoza.api.v1 import op_run_service_pb2 as pb
+from gyoza.server.store import RunFilter, paging
 
 ExpectError = Callable[[Callable[[], Any]], Any]
 
@@ -390,3 +392,44 @@ def test_listed_runs_carry_the_event_sequence_that_get_returns(stubs: Any) -> No
         got = stubs.runs.GetOpRun(pb.GetOpRunRequest(run_id=run.id)).op_run
         assert listed[run.id] == got.event_sequence
     assert listed[busy.id] > 0
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        ["0001-01-01T00:00:00+05:00", "run_x"],
+        ["9999-12-31T23:59:59-05:00", "run_x"],
+        ["2026-01-01T00:00:00+00:00", "run_\x00"],
+        ["2026-01-01T00:00:00+00:00", "r" * 10_000],
+    ],
+)
+def test_page_tokens_with_out_of_range_cursors_are_invalid_arguments(
+    stubs: Any, expect_error: ExpectError, position: list[Any]
+) -> None:
+    adhoc(stubs)
+    fingerprint = paging.run_filter_fingerprint(RunFilter())
+    token = paging.encode_token("runs", fingerprint, position)
+    error = expect_error(lambda: stubs.runs.ListOpRuns(pb.ListOpRunsRequest(page_token=token)))
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize("big", [2**63, 2**64 + 5, -(2**63) - 1])
+def test_integer_cursors_beyond_any_column_are_invalid_arguments(
+    stubs: Any, expect_error: ExpectError, big: int
+) -> None:
+    create_definition(stubs)
+    run = adhoc(stubs)
+    versions = paging.encode_token("def_versions", "embed", [big])
+    error = expect_error(
+        lambda: stubs.definitions.ListOpDefinitions(
+            dpb.ListOpDefinitionsRequest(name="embed", page_token=versions)
+        )
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    events = paging.encode_token("events", f"{run.id}/0", [1, big])
+    error = expect_error(
+        lambda: stubs.runs.ListOpRunEvents(
+            pb.ListOpRunEventsRequest(run_id=run.id, page_token=events)
+        )
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT

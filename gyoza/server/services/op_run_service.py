@@ -260,9 +260,9 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         position = paging.decode_token(request.page_token, "events", listing)
         after = (0, 0)
         if position is not None:
-            if len(position) != 2 or not all(type(p) is int for p in position):
+            if len(position) != 2:
                 raise ValueError("invalid page token")
-            after = (position[0], position[1])
+            after = (paging.position_int(position[0]), paging.position_int(position[1]))
         found = await self.store.list_events(
             run_id, attempt=request.attempt or None, after=after, limit=size + 1
         )

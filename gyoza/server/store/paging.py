@@ -10,10 +10,39 @@ import base64
 import binascii
 import hashlib
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from gyoza.server.store.records import RunFilter
+
+MAX_TOKEN_LENGTH = 4096
+"""Longer page tokens are refused unread (the server's own are far shorter)."""
+
+MAX_POSITION_INT = 2**53
+"""Integers in a cursor stay below this (every database column takes them)."""
+
+MAX_KEY_LENGTH = 256
+"""Strings in a cursor (run ids, names) are at most this long."""
+
+
+def position_int(value: Any) -> int:
+    """An integer cursor value, refused unless ``0 <= value < 2**53``.
+
+    Raises
+    ------
+    ValueError
+        For anything else: a driver would raise OverflowError for what no column holds.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_POSITION_INT:
+        raise ValueError("invalid page token")
+    return value
+
+
+def position_str(value: Any) -> str:
+    """A string cursor value: short and without NUL (which PostgreSQL refuses)."""
+    if not isinstance(value, str) or len(value) > MAX_KEY_LENGTH or "\x00" in value:
+        raise ValueError("invalid page token")
+    return value
 
 
 def encode_token(kind: str, fingerprint: str, position: list[Any]) -> str:
@@ -32,10 +61,12 @@ def decode_token(token: str, kind: str, fingerprint: str) -> list[Any] | None:
     """
     if not token:
         return None
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise ValueError("invalid page token")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError, RecursionError) as exc:
         raise ValueError("invalid page token") from exc
     if not isinstance(data, dict) or not isinstance(data.get("p"), list):
         raise ValueError("invalid page token")
@@ -74,32 +105,32 @@ def run_position(position: list[Any] | None) -> tuple[datetime, str] | None:
         return None
     try:
         created_text, run_id = position
-        created_at = datetime.fromisoformat(created_text)
-    except (TypeError, ValueError) as exc:
+        created_at = datetime.fromisoformat(position_str(created_text))
+        # In range once converted to UTC (year 1 at +05:00 is not, and drivers overflow).
+        created_at = created_at.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError("invalid page token") from exc
-    if created_at.tzinfo is None or not isinstance(run_id, str):
+    if created_at.tzinfo is None:
         raise ValueError("invalid page token")
-    return created_at, run_id
+    return created_at, position_str(run_id)
 
 
 def name_position(position: list[Any] | None) -> str | None:
     """The name cursor of a definitions page token."""
     if position is None:
         return None
-    if len(position) != 1 or not isinstance(position[0], str):
+    if len(position) != 1:
         raise ValueError("invalid page token")
-    name: str = position[0]
-    return name
+    return position_str(position[0])
 
 
 def version_position(position: list[Any] | None) -> int | None:
     """The version cursor of a definition-versions page token."""
     if position is None:
         return None
-    if len(position) != 1 or isinstance(position[0], bool) or not isinstance(position[0], int):
+    if len(position) != 1:
         raise ValueError("invalid page token")
-    version: int = position[0]
-    return version
+    return position_int(position[0])
 
 
 def check_page_size(page_size: int) -> None:
