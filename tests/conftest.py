@@ -161,7 +161,8 @@ def _openssl(*args: str, cwd: Path) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A test CA with a server certificate for 127.0.0.1 and a client certificate.
 
-    Files: ``ca.pem``, ``server.pem``/``server.key``, ``client.pem``/``client.key``.
+    Files: ``ca.pem``, ``server.pem``/``server.key``, ``client.pem``/``client.key``, and
+    ``agent.pem``/``agent.key`` for an agent named ``node-a`` (its CN and a DNS SAN).
     """
     import shutil
 
@@ -174,9 +175,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=where,
     )  # fmt: skip
     (where / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+    (where / "agent.ext").write_text("subjectAltName=DNS:node-a\n")
+    for name, cn, extra in (
+        ("server", "gyoza server", ["-extfile", "server.ext"]),
+        ("client", "gyoza client", []),
+        ("agent", "node-a", ["-extfile", "agent.ext"]),
+    ):
         _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=gyoza {name}",
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
             "-keyout", f"{name}.key", "-out", f"{name}.csr",
             cwd=where,
         )  # fmt: skip

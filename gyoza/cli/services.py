@@ -69,14 +69,27 @@ def _load(module: str, command: str) -> ModuleType:
     "api_keys",
     multiple=True,
     metavar="KEY",
-    help="A client API key; repeatable [env GYOZA_API_KEYS=a,b]. None: clients are open.",
+    help="A client API key; repeatable [env GYOZA_API_KEYS=a,b]. None: clients are open. "
+    "A flag shows in the process list: prefer --api-keys-file or the environment.",
+)
+@click.option(
+    "--api-keys-file",
+    metavar="FILE",
+    help="Client API keys, one a line, # comments [env GYOZA_API_KEYS_FILE].",
 )
 @click.option(
     "--agent-token",
     "agent_tokens",
     multiple=True,
     metavar="TOKEN",
-    help="An agent token; repeatable [env GYOZA_AGENT_TOKENS=a,b]. None: agents are open.",
+    help="An agent token, PATTERN:TOKEN to bind it to agent names (gpu-*:s3cret); "
+    "repeatable [env GYOZA_AGENT_TOKENS=a,b]. None: agents are open. A flag shows in the "
+    "process list: prefer --agent-tokens-file or the environment.",
+)
+@click.option(
+    "--agent-tokens-file",
+    metavar="FILE",
+    help="Agent tokens, one [PATTERN:]TOKEN a line, # comments [env GYOZA_AGENT_TOKENS_FILE].",
 )
 @click.option("--log-level", type=_LOG_LEVELS, help="[env GYOZA_LOG_LEVEL; default info]")
 @click.option(

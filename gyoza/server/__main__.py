@@ -19,10 +19,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-key", help="PEM private key of the server")
     parser.add_argument("--tls-client-ca", help="PEM CA of client certificates (enables mTLS)")
     parser.add_argument(
-        "--api-key", action="append", dest="api_keys", help="client API key (repeatable)"
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        help="client API key (repeatable; shows in the process list: prefer the file or "
+        "GYOZA_API_KEYS)",
     )
     parser.add_argument(
-        "--agent-token", action="append", dest="agent_tokens", help="agent token (repeatable)"
+        "--agent-token",
+        action="append",
+        dest="agent_tokens",
+        help="agent token, [PATTERN:]TOKEN (repeatable; shows in the process list: prefer "
+        "the file or GYOZA_AGENT_TOKENS)",
+    )
+    parser.add_argument("--api-keys-file", help="file of client API keys, one a line")
+    parser.add_argument(
+        "--agent-tokens-file", help="file of agent tokens, one [PATTERN:]TOKEN a line"
     )
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -48,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,
+        api_keys_file=args.api_keys_file,
+        agent_tokens_file=args.agent_tokens_file,
     )
 
 

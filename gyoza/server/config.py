@@ -14,7 +14,9 @@ flag                   environment                default
 ``--tls-key``          ``GYOZA_TLS_KEY``          none
 ``--tls-client-ca``    ``GYOZA_TLS_CLIENT_CA``    none (no client certificates)
 ``--api-key`` (many)   ``GYOZA_API_KEYS`` (a,b)   none (clients open)
+``--api-keys-file``    ``GYOZA_API_KEYS_FILE``    none (one key a line)
 ``--agent-token``      ``GYOZA_AGENT_TOKENS``     none (agents open)
+``--agent-tokens-file``  ``GYOZA_AGENT_TOKENS_FILE``  none (one ``[PATTERN:]TOKEN`` a line)
 ``--metrics-port``     ``GYOZA_METRICS_PORT``     off
 ``--log-level``        ``GYOZA_LOG_LEVEL``        ``info``
 ``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
@@ -134,11 +136,15 @@ class ServerConfig:
         log_format: str | None = None,
         shutdown_grace: float | None = None,
         environ: Mapping[str, str] | None = None,
+        api_keys_file: str | Path | None = None,
+        agent_tokens_file: str | Path | None = None,
     ) -> ServerConfig:
         """Build the settings from flag values, the environment and the defaults.
 
         Each argument is a flag's value, ``None`` (or an empty list) when the flag was
-        not given; then the environment variable applies, then the default.
+        not given; then the environment variable applies, then the default. Secrets
+        read from a file (``*_file``, one a line, ``#`` comments) are added to those
+        given by flag or environment; files keep them out of the process list.
 
         Raises
         ------
@@ -218,18 +224,42 @@ class ServerConfig:
         except ValueError as error:
             raise ConfigError(f"agent protocol timing: {error}") from None
 
+        keys = pick_list(api_keys, "GYOZA_API_KEYS") + read_secrets(
+            pick_path(api_keys_file, "GYOZA_API_KEYS_FILE"), "--api-keys-file"
+        )
+        tokens = pick_list(agent_tokens, "GYOZA_AGENT_TOKENS") + read_secrets(
+            pick_path(agent_tokens_file, "GYOZA_AGENT_TOKENS_FILE"), "--agent-tokens-file"
+        )
         return cls(
             listen=listen_value,
             database_url=database_url,
             tls=tls,
-            api_keys=pick_list(api_keys, "GYOZA_API_KEYS"),
-            agent_tokens=pick_list(agent_tokens, "GYOZA_AGENT_TOKENS"),
+            api_keys=tuple(dict.fromkeys(keys)),
+            agent_tokens=tuple(dict.fromkeys(tokens)),
             metrics_port=port,
             log_level=level,
             log_format=fmt,
             shutdown_grace_s=grace,
             control=control,
         )
+
+
+def read_secrets(path: Path | None, flag: str) -> tuple[str, ...]:
+    """The secrets in *path*, one a line; blank lines and ``#`` comments are skipped.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read.
+    """
+    if path is None:
+        return ()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{flag} {path}: {error}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hmac
 import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import grpc
+
 from gyoza.api.v1 import agent_pb2, agent_service_pb2
 from gyoza.models.errors import NotFound
 from gyoza.models.op_run import OpRun
 from gyoza.server import mapping
+from gyoza.server.errors import ApiError
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
 
 log = logging.getLogger("gyoza.sessions")
@@ -52,6 +56,8 @@ class AgentSession:
     last_seen_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_seen: float = 0.0  # event-loop time, for the lease
     state: SessionState = SessionState.CONNECTED
+    #: What the agent proved at Hello (token and certificate; see auth.authorize_agent_name).
+    identity: str = ""
     outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
         default_factory=asyncio.Queue
     )
@@ -119,9 +125,32 @@ class SessionRegistry:
         )
 
     # -- sessions -------------------------------------------------------
+    def check_takeover(self, name: str, identity: str) -> None:
+        """Refuse a new session for *name* while one with another identity is connected.
+
+        Raises
+        ------
+        ApiError
+            PERMISSION_DENIED (``AGENT_NAME_IN_USE``).
+        """
+        old = self.sessions.get(name)
+        if old is not None and not hmac.compare_digest(old.identity, identity):
+            raise ApiError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "AGENT_NAME_IN_USE",
+                "an agent of that name is connected with other credentials",
+            )
+
     def open(self, session: AgentSession) -> None:
         """Register a new session, replacing (and closing) an older one of that name:
-        a reconnecting agent wins over a half-open stream."""
+        a reconnecting agent wins over a half-open stream.
+
+        Raises
+        ------
+        ApiError
+            PERMISSION_DENIED when the older one has another identity.
+        """
+        self.check_takeover(session.name, session.identity)
         old = self.sessions.get(session.name)
         if old is not None:
             log.warning(
