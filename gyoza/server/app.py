@@ -44,7 +44,7 @@ from gyoza.server.auth import AuthInterceptor, AuthPolicy
 from gyoza.server.calls import CallInterceptor
 from gyoza.server.config import ConfigError, ServerConfig, split_listen
 from gyoza.server.control import RunController
-from gyoza.server.errors import ErrorInterceptor
+from gyoza.server.errors import DecodeInterceptor, ErrorInterceptor
 from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
@@ -129,6 +129,7 @@ def build_server(
             CallInterceptor(),
             ErrorInterceptor(),
             AuthInterceptor(AuthPolicy(config.api_keys, config.agent_tokens)),
+            DecodeInterceptor(),
         ],
         options=grpc_options(config),
     )
@@ -238,6 +239,14 @@ class ControlPlane:
             )
         elif policy.clients_open:
             log_event(log, logging.WARNING, "no API keys configured: client methods are open")
+        if policy.unbound_agent_tokens:
+            log_event(
+                log,
+                logging.WARNING,
+                "agent tokens not bound to agent names: whoever holds one may connect under "
+                "any agent's name (write them PATTERN:TOKEN)",
+                tokens=policy.unbound_agent_tokens,
+            )
         elif policy.agents_open:
             log_event(
                 log, logging.WARNING, "no agent tokens configured: anyone may connect as an agent"
@@ -345,6 +354,8 @@ def main_server(
     log_level: str | None = None,
     log_format: str | None = None,
     shutdown_grace: float | None = None,
+    api_keys_file: str | Path | None = None,
+    agent_tokens_file: str | Path | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
@@ -364,6 +375,8 @@ def main_server(
             log_level=log_level,
             log_format=log_format,
             shutdown_grace=shutdown_grace,
+            api_keys_file=api_keys_file,
+            agent_tokens_file=agent_tokens_file,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)

@@ -12,10 +12,12 @@ serving.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -33,7 +35,7 @@ from gyoza.models.errors import (
     OpRunLockedException,
     StaleAttempt,
 )
-from gyoza.server.handlers import Context, ScopedInterceptor
+from gyoza.server.handlers import Context, Handler, ScopedInterceptor
 from gyoza.server.logs import REQUEST_ID_METADATA_KEY, current_request_id, log_event
 
 log = logging.getLogger("gyoza.server.errors")
@@ -41,8 +43,20 @@ log = logging.getLogger("gyoza.server.errors")
 ERROR_DOMAIN = "gyoza"
 """The ``domain`` of every ErrorInfo the server returns."""
 
-MAX_DETAILS_LENGTH = 2000
-"""Longer status messages are cut (the full list of violations is in the BadRequest)."""
+MAX_MESSAGE_WIRE_BYTES = 1024
+"""Most bytes of a status message as it travels (percent-encoded in ``grpc-message``);
+a longer one is cut with "...". Headers over gRPC's limits (8-16 KiB) would reach the
+client as RESOURCE_EXHAUSTED instead of the real status."""
+
+MAX_DETAILS_BYTES = 3072
+"""Most bytes of the encoded ``google.rpc.Status`` (ErrorInfo and BadRequest) in the
+``grpc-status-details-bin`` trailer: violations past it are left out, and a last
+violation on the field ``"..."`` says how many."""
+
+MAX_VIOLATION_TEXT = 300
+"""Longest field name or description of one violation, and of an ErrorInfo value."""
+
+MORE_VIOLATIONS_FIELD = "..."
 
 
 class ApiError(Exception):
@@ -117,25 +131,67 @@ class ErrorStatus:
     violations: tuple[tuple[str, str], ...] = ()
 
     def to_grpc_status(self) -> grpc.Status:
-        """The status with its ErrorInfo (and BadRequest) packed in its details."""
+        """The status with its ErrorInfo (and BadRequest) packed in its details.
+
+        Bounded in encoded bytes whatever the error holds (see
+        :data:`MAX_MESSAGE_WIRE_BYTES`, :data:`MAX_DETAILS_BYTES`), so that the real
+        status always reaches the client.
+        """
         error_info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=dict(self.metadata)
+            reason=self.reason,
+            domain=ERROR_DOMAIN,
+            metadata={
+                _cut(k, MAX_VIOLATION_TEXT): _cut(v, MAX_VIOLATION_TEXT)
+                for k, v in list(self.metadata.items())[:16]
+            },
         )
-        details = [_pack(error_info)]
+        message = _cut_for_wire(self.message, MAX_MESSAGE_WIRE_BYTES)
+        status = status_pb2.Status(
+            code=self.code.value[0], message=message, details=[_pack(error_info)]
+        )
         if self.violations:
-            bad_request = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
-                    for field, text in self.violations
-                ]
-            )
-            details.append(_pack(bad_request))
-        message = self.message
-        if len(message) > MAX_DETAILS_LENGTH:
-            message = message[: MAX_DETAILS_LENGTH - 3] + "..."
-        status = status_pb2.Status(code=self.code.value[0], message=message, details=details)
+            _add_violations(status, self.violations)
         result: grpc.Status = rpc_status.to_status(status)
         return result
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _wire_size(char: str) -> int:
+    # grpc-message is percent-encoded: printable ASCII but "%" travels as itself.
+    if " " <= char <= "~" and char != "%":
+        return 1
+    return 3 * len(char.encode("utf-8", "surrogatepass"))
+
+
+def _cut_for_wire(message: str, limit: int) -> str:
+    size = 0
+    for i, char in enumerate(message):
+        size += _wire_size(char)
+        if size > limit - 3:
+            return message[:i] + "..."
+    return message
+
+
+def _add_violations(status: status_pb2.Status, violations: tuple[tuple[str, str], ...]) -> None:
+    """Pack as many violations as fit in :data:`MAX_DETAILS_BYTES`, then a count of
+    the rest."""
+    budget = MAX_DETAILS_BYTES - status.ByteSize() - 64  # the Any wrapper and the count
+    bad_request = error_details_pb2.BadRequest()
+    for index, (field, text) in enumerate(violations):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(field, MAX_VIOLATION_TEXT), description=_cut(text, MAX_VIOLATION_TEXT)
+        )
+        if bad_request.ByteSize() + violation.ByteSize() + 4 > budget:
+            left = len(violations) - index
+            bad_request.field_violations.add(
+                field=MORE_VIOLATIONS_FIELD, description=f"and {left} more violations"
+            )
+            break
+        bad_request.field_violations.append(violation)
+    status.details.append(_pack(bad_request))
 
 
 def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
@@ -198,3 +254,118 @@ class ErrorInterceptor(ScopedInterceptor):
 
     def __init__(self) -> None:
         super().__init__(_error_scope)
+
+
+MALFORMED_REQUEST = "MALFORMED_REQUEST"
+"""ErrorInfo reason of a request whose bytes are not a message of the method's type."""
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes failed to parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def malformed_request(error: Exception | None = None) -> ApiError:
+    """The INVALID_ARGUMENT for request bytes that do not parse."""
+    detail = f": {error}" if error is not None and str(error) else ""
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        MALFORMED_REQUEST,
+        "the request is not a valid protobuf message of the method's type" + detail[:200],
+    )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # DecodeError, RecursionError, bad UTF-8...
+            return _Undecodable(error)
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise malformed_request(request.error)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
+def _decoding(handler: Handler) -> Handler:
+    """*handler* with a deserializer that never raises and a behaviour that turns an
+    unparsable request into :func:`malformed_request`, raised where the handler reads it
+    (so the error interceptor answers it, with the call's request id)."""
+    if handler.request_deserializer is None:
+        return handler
+    parse = _tolerant(handler.request_deserializer)
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        behavior: Callable[..., Any] = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            result = behavior(_checked(request), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=parse, response_serializer=serialize
+        )
+    if handler.unary_stream is not None:
+        streaming: Callable[..., Any] = handler.unary_stream
+
+        def unary_stream(request: Any, context: Context) -> Any:
+            return streaming(_checked(request), context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=parse, response_serializer=serialize
+        )
+    if handler.stream_unary is not None:
+        collecting: Callable[..., Any] = handler.stream_unary
+
+        def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+            return collecting(_checked_stream(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, request_deserializer=parse, response_serializer=serialize
+        )
+    if handler.stream_stream is not None:
+        bidi: Callable[..., Any] = handler.stream_stream
+
+        def stream_stream(requests: AsyncIterator[Any], context: Context) -> Any:
+            return bidi(_checked_stream(requests), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, request_deserializer=parse, response_serializer=serialize
+        )
+    return handler
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Turns request bytes that do not parse into INVALID_ARGUMENT (MALFORMED_REQUEST).
+
+    gRPC answers a request its deserializer cannot parse with UNKNOWN, logged as an
+    error with a traceback and without the call's request id. Installed innermost
+    (after authentication), this interceptor parses tolerantly and raises
+    :func:`malformed_request` inside the call instead, where the error interceptor
+    maps it like any other refused input. On a stream, the message that does not parse
+    ends the stream with that status.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        return None if handler is None else _decoding(handler)

@@ -23,10 +23,13 @@ from gyoza.api.v1 import (
     op_run_pb2,
     resources_pb2,
 )
-from gyoza.models.errors import NotFound
+from gyoza.models.errors import InvalidInput
 from gyoza.models.resources import EventType, FailureClass
+from gyoza.server.auth import authorize_agent_name
 from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
+from gyoza.server.errors import ApiError
 from gyoza.server.mapping import struct_from_proto
+from gyoza.server.services import hello_checks
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 
 log = logging.getLogger("gyoza.agents")
@@ -88,24 +91,28 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         try:
             first = await asyncio.wait_for(anext(iterator), HELLO_TIMEOUT_S)
         except (StopAsyncIteration, TimeoutError):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "expected a Hello first")
-            return
+            raise ApiError(
+                grpc.StatusCode.FAILED_PRECONDITION, "HELLO_REQUIRED", "expected a Hello first"
+            ) from None
         if first.WhichOneof("message") != "hello":
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.FAILED_PRECONDITION,
+                "HELLO_REQUIRED",
                 "the first message on an agent stream must be a Hello",
             )
-            return
         hello = first.hello
-        if not hello.agent_name.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.agent_name is empty")
-            return
+        hello_checks.check_hello(hello)
+        identity = authorize_agent_name(hello.agent_name, context)
+        # Before reconciling: a Hello that may not replace the connected session must not
+        # release or drop anything of it either.
+        self.sessions.check_takeover(hello.agent_name, identity)
         session = AgentSession(
             name=hello.agent_name,
             labels=dict(hello.labels),
             version=hello.version,
             capacity=hello.capacity,
             state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
+            identity=identity,
         )
         session.touch(loop.time())
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
@@ -143,6 +150,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
         inbound: asyncio.Queue[agent_service_pb2.ConnectRequest | None] = asyncio.Queue()
         ended: list[SessionState] = []
+        failures: list[BaseException] = []
         tasks: list[asyncio.Task[None]] = []
 
         def end(state: SessionState) -> None:
@@ -160,6 +168,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         def finished(task: asyncio.Task[None]) -> None:
             # Any background task ending ends the session: the writer below stops.
             if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())  # type: ignore[arg-type]
                 log.warning(
                     "agent stream failed",
                     extra={"agent": session.name, "error": repr(task.exception())},
@@ -175,13 +184,21 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         ]
         for task in tasks:
             task.add_done_callback(finished)
+
         # A stream cancelled while this generator waits at a yield is never resumed, so
         # its finally block may never run: the end of the RPC itself ends the session.
-        context.add_done_callback(lambda _: end(SessionState.DISCONNECTED))
+        def rpc_done(_: grpc.aio.ServicerContext[Any, Any]) -> None:
+            end(SessionState.DISCONNECTED)
+
+        context.add_done_callback(rpc_done)  # type: ignore[arg-type]  # the stub wants its own protocol class
         try:
             # This handler is the stream's only writer.
             while (message := await session.outbox.get()) is not None:
                 yield message
+            if failures:
+                # The stream ends with the status of what ended it (a message that does
+                # not parse, a capacity refused...), never a bare OK.
+                raise failures[0]
         finally:
             end(SessionState.DISCONNECTED)
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -196,7 +213,22 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         async for message in iterator:
             session.touch(loop.time())
             if message.WhichOneof("message") == "heartbeat":
-                self.sessions.refresh_capacity(session, message.heartbeat.capacity)
+                capacity = message.heartbeat.capacity
+                try:
+                    hello_checks.check_capacity(capacity, "heartbeat.capacity")
+                except InvalidInput as refused:
+                    # The lease is renewed; the capacity is not used.
+                    session.send(
+                        agent_service_pb2.ConnectResponse(
+                            nack=agent_service_pb2.Nack(
+                                code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                reason="INVALID_CAPACITY",
+                                message=str(refused)[:1000],
+                            )
+                        )
+                    )
+                    continue
+                self.sessions.refresh_capacity(session, capacity)
                 self.controller.agent_ready()
                 continue
             inbound.put_nowait(message)
@@ -320,13 +352,10 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_service_pb2.DrainAgentResponse:
         """Tell an agent to take no new work."""
-        if not request.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is empty")
-        try:
-            session = self.sessions.drain(request.name)
-        except NotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise
+        violations = hello_checks.agent_name_violations(request.name, "name")
+        if violations:
+            raise InvalidInput(violations)
+        session = self.sessions.drain(request.name)
         return agent_service_pb2.DrainAgentResponse(agent=self.sessions.describe(session))
 
 
@@ -337,7 +366,7 @@ def _report_in(report: agent_service_pb2.Report, limit: int) -> ReportIn:
     close, cheap stand-in for its JSON size.)"""
     if not report.run_id or report.attempt < 1 or report.seq < 1:
         raise _Refused("a report needs run_id, attempt >= 1 and seq >= 1")
-    when = report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
+    when = _report_time(report)
     run_id, attempt, seq = report.run_id, report.attempt, report.seq
     body = report.WhichOneof("body")
     if body == "logs":
@@ -382,6 +411,16 @@ def _report_in(report: agent_service_pb2.Report, limit: int) -> ReportIn:
         error_message=error_message,
         duration_ms=event.duration_ms,
     )
+
+
+def _report_time(report: agent_service_pb2.Report) -> datetime:
+    """The report's time; refused when it is not a valid timestamp (years 1-9999)."""
+    if not report.HasField("time"):
+        return datetime.now(UTC)
+    try:
+        return report.time.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise _Refused("the report's time is not a valid timestamp") from exc
 
 
 def _ack(ack: AckOut) -> agent_service_pb2.Ack:
