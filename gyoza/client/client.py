@@ -505,8 +505,17 @@ class Client:
 
     def list_agents(self, include_disconnected: bool = False) -> list[Agent]:
         """The agents the server knows, with capacity, reservations and runs."""
-        request = agent_service_pb2.ListAgentsRequest(include_disconnected=include_disconnected)
-        return [agent_from_proto(a) for a in self._call(self._agents.ListAgents, request).agents]
+        agents: list[Agent] = []
+        token = ""
+        while True:  # every page
+            request = agent_service_pb2.ListAgentsRequest(
+                include_disconnected=include_disconnected, page_token=token
+            )
+            reply = self._call(self._agents.ListAgents, request)
+            agents.extend(agent_from_proto(a) for a in reply.agents)
+            token = reply.next_page_token
+            if not token:
+                return agents
 
     def drain_agent(self, name: str) -> Agent:
         """Tell an agent to take no new work and finish what it holds.

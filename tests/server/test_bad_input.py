@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from gyoza.api.v1 import (
     agent_pb2,
@@ -296,3 +297,51 @@ def test_absurd_capacities_are_refused_at_hello(
     assert any(field.startswith("hello.capacity") for field in error.violations)
     agents = sqlite_server.stubs().agents.ListAgents(agent_service_pb2.ListAgentsRequest())
     assert list(agents.agents) == []
+
+
+# -- listings under the message limit ----------------------------------------------------
+
+
+def test_run_listings_stop_before_the_message_limit_and_page_on(sqlite_server: Any) -> None:
+    stubs = sqlite_server.stubs()
+    inputs = struct_pb2.Struct()
+    inputs.update({"blob": "x" * (1000 * 1024)})
+    created = {
+        stubs.runs.CreateOpRun(pb.CreateOpRunRequest(image="busybox", inputs=inputs)).op_run.id
+        for _ in range(5)
+    }
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = stubs.runs.ListOpRuns(pb.ListOpRunsRequest(page_size=50, page_token=token))
+        assert page.ByteSize() < 4 * 1024 * 1024
+        assert page.op_runs
+        seen.extend(r.id for r in page.op_runs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(created)
+
+
+def test_agent_listings_page_and_huge_labels_are_refused(
+    sqlite_server: Any, raw_stream: Callable[[], RawStream], expect_error: ExpectError
+) -> None:
+    stubs = sqlite_server.stubs()
+    huge = hello("labelled")
+    huge.hello.labels.update({f"k{i}": "v" * 1000 for i in range(2500)})
+    stream = raw_stream()
+    stream.send(huge)
+    error = expect_error(lambda: stream.next("welcome"))
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+
+    for name in ("a1", "a2", "a3"):
+        live = raw_stream()
+        live.send(hello(name))
+        live.next("welcome")
+    first = stubs.agents.ListAgents(agent_service_pb2.ListAgentsRequest(page_size=2))
+    assert [a.name for a in first.agents] == ["a1", "a2"]
+    rest = stubs.agents.ListAgents(
+        agent_service_pb2.ListAgentsRequest(page_size=2, page_token=first.next_page_token)
+    )
+    assert [a.name for a in rest.agents] == ["a3"]
+    assert rest.next_page_token == ""

@@ -77,8 +77,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """Lists the agents the server knows, with capacity, reservations and runs.
-        Errors: UNAUTHENTICATED, PERMISSION_DENIED.
+        """Lists the agents the server knows, with capacity, reservations and runs, by name,
+        one page at a time. Errors: INVALID_ARGUMENT (bad page token or size),
+        UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,8 +50,9 @@ class AgentServiceStub:
     shutting down: reconnect).
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
-    """Lists the agents the server knows, with capacity, reservations and runs.
-    Errors: UNAUTHENTICATED, PERMISSION_DENIED.
+    """Lists the agents the server knows, with capacity, reservations and runs, by name,
+    one page at a time. Errors: INVALID_ARGUMENT (bad page token or size),
+    UNAUTHENTICATED, PERMISSION_DENIED.
     """
     DrainAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.DrainAgentRequest, _agent_service_pb2.DrainAgentResponse]
     """Tells an agent to take no new work and to finish what it holds.
@@ -80,8 +81,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     shutting down: reconnect).
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """Lists the agents the server knows, with capacity, reservations and runs.
-    Errors: UNAUTHENTICATED, PERMISSION_DENIED.
+    """Lists the agents the server knows, with capacity, reservations and runs, by name,
+    one page at a time. Errors: INVALID_ARGUMENT (bad page token or size),
+    UNAUTHENTICATED, PERMISSION_DENIED.
     """
     DrainAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.DrainAgentRequest, _agent_service_pb2.DrainAgentResponse]  # type: ignore[assignment]
     """Tells an agent to take no new work and to finish what it holds.
@@ -119,8 +121,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
-        """Lists the agents the server knows, with capacity, reservations and runs.
-        Errors: UNAUTHENTICATED, PERMISSION_DENIED.
+        """Lists the agents the server knows, with capacity, reservations and runs, by name,
+        one page at a time. Errors: INVALID_ARGUMENT (bad page token or size),
+        UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -29,10 +29,14 @@ from gyoza.server.auth import authorize_agent_name
 from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
 from gyoza.server.errors import ApiError
 from gyoza.server.mapping import struct_from_proto
-from gyoza.server.services import hello_checks
+from gyoza.server.services import hello_checks, request_checks
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
+from gyoza.server.store import paging
 
 log = logging.getLogger("gyoza.agents")
+
+DEFAULT_AGENTS_PAGE = 500
+MAX_AGENTS_PAGE = 1000
 
 #: How long a new stream may take to send its Hello.
 HELLO_TIMEOUT_S = 30.0
@@ -338,13 +342,30 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         request: agent_service_pb2.ListAgentsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_service_pb2.ListAgentsResponse:
-        """The agents with capacity, reservations and runs."""
-        agents = [
-            self.sessions.describe(session)
-            for name, session in sorted(self.sessions.known.items())
-            if request.include_disconnected or name in self.sessions.sessions
+        """The agents with capacity, reservations and runs, by name, one page."""
+        size = request_checks.page_size(
+            request.page_size, default=DEFAULT_AGENTS_PAGE, maximum=MAX_AGENTS_PAGE
+        )
+        listing = "all" if request.include_disconnected else "live"
+        after = paging.name_position(paging.decode_token(request.page_token, "agents", listing))
+        names = [
+            name
+            for name in sorted(self.sessions.known)
+            if (after is None or name > after)
+            and (request.include_disconnected or name in self.sessions.sessions)
         ]
-        return agent_service_pb2.ListAgentsResponse(agents=agents)
+        response = agent_service_pb2.ListAgentsResponse()
+        total = 0
+        for index, name in enumerate(names[:size]):
+            agent = self.sessions.describe(self.sessions.known[name])
+            total += agent.ByteSize() + 8
+            if index and total > request_checks.MAX_PAGE_BYTES:
+                break
+            response.agents.append(agent)
+        if len(names) > len(response.agents):
+            last = response.agents[-1].name
+            response.next_page_token = paging.encode_token("agents", listing, [last])
+        return response
 
     async def DrainAgent(
         self,

@@ -226,13 +226,21 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         )
         # The page's runs come without their events: their sequences are counted apart.
         sequences = await self.store.event_counts([run.id for run in runs])
-        return pb.ListOpRunsResponse(
-            op_runs=[
-                mapping.run_to_proto(run, events=False, event_sequence=sequences.get(run.id, 0))
-                for run in runs
-            ],
-            next_page_token=token,
-        )
+        response = pb.ListOpRunsResponse()
+        size = 0
+        for index, run in enumerate(runs):
+            message = mapping.run_to_proto(
+                run, events=False, event_sequence=sequences.get(run.id, 0)
+            )
+            size += message.ByteSize() + 8
+            if index and size > request_checks.MAX_PAGE_BYTES:
+                # Fewer runs, and a token that goes on after the last one sent.
+                last = runs[index - 1]
+                token = paging.runs_token(run_filter, last.created_at, last.id)
+                break
+            response.op_runs.append(message)
+        response.next_page_token = token
+        return response
 
     async def ListOpRunAttempts(
         self, request: pb.ListOpRunAttemptsRequest, context: Context
@@ -267,14 +275,22 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
             run_id, attempt=request.attempt or None, after=after, limit=size + 1
         )
         page = found[:size]
-        token = ""
-        if len(found) > size:
+        more = len(found) > size
+        response = pb.ListOpRunEventsResponse()
+        total = 0
+        for index, (attempt, entry) in enumerate(page):
+            message = mapping.event_to_proto(entry, attempt)
+            total += message.ByteSize() + 8
+            if index and total > request_checks.MAX_PAGE_BYTES:
+                page, more = page[:index], True
+                break
+            response.events.append(message)
+        if more:
             last_attempt, last_event = page[-1]
-            token = paging.encode_token("events", listing, [last_attempt, last_event.seq])
-        return pb.ListOpRunEventsResponse(
-            events=[mapping.event_to_proto(entry, attempt) for attempt, entry in page],
-            next_page_token=token,
-        )
+            response.next_page_token = paging.encode_token(
+                "events", listing, [last_attempt, last_event.seq]
+            )
+        return response
 
     # -- changes -----------------------------------------------------------------------
 

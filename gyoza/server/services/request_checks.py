@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from gyoza.models.errors import FieldViolation, InvalidInput
 
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+"""A listing page stops before it grows past this (under gRPC's 4 MiB message limit);
+its token then goes on from where it stopped."""
+
 
 def page_size(value: int, *, default: int, maximum: int, field: str = "page_size") -> int:
     """The page size to use: *default* for 0, at most *maximum* (AIP-158).

@@ -99,6 +99,11 @@ def run_filter_fingerprint(f: RunFilter) -> str:
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
+def runs_token(f: RunFilter, created_at: datetime, run_id: str) -> str:
+    """The token of the runs page that continues after the run (*created_at*, *run_id*)."""
+    return encode_token("runs", run_filter_fingerprint(f), [created_at.isoformat(), run_id])
+
+
 def run_position(position: list[Any] | None) -> tuple[datetime, str] | None:
     """The (created_at, id) cursor of a runs page token."""
     if position is None:
