@@ -40,6 +40,7 @@ from gyoza.api.v1 import (
     op_run_service_pb2_grpc,
 )
 from gyoza.server import metrics
+from gyoza.server.agent_leases import AgentLeaseRecorder
 from gyoza.server.auth import AuthInterceptor, AuthPolicy
 from gyoza.server.calls import CallInterceptor
 from gyoza.server.config import ConfigError, ServerConfig, split_listen
@@ -116,6 +117,7 @@ def build_server(
     controller: RunController,
     hub: Hub,
     sessions: SessionRegistry,
+    leases: AgentLeaseRecorder | None = None,
 ) -> Built:
     """A gRPC server serving gyoza, health and reflection, bound to ``config.listen``.
 
@@ -141,7 +143,10 @@ def build_server(
         server,
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentServiceServicer(controller, sessions, max_json_bytes=config.max_json_bytes), server
+        AgentServiceServicer(
+            controller, sessions, max_json_bytes=config.max_json_bytes, leases=leases
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -179,6 +184,7 @@ class ControlPlane:
         self._controller: RunController | None = None
         self._hub: Hub | None = None
         self._sessions: SessionRegistry | None = None
+        self._leases: AgentLeaseRecorder | None = None
         self._built: Built | None = None
         self._metrics: MetricsEndpoint | None = None
 
@@ -198,13 +204,19 @@ class ControlPlane:
             gauge = RunStateGauge(hub)
             self._controller = controller = RunController(store, hub, settings=config.control)
             self._sessions = sessions = SessionRegistry(controller.scheduler)
+            self._leases = leases = AgentLeaseRecorder(store, config.control.lease_timeout_s / 3)
             await controller.start()
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             self._built = built = build_server(
-                config, store=store, controller=controller, hub=hub, sessions=sessions
+                config,
+                store=store,
+                controller=controller,
+                hub=hub,
+                sessions=sessions,
+                leases=leases,
             )
             self.port = built.port
             await built.server.start()
@@ -280,6 +292,9 @@ class ControlPlane:
         if self._controller is not None:
             controller, self._controller = self._controller, None
             await controller.stop()
+        if self._leases is not None:
+            leases, self._leases = self._leases, None
+            await leases.close()
         if self._store is not None:
             store, self._store = self._store, None
             await store.close()

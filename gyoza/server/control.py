@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from gyoza.models.errors import (
@@ -239,10 +239,22 @@ class RunController:
                 holders.add(agent)
             elif run.state is OpRunState.FAILED and run.next_retry_at is not None:
                 self._arm_retry(run)
-        # Agents that held runs when the server stopped get a lease and a grace period
-        # to reconnect, as if they had just gone silent.
+        # Agents that held runs when the server stopped are lost a lease and a grace
+        # period after they were last heard from (recorded in the store), not after this
+        # start: a server restarting often must not keep a dead agent's runs forever.
+        # A live agent reconnects within seconds; the window for it is one lease at
+        # least and never more than one lease past its normal deadline.
+        heard = await self.store.agents_last_seen(sorted(holders))
+        now_wall, now = datetime.now(UTC), loop.time()
+        lease, grace = self.settings.lease_timeout_s, self.settings.grace_s
         for agent in holders:
-            self._arm_lost(agent, loop.time())
+            last_wall = heard.get(agent) or max(
+                (r.updated_at for r in runs if r.execution_summary.worker_id == agent),
+                default=now_wall,
+            )
+            last = now - max((now_wall - last_wall).total_seconds(), 0.0)
+            deadline = min(max(last + lease + grace, now + lease), last + 2 * lease + grace)
+            self._arm_lost(agent, last, deadline=deadline)
         log.info(
             "controller started",
             extra={"active_runs": len(runs), "queued": self.scheduler.queue_depth},
@@ -825,12 +837,13 @@ class RunController:
         except (_Skip, NotFound):
             return
 
-    def _arm_lost(self, agent: str, last_seen: float) -> None:
+    def _arm_lost(self, agent: str, last_seen: float, deadline: float | None = None) -> None:
         old = self._lost_timers.pop(agent, None)
         if old is not None:
             old.cancel()
         loop = asyncio.get_running_loop()
-        deadline = last_seen + self.settings.lease_timeout_s + self.settings.grace_s
+        if deadline is None:
+            deadline = last_seen + self.settings.lease_timeout_s + self.settings.grace_s
         self._lost_timers[agent] = loop.call_at(
             deadline, lambda: self._spawn(self._agent_lost(agent))
         )

@@ -265,6 +265,18 @@ def patient_cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.close()
 
 
+@pytest.fixture
+def slow_lease_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster whose agents are lost 5 s after they fall silent (lease 2 s, grace 3 s):
+    longer than a loaded machine takes to restart the server."""
+    c = Cluster(tmp_path, GYOZA_LEASE_TIMEOUT_S="2", GYOZA_GRACE_S="3")
+    c.start_server()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 def state(run: op_run_pb2.OpRun) -> str:
     return resources_pb2.OpRunState.Name(run.state).removeprefix("OP_RUN_STATE_")
 

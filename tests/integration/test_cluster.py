@@ -125,6 +125,28 @@ def test_killed_agent_fails_as_agent_lost_and_is_retried_elsewhere(cluster: Any)
     assert _types(attempts[1].events)[0] == "RETRIED"
 
 
+def test_a_crash_looping_server_still_fails_a_dead_agents_runs(slow_lease_cluster: Any) -> None:
+    """The server restarts faster than lease + grace (5 s here) again and again; the dead
+    agent's run must still end AGENT_LOST, its lease counted from when it was last heard
+    from (at most one lease later), not from each restart."""
+    cluster = slow_lease_cluster
+    cluster.add_agent("a1")
+    run = cluster.create(sleep_ms=60_000, progress_steps=2)
+    cluster.watch_until(run.id, _running)
+    cluster.agents["a1"].kill9()  # never restarted
+    done = None
+    for _ in range(10):
+        cluster.server.kill9()
+        cluster.start_server()  # each server lives only until it serves: well under 5 s
+        seen = cluster.get(run.id)
+        if _ended(seen):
+            done = seen
+            break
+    assert done is not None, "the run was still held by the dead agent after 10 restarts"
+    assert done.state == S.OP_RUN_STATE_FAILED
+    assert done.execution_summary.failure_class == S.FAILURE_CLASS_AGENT_LOST
+
+
 def test_agent_killed_and_restarted_within_grace_goes_on(patient_cluster: Any) -> None:
     cluster = patient_cluster
     agent = cluster.add_agent("a1")

@@ -868,3 +868,15 @@ def test_log_numbering_survives_a_second_store_appending(make_sql_store: StoreFa
             await second.close()
 
     run_with(make_store, body)
+
+
+def test_agents_last_heard_from_are_kept_and_never_go_back(make_store: StoreFactory) -> None:
+    async def body(store: AnyStore) -> None:
+        assert await store.agents_last_seen(["a1"]) == {}
+        await store.record_agents_seen({"a1": BASE, "a2": BASE + timedelta(seconds=5)})
+        await store.record_agents_seen({"a1": BASE + timedelta(seconds=9)})
+        await store.record_agents_seen({"a2": BASE})  # older: ignored
+        seen = await store.agents_last_seen(["a1", "a2", "a3"])
+        assert seen == {"a1": BASE + timedelta(seconds=9), "a2": BASE + timedelta(seconds=5)}
+
+    run_with(make_store, body)

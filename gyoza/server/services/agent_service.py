@@ -25,6 +25,7 @@ from gyoza.api.v1 import (
 )
 from gyoza.models.errors import InvalidInput
 from gyoza.models.resources import EventType, FailureClass
+from gyoza.server.agent_leases import AgentLeaseRecorder
 from gyoza.server.auth import authorize_agent_name
 from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
 from gyoza.server.errors import ApiError
@@ -78,10 +79,12 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         sessions: SessionRegistry,
         *,
         max_json_bytes: int = 1 << 20,
+        leases: AgentLeaseRecorder | None = None,
     ) -> None:
         self.controller = controller
         self.sessions = sessions
         self.max_json_bytes = max_json_bytes
+        self.leases = leases
         controller.link = sessions
 
     async def Connect(
@@ -119,6 +122,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             identity=identity,
         )
         session.touch(loop.time())
+        self._heard(session)
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
         try:
             reconciliation = await self.controller.agent_connected(session.name, held)
@@ -163,6 +167,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 task.remove_done_callback(finished)
                 task.cancel()
             if self.sessions.close(session, ended[0] if ended else state):
+                self._heard(session)
                 self.controller.agent_disconnected(session.name, session.last_seen)
                 log.info(
                     "agent disconnected",
@@ -216,6 +221,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         loop = asyncio.get_running_loop()
         async for message in iterator:
             session.touch(loop.time())
+            self._heard(session)
             if message.WhichOneof("message") == "heartbeat":
                 capacity = message.heartbeat.capacity
                 try:
@@ -325,6 +331,10 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             )
         for nack in [*nacks, *refused]:
             session.send(agent_service_pb2.ConnectResponse(nack=_nack(nack)))
+
+    def _heard(self, session: AgentSession) -> None:
+        if self.leases is not None:
+            self.leases.heard(session.name, session.last_seen_at)
 
     async def _lease(self, session: AgentSession) -> None:
         """Return when the agent has been silent past its lease."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -97,6 +97,7 @@ class InMemoryStore:
         self._log_lines: dict[tuple[str, int], int] = {}
         self._logs: dict[tuple[str, int], deque[LogRecord]] = {}
         self._topic_log: list[TopicRecord] = []
+        self._agents_seen: dict[str, datetime] = {}
 
     @property
     def url(self) -> str:
@@ -267,6 +268,16 @@ class InMemoryStore:
         ]
         rows.sort(key=lambda r: (r["created_at"], r["id"]))
         return [self._load(r["id"], with_events=True) for r in rows]
+
+    async def record_agents_seen(self, seen: Mapping[str, datetime]) -> None:
+        await self._enter()
+        for name, when in seen.items():
+            if name not in self._agents_seen or self._agents_seen[name] < when:
+                self._agents_seen[name] = when
+
+    async def agents_last_seen(self, names: Sequence[str]) -> dict[str, datetime]:
+        await self._enter()
+        return {n: self._agents_seen[n] for n in names if n in self._agents_seen}
 
     async def event_counts(self, run_ids: Sequence[str]) -> dict[str, int]:
         await self._enter()

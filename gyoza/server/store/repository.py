@@ -9,7 +9,7 @@ thread, inside the transaction that thread manages. Writes take rows encoded by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -54,6 +54,7 @@ from gyoza.server.store.rows import (
 )
 from gyoza.server.store.tables import (
     UTCDateTime,
+    agent_leases,
     op_attempts,
     op_definition_versions,
     op_definitions,
@@ -522,6 +523,29 @@ class Repository:
         for attempt in attempts:
             by_run.setdefault(attempt["run_id"], []).append(attempt)
         return [run_from_rows(r, by_run.get(r["id"], [])) for r in rows]
+
+    def record_agents_seen(self, conn: Connection, seen: Mapping[str, datetime]) -> None:
+        """Remember when each agent was last heard from (later times only)."""
+        if not seen:
+            return
+        insert = (postgresql.insert if self._postgres else sqlite.insert)(agent_leases)
+        statement = insert.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"last_seen_at": insert.excluded.last_seen_at},
+            where=agent_leases.c.last_seen_at < insert.excluded.last_seen_at,
+        )
+        conn.execute(statement, [{"name": n, "last_seen_at": t} for n, t in seen.items()])
+
+    def agents_last_seen(self, conn: Connection, names: Sequence[str]) -> dict[str, datetime]:
+        """When these agents were last heard from (those never recorded: left out)."""
+        if not names:
+            return {}
+        rows = conn.execute(
+            select(agent_leases.c.name, agent_leases.c.last_seen_at).where(
+                agent_leases.c.name.in_(list(names))
+            )
+        )
+        return {str(name): when for name, when in rows}
 
     def event_counts(self, conn: Connection, run_ids: Sequence[str]) -> dict[str, int]:
         """How many events each run has stored, over all its attempts (0: left out)."""

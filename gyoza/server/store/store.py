@@ -10,7 +10,7 @@ race with the writer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from types import TracebackType
@@ -260,6 +260,17 @@ class Store:
             last = page[-1]
             token = paging.encode_token("runs", fingerprint, [last.created_at.isoformat(), last.id])
         return page, token
+
+    async def record_agents_seen(self, seen: Mapping[str, datetime]) -> None:
+        """Remember when agents were last heard from (a time never goes back)."""
+        snapshot = dict(seen)
+        if snapshot:
+            await self._write(lambda c: self._repo.record_agents_seen(c, snapshot))
+
+    async def agents_last_seen(self, names: Sequence[str]) -> dict[str, datetime]:
+        """When these agents were last heard from, as recorded (unknown ones: left out)."""
+        wanted = list(names)
+        return await self._read(lambda c: self._repo.agents_last_seen(c, wanted))
 
     async def event_counts(self, run_ids: Sequence[str]) -> dict[str, int]:
         """Each run's number of events over all its attempts: its event sequence

@@ -206,3 +206,13 @@ topic_log = Table(
     # AUTOINCREMENT: offsets are never reused, even once the newest rows are gone.
     sqlite_autoincrement=True,
 )
+
+# When each agent was last heard from, kept across restarts, so that a server restarting
+# often cannot keep re-arming a dead agent's lease (see RunController.start).
+agent_leases = Table(
+    "agent_leases",
+    metadata,
+    Column("name", String(200), nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("name", name="pk_agent_leases"),
+)
