@@ -49,6 +49,12 @@ class AgentLeaseRecorder:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval_s, self.flush)
 
+    async def record_now(self, name: str, when: datetime) -> None:
+        """Write at once that *name* was heard at *when* (a Hello: a new presence must
+        be durable before a restart could count the agent's absence from an older one)."""
+        self._pending.pop(name, None)
+        await self._store.record_agents_seen({name: when})
+
     def flush(self) -> None:
         """Write what was heard since the last write, now (in the background)."""
         if self._timer is not None:

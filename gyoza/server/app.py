@@ -222,6 +222,7 @@ class ControlPlane:
             await built.server.start()
             for name in ("", *SERVICE_NAMES):
                 await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await controller.open_reconnect_windows()
             if config.metrics_port is not None:
                 self._metrics = MetricsEndpoint(config.listen_host, config.metrics_port)
         except BaseException:

@@ -213,6 +213,8 @@ class RunController:
         self._avoid: dict[str, frozenset[str]] = {}
         self._place_scheduled = False
         self._stopped = False
+        # Agents that held runs at start, and the latest of those runs' changes.
+        self._absent: dict[str, datetime] = {}
 
     # ------------------------------------------------------------------
     # Life cycle
@@ -221,7 +223,6 @@ class RunController:
         """Rebuild the in-memory view from the store: the queue, the reservations of
         runs that agents hold, and the automatic retry timers."""
         runs = await self.store.load_active_runs()
-        loop = asyncio.get_running_loop()
         holders: set[str] = set()
         for run in runs:
             self._runs[run.id] = run
@@ -239,27 +240,45 @@ class RunController:
                 holders.add(agent)
             elif run.state is OpRunState.FAILED and run.next_retry_at is not None:
                 self._arm_retry(run)
-        # Agents that held runs when the server stopped are lost a lease and a grace
-        # period after they were last heard from (recorded in the store), not after this
-        # start: a server restarting often must not keep a dead agent's runs forever.
-        # A live agent reconnects within seconds; the window for it is one lease at
-        # least and never more than one lease past its normal deadline.
-        heard = await self.store.agents_last_seen(sorted(holders))
-        now_wall, now = datetime.now(UTC), loop.time()
-        lease, grace = self.settings.lease_timeout_s, self.settings.grace_s
-        for agent in holders:
-            last_wall = heard.get(agent) or max(
+        # Agents that held runs when the server stopped: see open_reconnect_windows.
+        self._absent = {
+            agent: max(
                 (r.updated_at for r in runs if r.execution_summary.worker_id == agent),
-                default=now_wall,
+                default=datetime.now(UTC),
             )
-            last = now - max((now_wall - last_wall).total_seconds(), 0.0)
-            deadline = min(max(last + lease + grace, now + lease), last + 2 * lease + grace)
-            self._arm_lost(agent, last, deadline=deadline)
+            for agent in holders
+        }
         log.info(
             "controller started",
             extra={"active_runs": len(runs), "queued": self.scheduler.queue_depth},
         )
         self._request_place()
+
+    async def open_reconnect_windows(self) -> None:
+        """Once the server serves: start the lease clocks of agents that held runs when
+        it stopped and have not reconnected yet.
+
+        Such an agent is lost a lease and a grace period after it was last heard from
+        (kept in the store), or one lease after the first restart since then, whichever
+        is later: a live agent, back within seconds, gets one lease to reconnect, and a
+        server restarting again and again never extends that (the window's start is
+        kept in the store too), so a dead agent's runs are retried all the same.
+        """
+        absent = {a: t for a, t in self._absent.items() if not self.link.is_connected(a)}
+        self._absent = {}
+        if not absent:
+            return
+        now_wall = datetime.now(UTC)
+        windows = await self.store.open_reconnect_windows(absent, now_wall)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        lease, grace = self.settings.lease_timeout_s, self.settings.grace_s
+        for agent, (last_wall, window_wall) in windows.items():
+            if self.link.is_connected(agent):
+                continue  # reconnected meanwhile
+            last = now - (now_wall - last_wall).total_seconds()
+            window = now - (now_wall - window_wall).total_seconds()
+            self._arm_lost(agent, last, deadline=max(last + lease + grace, window + lease))
 
     async def stop(self) -> None:
         """Stop timers and wait for background work to finish."""

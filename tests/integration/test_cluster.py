@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gyoza.api.v1 import op_run_pb2, resources_pb2
+from gyoza.api.v1 import op_run_pb2, op_run_service_pb2, resources_pb2
 
 S = resources_pb2
 
@@ -198,3 +198,34 @@ def test_stale_attempt_reports_are_refused_after_a_retry(cluster: Any) -> None:
     attempts = cluster.attempts(run.id)
     assert list(attempts[0].events) == list(first_attempt.events)
     _assert_exactly_once(attempts[1], steps=8)
+
+
+def test_server_killed_repeatedly_while_agents_replay_loses_no_event_or_log_line(
+    cluster: Any,
+) -> None:
+    """kill -9 the server again and again while agents report and replay; afterwards
+    every attempt has each event once, in order, and every log line its op wrote, once,
+    in order: a watermark never acknowledges lines that were not stored."""
+    for name in ("a1", "a2"):
+        cluster.add_agent(name)
+    steps = 40
+    runs = [cluster.create(sleep_ms=5_000, progress_steps=steps) for _ in range(4)]
+    for run in runs:
+        cluster.watch_until(run.id, _running)
+    for _ in range(3):
+        cluster.server.kill9()
+        cluster.start_server()
+        cluster.wait_agents({"a1", "a2"})  # agents reconnect and replay their outboxes
+    for run in runs:
+        done = cluster.watch_until(run.id, _ended, timeout=60)
+        assert done.state == S.OP_RUN_STATE_COMPLETED, done
+        (attempt,) = cluster.attempts(run.id)
+        _assert_exactly_once(attempt, steps=steps)
+        lines = [
+            (line.number, line.text)
+            for chunk in cluster.runs.GetOpRunLogs(
+                op_run_service_pb2.GetOpRunLogsRequest(run_id=run.id), timeout=10
+            )
+            for line in chunk.lines
+        ]
+        assert lines == [(i, f"step {i}/{steps}") for i in range(1, steps + 1)], run.id

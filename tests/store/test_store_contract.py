@@ -880,3 +880,18 @@ def test_agents_last_heard_from_are_kept_and_never_go_back(make_store: StoreFact
         assert seen == {"a1": BASE + timedelta(seconds=9), "a2": BASE + timedelta(seconds=5)}
 
     run_with(make_store, body)
+
+
+def test_a_reconnect_window_opens_once_per_absence(make_store: StoreFactory) -> None:
+    async def body(store: AnyStore) -> None:
+        t = [BASE + timedelta(seconds=s) for s in range(6)]
+        await store.record_agents_seen({"a1": t[0]})
+        first = await store.open_reconnect_windows({"a1": t[0], "new": t[1]}, t[2])
+        assert first == {"a1": (t[0], t[2]), "new": (t[1], t[2])}
+        # Another restart before the agent is heard again keeps the window's start.
+        assert await store.open_reconnect_windows({"a1": t[0]}, t[4]) == {"a1": (t[0], t[2])}
+        # Heard again, then absent: a new window.
+        await store.record_agents_seen({"a1": t[3]})
+        assert await store.open_reconnect_windows({"a1": t[0]}, t[5]) == {"a1": (t[3], t[5])}
+
+    run_with(make_store, body)

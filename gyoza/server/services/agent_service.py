@@ -122,7 +122,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             identity=identity,
         )
         session.touch(loop.time())
-        self._heard(session)
+        if self.leases is not None:
+            await self.leases.record_now(session.name, session.last_seen_at)
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
         try:
             reconciliation = await self.controller.agent_connected(session.name, held)

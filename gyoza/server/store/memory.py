@@ -98,6 +98,7 @@ class InMemoryStore:
         self._logs: dict[tuple[str, int], deque[LogRecord]] = {}
         self._topic_log: list[TopicRecord] = []
         self._agents_seen: dict[str, datetime] = {}
+        self._windows: dict[str, datetime] = {}
 
     @property
     def url(self) -> str:
@@ -274,6 +275,19 @@ class InMemoryStore:
         for name, when in seen.items():
             if name not in self._agents_seen or self._agents_seen[name] < when:
                 self._agents_seen[name] = when
+
+    async def open_reconnect_windows(
+        self, fallback: Mapping[str, datetime], now: datetime
+    ) -> dict[str, tuple[datetime, datetime]]:
+        await self._enter()
+        result = {}
+        for name, default in fallback.items():
+            last = self._agents_seen.setdefault(name, default)
+            window = self._windows.get(name)
+            if window is None or window < last:
+                window = self._windows[name] = now
+            result[name] = (last, window)
+        return result
 
     async def agents_last_seen(self, names: Sequence[str]) -> dict[str, datetime]:
         await self._enter()

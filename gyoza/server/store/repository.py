@@ -536,6 +536,37 @@ class Repository:
         )
         conn.execute(statement, [{"name": n, "last_seen_at": t} for n, t in seen.items()])
 
+    def open_reconnect_windows(
+        self, conn: Connection, fallback: Mapping[str, datetime], now: datetime
+    ) -> dict[str, tuple[datetime, datetime]]:
+        """For each agent of *fallback*: (last heard, when its reconnect window began).
+
+        The window begins *now* unless it began already since the agent was last heard
+        (an earlier restart), so restarts never extend it. An agent never recorded is
+        taken as last heard at its *fallback* time.
+        """
+        found = {
+            str(r.name): (r.last_seen_at, r.window_from)
+            for r in conn.execute(
+                select(agent_leases).where(agent_leases.c.name.in_(list(fallback)))
+            )
+        }
+        result: dict[str, tuple[datetime, datetime]] = {}
+        for name, default in fallback.items():
+            last, window = found.get(name, (None, None))
+            if last is None:
+                last, window = default, now
+                conn.execute(
+                    agent_leases.insert().values(name=name, last_seen_at=last, window_from=now)
+                )
+            elif window is None or window < last:
+                window = now
+                conn.execute(
+                    agent_leases.update().where(agent_leases.c.name == name).values(window_from=now)
+                )
+            result[name] = (last, window)
+        return result
+
     def agents_last_seen(self, conn: Connection, names: Sequence[str]) -> dict[str, datetime]:
         """When these agents were last heard from (those never recorded: left out)."""
         if not names:

@@ -267,6 +267,17 @@ class Store:
         if snapshot:
             await self._write(lambda c: self._repo.record_agents_seen(c, snapshot))
 
+    async def open_reconnect_windows(
+        self, fallback: Mapping[str, datetime], now: datetime
+    ) -> dict[str, tuple[datetime, datetime]]:
+        """After a restart: each agent's (last heard, start of its reconnect window).
+
+        A window begins at *now*, once per absence: a later restart keeps the start
+        an earlier one recorded. Agents never recorded count as heard at *fallback*.
+        """
+        wanted = dict(fallback)
+        return await self._write(lambda c: self._repo.open_reconnect_windows(c, wanted, now))
+
     async def agents_last_seen(self, names: Sequence[str]) -> dict[str, datetime]:
         """When these agents were last heard from, as recorded (unknown ones: left out)."""
         wanted = list(names)

@@ -214,5 +214,7 @@ agent_leases = Table(
     metadata,
     Column("name", String(200), nullable=False),
     Column("last_seen_at", UTCDateTime, nullable=False),
+    # When the server, restarted, began to wait for it to reconnect since then.
+    Column("window_from", UTCDateTime, nullable=True),
     PrimaryKeyConstraint("name", name="pk_agent_leases"),
 )

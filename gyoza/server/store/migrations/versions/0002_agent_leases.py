@@ -21,6 +21,7 @@ def upgrade() -> None:
         "agent_leases",
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("window_from", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("name", name="pk_agent_leases"),
     )
 
