@@ -43,11 +43,14 @@ class AgentServiceStub:
     PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
     applies each exactly once and acknowledges cumulatively only after the write is
     committed. A Hello naming an agent that already has a session replaces it (the older
-    stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
-    past the lease timeout has its stream closed. Errors closing the stream:
-    FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
-    UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
-    shutting down: reconnect).
+    stream is closed) when it proves the same identity (token, client certificate): a
+    reconnecting agent wins over a half-open stream. An agent silent past the lease
+    timeout has its stream closed. Errors closing the stream: FAILED_PRECONDITION
+    (HELLO_REQUIRED: no Hello first), INVALID_ARGUMENT (INVALID_INPUT: a Hello out of
+    bounds; MALFORMED_REQUEST: a message that does not parse), UNAUTHENTICATED,
+    PERMISSION_DENIED (not an agent token; AGENT_NAME_NOT_ALLOWED,
+    AGENT_CERTIFICATE_MISMATCH, AGENT_NAME_IN_USE: the name is not this caller's),
+    UNAVAILABLE (the server is shutting down: reconnect).
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
     """Lists the agents the server knows, with capacity, reservations and runs, by name,
@@ -74,11 +77,14 @@ class AgentServiceAsyncStub(AgentServiceStub):
     PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
     applies each exactly once and acknowledges cumulatively only after the write is
     committed. A Hello naming an agent that already has a session replaces it (the older
-    stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
-    past the lease timeout has its stream closed. Errors closing the stream:
-    FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
-    UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
-    shutting down: reconnect).
+    stream is closed) when it proves the same identity (token, client certificate): a
+    reconnecting agent wins over a half-open stream. An agent silent past the lease
+    timeout has its stream closed. Errors closing the stream: FAILED_PRECONDITION
+    (HELLO_REQUIRED: no Hello first), INVALID_ARGUMENT (INVALID_INPUT: a Hello out of
+    bounds; MALFORMED_REQUEST: a message that does not parse), UNAUTHENTICATED,
+    PERMISSION_DENIED (not an agent token; AGENT_NAME_NOT_ALLOWED,
+    AGENT_CERTIFICATE_MISMATCH, AGENT_NAME_IN_USE: the name is not this caller's),
+    UNAVAILABLE (the server is shutting down: reconnect).
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists the agents the server knows, with capacity, reservations and runs, by name,
@@ -108,11 +114,14 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         PERMISSION_DENIED) and changes nothing. Reports carry a per-attempt seq; the server
         applies each exactly once and acknowledges cumulatively only after the write is
         committed. A Hello naming an agent that already has a session replaces it (the older
-        stream is closed): a reconnecting agent wins over a half-open stream. An agent silent
-        past the lease timeout has its stream closed. Errors closing the stream:
-        FAILED_PRECONDITION (no Hello first), INVALID_ARGUMENT (malformed Hello),
-        UNAUTHENTICATED, PERMISSION_DENIED (not an agent token), UNAVAILABLE (the server is
-        shutting down: reconnect).
+        stream is closed) when it proves the same identity (token, client certificate): a
+        reconnecting agent wins over a half-open stream. An agent silent past the lease
+        timeout has its stream closed. Errors closing the stream: FAILED_PRECONDITION
+        (HELLO_REQUIRED: no Hello first), INVALID_ARGUMENT (INVALID_INPUT: a Hello out of
+        bounds; MALFORMED_REQUEST: a message that does not parse), UNAUTHENTICATED,
+        PERMISSION_DENIED (not an agent token; AGENT_NAME_NOT_ALLOWED,
+        AGENT_CERTIFICATE_MISMATCH, AGENT_NAME_IN_USE: the name is not this caller's),
+        UNAVAILABLE (the server is shutting down: reconnect).
         """
 
     @_abc_1.abstractmethod
