@@ -45,7 +45,7 @@ from gyoza.server.auth import AuthInterceptor, AuthPolicy
 from gyoza.server.calls import CallInterceptor
 from gyoza.server.config import ConfigError, ServerConfig, split_listen
 from gyoza.server.control import RunController
-from gyoza.server.errors import DecodeInterceptor, ErrorInterceptor
+from gyoza.server.errors import ApiError, DecodeInterceptor, ErrorInterceptor
 from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
@@ -281,7 +281,13 @@ class ControlPlane:
                 self._hub.close()
             if self._sessions is not None:
                 for session in list(self._sessions.sessions.values()):
-                    session.close()
+                    session.end_with(
+                        ApiError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "SERVER_SHUTTING_DOWN",
+                            "the server is shutting down; reconnect",
+                        )
+                    )
             await stopping
         await self._close_core()
         log_event(log, logging.INFO, "server stopped")

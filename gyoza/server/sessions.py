@@ -58,6 +58,8 @@ class AgentSession:
     state: SessionState = SessionState.CONNECTED
     #: What the agent proved at Hello (token and certificate; see auth.authorize_agent_name).
     identity: str = ""
+    #: The status the stream ends with when the server ends it (replaced, shutdown).
+    end_status: ApiError | None = None
     outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
         default_factory=asyncio.Queue
     )
@@ -72,6 +74,12 @@ class AgentSession:
     def close(self) -> None:
         """End the stream: the writer stops at the sentinel."""
         self.outbox.put_nowait(None)
+
+    def end_with(self, status: ApiError) -> None:
+        """End the stream with *status* (once: the first one given wins)."""
+        if self.end_status is None:
+            self.end_status = status
+        self.close()
 
     def touch(self, loop_time: float) -> None:
         """The agent was heard from: its lease starts again."""
@@ -158,7 +166,13 @@ class SessionRegistry:
                 extra={"agent": session.name, "old_session": old.session_id},
             )
             old.state = SessionState.DISCONNECTED
-            old.close()
+            old.end_with(
+                ApiError(
+                    grpc.StatusCode.ABORTED,
+                    "SESSION_REPLACED",
+                    "a newer session of this agent replaced this one",
+                )
+            )
         self.sessions[session.name] = session
         self.known[session.name] = session
         draining = session.state is SessionState.DRAINING

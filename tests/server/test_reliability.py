@@ -6,6 +6,7 @@ server's SQLite file), agent streams cancelled at the worst moment.
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import threading
 import time
@@ -113,3 +114,27 @@ def test_churned_sessions_all_end_and_no_run_goes_to_a_zombie(sqlite_server: Any
     disconnected = [e for e in sqlite_server.log_events() if e.get("msg") == "agent disconnected"]
     connected = [e for e in sqlite_server.log_events() if e.get("msg") == "agent connected"]
     assert len(disconnected) == len(connected)
+
+
+def test_every_way_the_server_ends_an_agent_stream_has_a_status_and_reason(
+    server_factory: Callable[..., Any],
+    fake_agent: Callable[..., Any],
+    expect_error: Callable[[Callable[[], Any]], Any],
+) -> None:
+    server = server_factory(env={"GYOZA_LEASE_TIMEOUT_S": "0.5", "GYOZA_GRACE_S": "5"})
+    channel = server.channel()
+
+    silent = fake_agent(channel, "silent")  # it never sends a heartbeat
+    lapsed = expect_error(lambda: silent.receive("assignment", timeout=TIMEOUT_S))
+    assert (lapsed.code, lapsed.reason) == (grpc.StatusCode.UNAVAILABLE, "LEASE_EXPIRED")
+
+    old = fake_agent(channel, "twice")
+    fake_agent(channel, "twice")
+    replaced = expect_error(lambda: old.receive("assignment", timeout=TIMEOUT_S))
+    assert (replaced.code, replaced.reason) == (grpc.StatusCode.ABORTED, "SESSION_REPLACED")
+
+    last = fake_agent(server.channel(), "last")
+    assert server.popen is not None
+    server.popen.send_signal(signal.SIGTERM)
+    stopped = expect_error(lambda: last.receive("assignment", timeout=TIMEOUT_S))
+    assert (stopped.code, stopped.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")

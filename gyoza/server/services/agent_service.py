@@ -205,10 +205,18 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             # This handler is the stream's only writer.
             while (message := await session.outbox.get()) is not None:
                 yield message
+            # The stream ends with the status of what ended it, never a bare OK: a
+            # message that does not parse, a lease run out, a newer session.
             if failures:
-                # The stream ends with the status of what ended it (a message that does
-                # not parse, a capacity refused...), never a bare OK.
                 raise failures[0]
+            if session.end_status is not None:
+                raise session.end_status
+            if ended and ended[0] is SessionState.LOST:
+                raise ApiError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "LEASE_EXPIRED",
+                    "the agent was silent past its lease; reconnect",
+                )
         finally:
             end(SessionState.DISCONNECTED)
             await asyncio.gather(*tasks, return_exceptions=True)
