@@ -103,8 +103,10 @@ def test_sigterm_ends_open_streams_and_exits_promptly(
         next(topic)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     assert server.popen.wait(20) == 0
-    with pytest.raises(EOFError):  # the agent's session ended cleanly
+    with pytest.raises(grpc.RpcError) as caught:  # the agent's session ended, to reconnect
         agent.receive("no-such-message", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert "shutting down" in caught.value.details()  # type: ignore[attr-defined]
     # Far less than the 30 s grace: nothing was left to wait for.
     assert time.monotonic() - started < 15
     assert "server stopped" in [e.get("msg") for e in server.log_events()]
