@@ -3,12 +3,11 @@
 The wiring, in order::
 
     Store.open(url)            applies migrations
-    Hub()                      fan-out of committed changes
-    RunController(store, hub)  the only code that changes runs; start() rebuilds the queue
-    SessionRegistry(scheduler) agent sessions
+    build_core(store)          hub, scheduler, sessions, controller (gyoza.server.bootstrap);
+                               controller.start() rebuilds the queue
     servicers                  DefinitionService, OpRunService, AgentService (+ health,
-                               reflection), behind the interceptors: call context
-                               (request id, access log, latency), errors, auth
+                               reflection v1 and v1alpha), behind the interceptors: call
+                               context (request id, access log, latency), errors, auth
 
 On SIGTERM (or SIGINT) the server reports NOT_SERVING, stops taking calls, ends the
 watch and subscription streams, lets in-flight calls finish within the shutdown grace,
@@ -41,6 +40,7 @@ from gyoza.api.v1 import (
 )
 from gyoza.server import metrics
 from gyoza.server.auth import AuthInterceptor, AuthPolicy
+from gyoza.server.bootstrap import build_core
 from gyoza.server.calls import CallInterceptor
 from gyoza.server.config import ConfigError, ServerConfig, split_listen
 from gyoza.server.control import RunController
@@ -193,14 +193,18 @@ class ControlPlane:
         # Opening applies the migrations: blocking work, off the event loop.
         self._store = store = await asyncio.to_thread(Store.open, config.database_url)
         try:
-            self._hub = hub = Hub()
+            core = build_core(
+                store, settings=config.control, max_outputs_bytes=config.max_json_bytes
+            )
+            self._hub = hub = core.hub
             gauge = RunStateGauge(hub)
-            self._controller = controller = RunController(store, hub, settings=config.control)
-            self._sessions = sessions = SessionRegistry(controller.scheduler)
+            self._controller = controller = core.controller
+            self._sessions = sessions = core.sessions
+            scheduler = core.scheduler
             await controller.start()
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
-            metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
+            metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queue_depth)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             self._built = built = build_server(
                 config, store=store, controller=controller, hub=hub, sessions=sessions

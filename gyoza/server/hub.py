@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2
 from gyoza.api.v1 import op_run_service_pb2 as service_pb
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventEntry
-from gyoza.server import mapping, metrics
+from gyoza.server import metrics
 
 if TYPE_CHECKING:
     from gyoza.server.store.records import TopicRecord

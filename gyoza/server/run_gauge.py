@@ -26,12 +26,6 @@ ACTIVE_STATES = (
 """The states ``gyoza_runs`` reports (FAILED: waiting for an automatic retry)."""
 
 
-def _is_active(run: OpRun) -> bool:
-    return not run.state.is_terminal or (
-        run.state is OpRunState.FAILED and run.next_retry_at is not None
-    )
-
-
 class RunStateGauge:
     """Follows the state of every active run to keep the run metrics exact.
 
@@ -58,7 +52,7 @@ class RunStateGauge:
         """Count the active runs in the store that no change has reported yet."""
         touched = self._touched or set()
         for run in await store.load_active_runs():
-            if run.id not in touched and _is_active(run):
+            if run.id not in touched and run.is_active:
                 self._set(run.id, run.state)
         self._touched = None
 
@@ -66,7 +60,7 @@ class RunStateGauge:
         """O(1): one dict update, and the two series whose count moved."""
         if self._touched is not None:
             self._touched.add(run.id)
-        if _is_active(run):
+        if run.is_active:
             self._set(run.id, run.state)
         else:
             self._set(run.id, None)

@@ -18,7 +18,7 @@ import pytest
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventDelivery, EventEntry
 from gyoza.models.timestamps import utc_now
-from gyoza.server.control import RunController
+from gyoza.server.bootstrap import build_core
 from gyoza.server.hub import Hub, HubClosed, PublishedOffsets, SubscriptionDropped
 from gyoza.server.services import run_streams
 from gyoza.server.store.records import TopicRecord
@@ -64,7 +64,7 @@ def test_a_full_queue_drops_the_subscriber() -> None:
 def test_a_dropped_watch_catches_up_from_the_store(tmp_path: Path) -> None:
     async def main(store: Store) -> None:
         hub = Hub(queue_size=2)
-        controller = RunController(store, hub)
+        controller = build_core(store, hub=hub).controller
         await controller.start()
         try:
             run = await controller.create_run(OpRun.create(image="busybox"))
@@ -88,7 +88,7 @@ def test_a_dropped_watch_catches_up_from_the_store(tmp_path: Path) -> None:
 def test_a_dropped_topic_subscriber_catches_up_from_the_store(tmp_path: Path) -> None:
     async def main(store: Store) -> None:
         hub = Hub(queue_size=1)
-        controller = RunController(store, hub)
+        controller = build_core(store, hub=hub).controller
         await controller.start()
 
         async def ready() -> None:

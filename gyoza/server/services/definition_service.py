@@ -10,11 +10,11 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import definition_service_pb2 as pb
 from gyoza.api.v1 import definition_service_pb2_grpc
 from gyoza.models.errors import FieldViolation, InvalidInput
 from gyoza.models.op_definition import OpDefinition
-from gyoza.server import mapping
 from gyoza.server.services import request_checks
 from gyoza.server.store.store import Store
 

@@ -13,12 +13,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_service_pb2 as pb
 from gyoza.api.v1 import op_run_service_pb2_grpc
 from gyoza.models.errors import AlreadyExists, FieldViolation, InvalidInput, NotFound
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import Constraints, EventDelivery, RetryPolicy
-from gyoza.server import mapping
 from gyoza.server.config import MAX_JSON_BYTES
 from gyoza.server.control import RunController
 from gyoza.server.hub import Hub

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2, resources_pb2
 from gyoza.api.v1 import op_run_service_pb2 as pb
 from gyoza.models.op_run import OpRun
-from gyoza.server import mapping
 from gyoza.server.control import RunController
 from gyoza.server.errors import ApiError
 from gyoza.server.hub import (
@@ -231,11 +231,7 @@ def _log_responses(
             op_run_pb2.LogLine(
                 number=record.number,
                 text=record.text,
-                stream=(
-                    op_run_pb2.LOG_STREAM_STDERR
-                    if record.stream == "stderr"
-                    else op_run_pb2.LOG_STREAM_STDOUT
-                ),
+                stream=mapping.log_stream_to_proto(record.stream),
                 time=mapping.timestamp_to_proto(record.t),
             )
         )
