@@ -414,11 +414,14 @@ class OpRun:
 
         Raises
         ------
+        InvalidInput
+            If *priority* is not an integer >= 0 (checked first).
         OpRunLockedException
             If the run is terminal.
-        InvalidInput
-            If *priority* is not an integer >= 0.
         """
+        violations = event_rules.priority_violations(priority)
+        if violations:
+            raise InvalidInput(violations)
         if self.is_locked:
             raise OpRunLockedException(
                 f"OpRun {self.id} is in terminal state {self.state.value}; "
