@@ -28,7 +28,6 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gyoza.api.v1 import (
     agent_service_pb2,
@@ -48,6 +47,7 @@ from gyoza.server.errors import ErrorInterceptor
 from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
+from gyoza.server.reflection import enable_reflection
 from gyoza.server.run_gauge import RunStateGauge
 from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
@@ -144,9 +144,7 @@ def build_server(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
     credentials = server_credentials(config)
     try:
         if credentials is None:
