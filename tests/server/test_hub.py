@@ -19,10 +19,11 @@ from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventDelivery, EventEntry
 from gyoza.models.timestamps import utc_now
 from gyoza.server.bootstrap import build_core
-from gyoza.server.hub import Hub, HubClosed, PublishedOffsets, SubscriptionDropped
+from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
 from gyoza.server.services import run_streams
 from gyoza.server.store.records import TopicRecord
 from gyoza.server.store.store import Store
+from gyoza.server.topic_order import PublishedOffsets
 
 T = TypeVar("T")
 
