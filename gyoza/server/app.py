@@ -53,6 +53,7 @@ from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
 from gyoza.server.services.op_run_service import OpRunServiceServicer
 from gyoza.server.sessions import SessionRegistry
+from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.store import Store
 
 log = logging.getLogger("gyoza.server")
@@ -112,7 +113,7 @@ class Built:
 def build_server(
     config: ServerConfig,
     *,
-    store: Store,
+    store: RunStore,
     controller: RunController,
     hub: Hub,
     sessions: SessionRegistry,
@@ -140,7 +141,10 @@ def build_server(
         server,
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentServiceServicer(controller, sessions, max_json_bytes=config.max_json_bytes), server
+        AgentServiceServicer(
+            controller, sessions, settings=config.control, max_json_bytes=config.max_json_bytes
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -15,7 +15,7 @@ from gyoza.models.op_run import OpRun
 from gyoza.models.resources import OpRunState
 from gyoza.server import metrics
 from gyoza.server.hub import Hub
-from gyoza.server.store.store import Store
+from gyoza.server.store.protocol import RunStore
 
 ACTIVE_STATES = (
     OpRunState.PENDING,
@@ -48,7 +48,7 @@ class RunStateGauge:
         self._finished: dict[OpRunState, Any] = {}  # a series appears once counted
         hub.add_run_listener(self._on_change)
 
-    async def seed(self, store: Store) -> None:
+    async def seed(self, store: RunStore) -> None:
         """Count the active runs in the store that no change has reported yet."""
         touched = self._touched or set()
         for run in await store.load_active_runs():

@@ -20,7 +20,7 @@ from gyoza import mapping
 from gyoza.api.v1 import agent_service_pb2, agent_service_pb2_grpc
 from gyoza.models.errors import MalformedReport, NotFound
 from gyoza.models.reports import AgentReport
-from gyoza.server.control import AckOut, HeldIn, NackOut, RunController
+from gyoza.server.control import AckOut, ControlSettings, HeldIn, NackOut, RunController
 from gyoza.server.errors import status_for
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 
@@ -38,10 +38,12 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         controller: RunController,
         sessions: SessionRegistry,
         *,
+        settings: ControlSettings,
         max_json_bytes: int = 1 << 20,
     ) -> None:
         self.controller = controller
         self.sessions = sessions
+        self.settings = settings
         self.max_json_bytes = max_json_bytes
 
     async def Connect(
@@ -77,7 +79,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         session.touch(loop.time())
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
         reconciliation = await self.controller.agent_connected(session.name, held)
-        settings = self.controller.settings
+        settings = self.settings
         welcome = agent_service_pb2.Welcome(
             session_id=session.session_id,
             heartbeat_interval=_duration(settings.heartbeat_interval_s),
@@ -234,7 +236,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def _lease(self, session: AgentSession) -> None:
         """Return when the agent has been silent past its lease."""
         loop = asyncio.get_running_loop()
-        lease = self.controller.settings.lease_timeout_s
+        lease = self.settings.lease_timeout_s
         while True:
             remaining = session.last_seen + lease - loop.time()
             if remaining <= 0:

@@ -25,8 +25,8 @@ from gyoza.server.hub import Hub
 from gyoza.server.limits import check_json_size
 from gyoza.server.services import request_checks, run_streams
 from gyoza.server.store import paging
+from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.records import RunFilter
-from gyoza.server.store.store import Store
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -56,7 +56,7 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     ----------
     controller : RunController
         Applies every change to runs.
-    store : Store
+    store : RunStore
         Reads of definitions, listings, events, logs and the topic log.
     hub : Hub
         Live changes for the streams.
@@ -67,7 +67,7 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     def __init__(
         self,
         controller: RunController,
-        store: Store,
+        store: RunStore,
         hub: Hub,
         *,
         max_json_bytes: int = MAX_JSON_BYTES,

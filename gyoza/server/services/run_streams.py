@@ -24,7 +24,6 @@ from gyoza.server.errors import ApiError
 from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
 from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.records import LogRecord
-from gyoza.server.store.store import Store
 from gyoza.server.topic_order import TopicFollower
 
 Ready = Callable[[], Awaitable[None]]
@@ -72,7 +71,7 @@ def _history(run: OpRun, after: int) -> list[tuple[int, op_run_pb2.OpRunEvent]]:
 
 
 async def watch_run(
-    store: Store, hub: Hub, run_id: str, after_sequence: int
+    store: RunStore, hub: Hub, run_id: str, after_sequence: int
 ) -> AsyncIterator[pb.WatchOpRunResponse]:
     """WatchOpRun: the snapshot, the events after *after_sequence*, then live changes.
 
@@ -171,7 +170,7 @@ async def _attempt_over(controller: RunController, run_id: str, attempt: int) ->
 
 async def read_logs(
     controller: RunController,
-    store: Store,
+    store: RunStore,
     hub: Hub,
     run_id: str,
     attempt: int,
