@@ -132,7 +132,7 @@ class TopicFollower:
             to resume.
         """
         # The hub imports PublishedOffsets from here: import it back at call time.
-        from gyoza.server.hub import SubscriptionDropped, TopicEntry
+        from gyoza.server.hub import HubClosed, SubscriptionDropped, TopicEntry
 
         store, hub, topic = self.store, self.hub, self.topic
         position = self.position
@@ -184,6 +184,8 @@ class TopicFollower:
                         entry = await subscription.get()
                         if entry.offset > covered:
                             heapq.heappush(held, entry)
+            except HubClosed:
+                raise  # a SubscriptionDropped too, but there is nothing to resubscribe to
             except SubscriptionDropped:
                 continue  # resubscribe, then catch up from the store
 

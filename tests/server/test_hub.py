@@ -23,7 +23,7 @@ from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
 from gyoza.server.services import run_streams
 from gyoza.server.store.records import TopicRecord
 from gyoza.server.store.store import Store
-from gyoza.server.topic_order import PublishedOffsets
+from gyoza.server.topic_order import PublishedOffsets, TopicFollower
 
 T = TypeVar("T")
 
@@ -347,5 +347,24 @@ def test_a_topic_stream_sends_every_record_once_in_order_whatever_the_publish_or
             await consumer
         await stream.aclose()
         assert received == expected
+
+    asyncio.run(main())
+
+
+def test_a_topic_follower_ends_when_the_hub_closes() -> None:
+    # HubClosed is a SubscriptionDropped: the follower must not resubscribe to it.
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        hub.publish_topic(store.commit("t"))
+        follower = TopicFollower(store, hub, "t", 0)  # type: ignore[arg-type]
+        stream = follower.follow(from_latest=False, ready=_ready)
+        assert (await anext(stream)).offset == 1
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        hub.close()
+        with pytest.raises(HubClosed):
+            await waiting
+        assert follower.position == 1
 
     asyncio.run(main())
