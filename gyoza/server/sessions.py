@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import agent_pb2, agent_service_pb2
 from gyoza.models.errors import NotFound
 from gyoza.models.op_run import OpRun
-from gyoza.server import mapping
 from gyoza.server.errors import ApiError
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
 
