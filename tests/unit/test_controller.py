@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -233,3 +233,44 @@ def test_client_rules_have_one_home() -> None:
             await rig.controller.set_priority(run.id, 3)
 
     run_with(scenario)
+
+
+def test_after_a_restart_an_agent_long_gone_is_lost_without_a_fresh_lease() -> None:
+    """A server restarting again and again must not re-arm a dead agent's lease: its
+    lease counts from when it was last heard, its reconnect window from the first
+    restart since then (both kept in the store)."""
+
+    async def main() -> None:
+        store = InMemoryStore()
+        settings = ControlSettings(lease_timeout_s=60, grace_s=60)
+
+        def controller(link: RecordingLink, scheduler: Scheduler) -> RunController:
+            return RunController(store, Hub(), scheduler, link, settings=settings)
+
+        link, scheduler = RecordingLink(), Scheduler()
+        first = controller(link, scheduler)
+        await first.start()
+        rig = Rig(store, scheduler, link, first)
+        rig.join("a1")
+        run = await first.create_run(OpRun.create(image="busybox"))
+        await rig.assigned()
+        await first.stop()
+
+        now = datetime.now(UTC)
+        gone = now - timedelta(seconds=1_000)
+        await store.record_agents_seen({"a1": gone})
+        await store.open_reconnect_windows({"a1": gone}, now - timedelta(seconds=500))
+
+        restarted = controller(RecordingLink(), Scheduler())  # a1 never comes back
+        await restarted.start()
+        try:
+            async with restarted.hub.subscribe_run(run.id) as changes:
+                await restarted.open_reconnect_windows()
+                while (await restarted.get_run(run.id)).attempts[0].state.on_agent:
+                    await asyncio.wait_for(changes.get(), 5)
+        finally:
+            await restarted.stop()
+        lost = (await store.get_run(run.id)).attempts[0]
+        assert lost.execution_summary.failure_class is FailureClass.AGENT_LOST
+
+    asyncio.run(main())
