@@ -8,7 +8,8 @@ so the command line, ``python -m gyoza.server`` and the environment agree.
 The functions called:
 
 * ``gyoza.server.app.main_server(*, listen, database, tls_cert, tls_key, tls_client_ca,
-  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace)``
+  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace,
+  starvation_s)``
 * ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
   ``gyoza.agent.config.AgentConfig.from_env(**flags)``
 * ``gyoza.dev.main_dev(*, database, listen, state_dir, executor)``
@@ -88,6 +89,13 @@ def _load(module: str, command: str) -> ModuleType:
     "--shutdown-grace",
     type=click.FloatRange(min=0),
     help="Seconds in-flight calls get on SIGTERM [env GYOZA_SHUTDOWN_GRACE; default 10].",
+)
+@click.option(
+    "--starvation-s",
+    type=click.FloatRange(min=0),
+    help="Bounded wait: once the first waiting run (highest priority, oldest) has been "
+    "overtaken this long, the agent where it fits soonest is held for it and takes no "
+    "new run until it starts [env GYOZA_STARVATION_S; default 60].",
 )
 def server(**options: Any) -> None:
     """Run the gyoza server (the control plane) until SIGTERM or Ctrl-C."""

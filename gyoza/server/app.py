@@ -345,6 +345,7 @@ def main_server(
     log_level: str | None = None,
     log_format: str | None = None,
     shutdown_grace: float | None = None,
+    starvation_s: float | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
@@ -364,6 +365,7 @@ def main_server(
             log_level=log_level,
             log_format=log_format,
             shutdown_grace=shutdown_grace,
+            starvation=starvation_s,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)

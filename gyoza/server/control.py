@@ -32,10 +32,17 @@ from gyoza.models.errors import (
     StaleAttempt,
 )
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import EventEntry, EventType, FailureClass, OpRunState
+from gyoza.models.resources import (
+    EventEntry,
+    EventType,
+    FailureClass,
+    OpRunState,
+    PendingReason,
+)
+from gyoza.models.timestamps import utc_now
 from gyoza.server import metrics
 from gyoza.server.hub import Hub
-from gyoza.server.scheduler import Placement, Scheduler
+from gyoza.server.scheduler import DEFAULT_STARVATION_S, Placement, Scheduler
 from gyoza.server.store import Store
 
 log = logging.getLogger("gyoza.control")
@@ -58,16 +65,21 @@ class ControlSettings:
     grace_s : float
         How long a lost agent's attempts wait for it to come back before they fail as
         ``AGENT_LOST``.
+    starvation_s : float
+        How long the first waiting run may be overtaken by runs that fit before an
+        agent is held for it (see :mod:`gyoza.server.scheduler`).
     """
 
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 15.0
     grace_s: float = 30.0
+    starvation_s: float = DEFAULT_STARVATION_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlSettings:
-        """Settings from ``GYOZA_HEARTBEAT_INTERVAL_S``, ``GYOZA_LEASE_TIMEOUT_S`` and
-        ``GYOZA_GRACE_S`` (seconds), defaults for the ones not set."""
+        """Settings from ``GYOZA_HEARTBEAT_INTERVAL_S``, ``GYOZA_LEASE_TIMEOUT_S``,
+        ``GYOZA_GRACE_S`` and ``GYOZA_STARVATION_S`` (seconds), defaults for the ones
+        not set."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -76,6 +88,7 @@ class ControlSettings:
             ),
             lease_timeout_s=float(env.get("GYOZA_LEASE_TIMEOUT_S", default.lease_timeout_s)),
             grace_s=float(env.get("GYOZA_GRACE_S", default.grace_s)),
+            starvation_s=float(env.get("GYOZA_STARVATION_S", default.starvation_s)),
         )
 
 
@@ -202,12 +215,15 @@ class RunController:
         self.store = store
         self.hub = hub
         self.settings = settings or ControlSettings()
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(starvation_s=self.settings.starvation_s)
         self.link: AgentLink = _NullLink()
         self._runs: dict[str, OpRun] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._retry_timers: dict[str, asyncio.TimerHandle] = {}
         self._lost_timers: dict[str, asyncio.TimerHandle] = {}
+        self._queue_timers: dict[str, asyncio.TimerHandle] = {}
+        # Wakes placement when the first waiting run crosses the starvation bound.
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # Agents a run must not go back to (they refused its current attempt).
         self._avoid: dict[str, frozenset[str]] = {}
@@ -252,10 +268,17 @@ class RunController:
     async def stop(self) -> None:
         """Stop timers and wait for background work to finish."""
         self._stopped = True
-        for handle in [*self._retry_timers.values(), *self._lost_timers.values()]:
+        for handle in [
+            *self._retry_timers.values(),
+            *self._lost_timers.values(),
+            *self._queue_timers.values(),
+        ]:
             handle.cancel()
         self._retry_timers.clear()
         self._lost_timers.clear()
+        self._queue_timers.clear()
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -303,6 +326,10 @@ class RunController:
                 "for a different request"
             )
         return live
+
+    def pending_reason(self, run_id: str) -> PendingReason | None:
+        """Why a pending run waits, as of the last placement pass (None otherwise)."""
+        return self.scheduler.pending_reason(run_id)
 
     async def get_run(self, run_id: str) -> OpRun:
         """The run: active runs from memory, the others from the store.
@@ -679,6 +706,8 @@ class RunController:
         before_retry: datetime | None,
     ) -> None:
         state = run.state
+        if state is not OpRunState.PENDING:
+            self._cancel_queue_timeout(run.id)
         if state is OpRunState.PENDING:
             if before is not OpRunState.PENDING:
                 self.scheduler.release(run.id)
@@ -697,6 +726,7 @@ class RunController:
                 self._request_place()
 
     def _enqueue(self, run: OpRun) -> None:
+        self._arm_queue_timeout(run)
         self.scheduler.enqueue(
             run.id,
             run.current_attempt,
@@ -720,6 +750,35 @@ class RunController:
         self._place_scheduled = False
         for placement in self.scheduler.place():
             self._spawn(self._assign(placement))
+        for run_id, attempt, reason in self.scheduler.take_new_reasons():
+            self._spawn(self._record_pending_reason(run_id, attempt, reason))
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        wake_at = self.scheduler.wake_at
+        if wake_at is not None and not self._stopped:
+            self._wake_timer = asyncio.get_running_loop().call_later(
+                max(wake_at - time.monotonic(), 0.0), self._request_place
+            )
+
+    async def _record_pending_reason(
+        self, run_id: str, attempt: int, reason: PendingReason
+    ) -> None:
+        """Record a reason that applies to the attempt for the first time, as an event."""
+
+        def op(run: OpRun) -> None:
+            if run.state is not OpRunState.PENDING or run.current_attempt != attempt:
+                raise _Skip()
+            run.add_event(
+                EventType.INFO.value,
+                f"waiting: {reason.message}",
+                {"pending_reason": reason.code.value, "message": reason.message},
+            )
+
+        try:
+            await self._mutate(run_id, op)
+        except (_Skip, NotFound):
+            return
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -822,6 +881,38 @@ class RunController:
                 reason="automatic retry after "
                 + (failure.value if failure is not None else "failure"),
             )
+
+        try:
+            await self._mutate(run_id, op)
+        except (_Skip, NotFound):
+            return
+
+    def _arm_queue_timeout(self, run: OpRun) -> None:
+        self._cancel_queue_timeout(run.id)
+        limit = run.constraints.queue_timeout_s
+        if limit is None:
+            return
+        waited = (utc_now() - run.queued_since()).total_seconds()
+        attempt = run.current_attempt
+        self._queue_timers[run.id] = asyncio.get_running_loop().call_later(
+            max(limit - waited, 0.0),
+            lambda: self._spawn(self._queue_timeout(run.id, attempt)),
+        )
+
+    def _cancel_queue_timeout(self, run_id: str) -> None:
+        handle = self._queue_timers.pop(run_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _queue_timeout(self, run_id: str, attempt: int) -> None:
+        """The attempt waited past its queue timeout: it fails as QUEUE_TIMEOUT (and is
+        retried or not by its policy)."""
+        self._queue_timers.pop(run_id, None)
+
+        def op(run: OpRun) -> None:
+            if run.state is not OpRunState.PENDING or run.current_attempt != attempt:
+                raise _Skip()
+            run.expire_in_queue((utc_now() - run.queued_since()).total_seconds())
 
         try:
             await self._mutate(run_id, op)

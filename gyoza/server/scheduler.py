@@ -1,23 +1,43 @@
 """Placement of pending runs on agents.
 
 The scheduler is a pure in-memory model: the pending queue in priority order and each
-agent's capacity and reservations. It does no I/O; the run controller feeds it changes
-and carries out the placements :meth:`Scheduler.place` returns. Placement is event-driven:
-the controller calls ``place()`` when a run is created, an attempt ends, an agent joins or
-reports capacity — never from a polling loop.
+agent's capacity, labels and reservations. It does no I/O; the run controller feeds it
+changes and carries out the placements :meth:`Scheduler.place` returns. Placement is
+event-driven: the controller calls ``place()`` when a run is created, an attempt ends,
+an agent joins or reports capacity, and at the one instant :attr:`Scheduler.wake_at`
+names (when a waiting run crosses the starvation bound) — never from a polling loop.
 
-A run holds its declared resources from assignment to its end: CPU, RAM and, on each GPU
-it gets, ``vram_mb`` of VRAM. VRAM is a budget per GPU: two runs share a GPU only while
-their VRAM fits. An agent is never over-committed.
+Rules (docs/scheduling.md states them for users):
+
+- A run holds its declared resources from assignment to its end: CPU, RAM and its GPUs.
+  An agent is never over-committed.
+- A run that states ``vram_mb`` reserves that much VRAM on each GPU it gets; runs share
+  a GPU while their VRAM fits. A run that asks for GPUs without a VRAM figure holds each
+  GPU it gets whole: nothing else is placed on it while it holds it.
+- A run goes only to an agent whose labels match its selector.
+- Higher priority first, first in first out within a priority, best fit. A run that does
+  not fit yet does not block the runs behind it, with one bound: once the first waiting
+  run that some agent could hold (if that agent's runs ended) has waited
+  ``starvation_s``, the agent with the fewest runs in its way is held for it: nothing new
+  is placed there until that run starts, so runs placed after it began to wait never
+  postpone it. Other agents keep taking other runs.
+- A run that is not placed in a pass carries a :class:`PendingReason`.
+
+Cost of a pass: one walk of the queue, plus one walk of the agents for each run placed
+and for each distinct shape of run that finds no room; runs of a shape already known not
+to fit are skipped without searching. It does not grow with pending runs times agents.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from gyoza.models.resources import Constraints
+from gyoza.models.resources import Constraints, PendingReason, PendingReasonCode
+from gyoza.models.selectors import LabelSelector
 
 
 @dataclass
@@ -33,6 +53,20 @@ class GpuSlot:
     health_reason: str = ""
     vram_reserved_mb: int = 0
     run_count: int = 0
+    #: Runs holding this GPU whole (0 or 1): while one does, nothing else goes here.
+    whole_count: int = 0
+
+    def takes(self, need: Constraints) -> bool:
+        """Whether a run with this need may be placed on this GPU now."""
+        if not self.healthy:
+            return False
+        if need.holds_whole_gpu:
+            return self.run_count == 0
+        return self.whole_count == 0 and self.vram_available_mb >= need.vram_mb
+
+    def could_take(self, need: Constraints) -> bool:
+        """Whether the run could be placed here if nothing else held this GPU."""
+        return self.healthy and (need.holds_whole_gpu or self.vram_total_mb >= need.vram_mb)
 
     @property
     def vram_available_mb(self) -> int:
@@ -54,6 +88,8 @@ class Reservation:
     ram_mb: int
     vram_mb: int
     gpu_ids: tuple[int, ...]
+    #: True when the attempt holds its GPUs whole.
+    whole_gpu: bool = False
 
 
 @dataclass
@@ -67,6 +103,7 @@ class AgentSlot:
     reservations: dict[str, Reservation] = field(default_factory=dict)
     connected: bool = True
     draining: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
     #: CPU cores reserved by the runs on this agent (kept as runs come and go).
     cpu_reserved: float = 0.0
     #: Memory reserved by the runs on this agent.
@@ -76,6 +113,18 @@ class AgentSlot:
     def accepts_work(self) -> bool:
         """True when new runs may be placed here."""
         return self.connected and not self.draining
+
+    def could_hold(self, need: Constraints) -> bool:
+        """Whether the run would fit here if this agent's current runs all ended."""
+        if need.cpu > self.cpu + 1e-9 or need.ram_mb > self.ram_mb:
+            return False
+        count = need.gpus_needed
+        if count == 0:
+            return True
+        if need.gpu_id is not None:
+            gpu = self.gpus.get(need.gpu_id)
+            return gpu is not None and gpu.could_take(need)
+        return sum(1 for g in self.gpus.values() if g.could_take(need)) >= count
 
 
 @dataclass(frozen=True)
@@ -97,6 +146,12 @@ class _Pending:
     created_at: datetime
     constraints: Constraints
     avoid: frozenset[str] = frozenset()
+    #: When it joined the queue (the scheduler's clock), for the starvation bound.
+    queued_at: float = 0.0
+    selector: LabelSelector = field(default_factory=LabelSelector)
+    reason: PendingReason | None = None
+    #: Reason codes already handed out by :meth:`Scheduler.take_new_reasons`.
+    recorded: set[PendingReasonCode] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[int, datetime, str]:
@@ -104,15 +159,40 @@ class _Pending:
         return (-self.priority, self.created_at, self.run_id)
 
 
-class Scheduler:
-    """Pending queue and agent reservations; decides placements."""
+#: Default bound on how long the first waiting run may be overtaken, in seconds.
+DEFAULT_STARVATION_S = 60.0
 
-    def __init__(self) -> None:
+
+class Scheduler:
+    """Pending queue and agent reservations; decides placements.
+
+    Parameters
+    ----------
+    starvation_s : float
+        How long the first waiting run (highest priority, oldest) that some agent could
+        hold may be overtaken by runs that fit, before an agent is held for it.
+    clock : Callable[[], float]
+        Monotonic seconds; the controller passes its event loop's clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        starvation_s: float = DEFAULT_STARVATION_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.starvation_s = starvation_s
+        self._clock = clock
         self._queue: list[tuple[tuple[int, datetime, str], _Pending]] = []
         self._pending: dict[str, _Pending] = {}
         self.agents: dict[str, AgentSlot] = {}
         # run id -> agent name, for every reservation
         self._holder: dict[str, str] = {}
+        # The agent held for a starving run, and that run: nothing else goes there.
+        self._room_for: str | None = None
+        self._room_on: str | None = None
+        self._wake_at: float | None = None
+        self._new_reasons: dict[str, tuple[int, PendingReason]] = {}
 
     # ------------------------------------------------------------------
     # Queue
@@ -134,10 +214,24 @@ class Scheduler:
         created_at: datetime,
         constraints: Constraints,
         avoid: frozenset[str] = frozenset(),
+        queued_at: float | None = None,
     ) -> None:
-        """Add (or replace) a pending run."""
+        """Add (or replace) a pending run; ``queued_at`` (default: now) starts its wait."""
+        old = self._pending.get(run_id)
         self.dequeue(run_id)
-        entry = _Pending(run_id, attempt, priority, created_at, constraints, avoid)
+        entry = _Pending(
+            run_id,
+            attempt,
+            priority,
+            created_at,
+            constraints,
+            avoid,
+            queued_at=self._clock() if queued_at is None else queued_at,
+            selector=constraints.label_selector(),
+        )
+        if old is not None and old.attempt == attempt:
+            entry.reason = old.reason
+            entry.recorded = old.recorded
         self._pending[run_id] = entry
         bisect.insort(self._queue, (entry.key, entry), key=lambda item: item[0])
 
@@ -146,6 +240,9 @@ class Scheduler:
         entry = self._pending.pop(run_id, None)
         if entry is None:
             return False
+        self._new_reasons.pop(run_id, None)
+        if run_id == self._room_for:
+            self._room_for = self._room_on = None
         index = bisect.bisect_left(self._queue, entry.key, key=lambda item: item[0])
         while self._queue[index][1] is not entry:
             index += 1
@@ -163,7 +260,44 @@ class Scheduler:
                 entry.created_at,
                 entry.constraints,
                 entry.avoid,
+                entry.queued_at,
             )
+
+    def pending_reason(self, run_id: str) -> PendingReason | None:
+        """Why a pending run was not placed in the last pass (None before its first)."""
+        entry = self._pending.get(run_id)
+        return None if entry is None else entry.reason
+
+    def take_new_reasons(self) -> list[tuple[str, int, PendingReason]]:
+        """(run id, attempt, reason) for each reason code that applied to a pending
+        attempt for the first time since the last call; each code once per attempt."""
+        taken = [
+            (run_id, attempt, reason) for run_id, (attempt, reason) in self._new_reasons.items()
+        ]
+        self._new_reasons.clear()
+        return taken
+
+    @property
+    def unschedulable_count(self) -> int:
+        """Pending runs that no connected agent could take even if it were idle."""
+        return sum(
+            1
+            for e in self._pending.values()
+            if e.reason is not None and e.reason.code.unschedulable
+        )
+
+    @property
+    def wake_at(self) -> float | None:
+        """When (on the scheduler's clock) ``place()`` must run again although nothing
+        changed: the first waiting run then crosses the starvation bound."""
+        return self._wake_at
+
+    @property
+    def held_agent(self) -> tuple[str, str] | None:
+        """(agent, run id) while an agent is held for a starving run."""
+        if self._room_on is None or self._room_for is None:
+            return None
+        return self._room_on, self._room_for
 
     # ------------------------------------------------------------------
     # Agents
@@ -177,11 +311,15 @@ class Scheduler:
         gpus: list[GpuSlot],
         connected: bool = True,
         draining: bool | None = None,
+        labels: dict[str, str] | None = None,
     ) -> AgentSlot:
-        """Add an agent or refresh its capacity, keeping its reservations."""
+        """Add an agent or refresh its capacity, keeping its reservations (and its
+        labels when ``labels`` is None)."""
         slot = self.agents.get(name)
         if slot is None:
             slot = self.agents[name] = AgentSlot(name=name)
+        if labels is not None:
+            slot.labels = dict(labels)
         slot.cpu = cpu
         slot.ram_mb = ram_mb
         slot.connected = connected
@@ -192,6 +330,7 @@ class Scheduler:
             old = slot.gpus.get(gpu.index)
             gpu.vram_reserved_mb = old.vram_reserved_mb if old else 0
             gpu.run_count = old.run_count if old else 0
+            gpu.whole_count = old.whole_count if old else 0
             fresh[gpu.index] = gpu
         # A GPU that disappeared but still has reservations stays, unhealthy, so that
         # what is reserved on it is not forgotten.
@@ -247,6 +386,7 @@ class Scheduler:
             ram_mb=constraints.ram_mb,
             vram_mb=constraints.vram_mb,
             gpu_ids=gpu_ids,
+            whole_gpu=constraints.holds_whole_gpu,
         )
         slot.reservations[run_id] = reservation
         slot.cpu_reserved += reservation.cpu
@@ -259,6 +399,7 @@ class Scheduler:
                 )
             gpu.vram_reserved_mb += constraints.vram_mb
             gpu.run_count += 1
+            gpu.whole_count += int(reservation.whole_gpu)
         self._holder[run_id] = agent
         return reservation
 
@@ -280,31 +421,48 @@ class Scheduler:
             if gpu is not None:
                 gpu.vram_reserved_mb -= reservation.vram_mb
                 gpu.run_count -= 1
+                gpu.whole_count -= int(reservation.whole_gpu)
         return reservation
 
     # ------------------------------------------------------------------
     # Placement
     # ------------------------------------------------------------------
-    def place(self) -> list[Placement]:
+    def place(self, now: float | None = None) -> list[Placement]:
         """Place every pending run that fits, in priority order, best fit first.
 
-        A run that fits nowhere stays queued and does not block the runs behind it. The
+        A run that fits nowhere stays queued with a reason and does not block the runs
+        behind it, except on an agent held for a starving run (see the module). The
         chosen resources are reserved before this returns.
         """
-        if not self._pending or not any(a.accepts_work for a in self.agents.values()):
-            return []
+        now = self._clock() if now is None else now
+        self._wake_at = None
+        self._check_hold()
         placements: list[Placement] = []
         # Shapes that found no room in this pass: a run needing as much or more of
         # everything cannot fit either, so it is skipped without searching.
         misses: list[Constraints] = []
+        reasons: dict[tuple[object, ...], PendingReason] = {}
+        candidate_seen = False
         for _, entry in list(self._queue):
             need = entry.constraints
-            if not entry.avoid and any(_covers(need, miss) for miss in misses):
+            held_for_it = entry.run_id == self._room_for
+            skip = None if held_for_it else self._room_on
+            plain = not entry.avoid and not held_for_it
+            if plain and any(_covers(need, miss) for miss in misses):
+                self._set_reason(entry, self._reason(entry, reasons))
                 continue
-            choice = self._best_fit(need, entry.avoid)
+            choice = self._best_fit(entry, skip)
             if choice is None:
-                if not entry.avoid:
+                if plain:
                     misses.append(need)
+                reason = self._reason(entry, reasons)
+                if not candidate_seen and self._room_on is None and not reason.code.unschedulable:
+                    candidate_seen = True
+                    if now - entry.queued_at >= self.starvation_s:
+                        reason = self._hold_for(entry) or reason
+                    else:
+                        self._wake_at = entry.queued_at + self.starvation_s
+                self._set_reason(entry, reason)
                 continue
             slot, gpu_ids = choice
             self.dequeue(entry.run_id)
@@ -320,16 +478,115 @@ class Scheduler:
             )
         return placements
 
+    def _check_hold(self) -> None:
+        """Drop the hold when its run left the queue or its agent can no longer hold it."""
+        if self._room_for is None:
+            return
+        entry = self._pending.get(self._room_for)
+        slot = self.agents.get(self._room_on or "")
+        if (
+            entry is None
+            or slot is None
+            or not slot.accepts_work
+            or slot.name in entry.avoid
+            or not entry.selector.matches(slot.labels)
+            or not slot.could_hold(entry.constraints)
+        ):
+            self._room_for = self._room_on = None
+
+    def _hold_for(self, entry: _Pending) -> PendingReason | None:
+        """Hold the agent where the starving run fits soonest: of those that could hold
+        it, the one with the fewest runs in its way."""
+        best: tuple[tuple[int, float, str], AgentSlot] | None = None
+        for slot in self._eligible(entry):
+            if not slot.could_hold(entry.constraints):
+                continue
+            score = (len(slot.reservations), slot.cpu_reserved, slot.name)
+            if best is None or score < best[0]:
+                best = (score, slot)
+        if best is None:
+            return None
+        self._room_for, self._room_on = entry.run_id, best[1].name
+        return self._making_room(entry)
+
+    def _making_room(self, entry: _Pending) -> PendingReason:
+        return PendingReason(
+            PendingReasonCode.MAKING_ROOM,
+            f"waited more than {self.starvation_s:g}s; room is being made for it on agent "
+            f"{self._room_on} (no new run is placed there until it starts)",
+        )
+
+    def _set_reason(self, entry: _Pending, reason: PendingReason) -> None:
+        if entry.reason != reason:
+            entry.reason = reason
+        if reason.code not in entry.recorded:
+            entry.recorded.add(reason.code)
+            self._new_reasons[entry.run_id] = (entry.attempt, reason)
+
+    def _eligible(self, entry: _Pending) -> list[AgentSlot]:
+        """Agents that take work, that the run does not avoid and whose labels match."""
+        return [
+            slot
+            for slot in self.agents.values()
+            if slot.accepts_work
+            and slot.name not in entry.avoid
+            and entry.selector.matches(slot.labels)
+        ]
+
+    def _reason(
+        self, entry: _Pending, cache: dict[tuple[object, ...], PendingReason]
+    ) -> PendingReason:
+        """Why the run was not placed; computed once per shape of run in a pass."""
+        if entry.run_id == self._room_for:
+            return self._making_room(entry)
+        need = entry.constraints
+        key = (
+            need.cpu,
+            need.ram_mb,
+            need.vram_mb,
+            need.gpus_needed,
+            need.gpu_id,
+            need.selector,
+            entry.avoid,
+        )
+        reason = cache.get(key)
+        if reason is None:
+            reason = cache[key] = self._explain(entry)
+        return reason
+
+    def _explain(self, entry: _Pending) -> PendingReason:
+        need = entry.constraints
+        taking = [s for s in self.agents.values() if s.accepts_work]
+        if not taking:
+            return PendingReason(PendingReasonCode.NO_AGENT, "no connected agent takes work")
+        if all(s.name in entry.avoid for s in taking):
+            return PendingReason(
+                PendingReasonCode.NO_AGENT, "the only agents that take work refused it"
+            )
+        eligible = self._eligible(entry)
+        if not eligible:
+            return PendingReason(
+                PendingReasonCode.SELECTOR_UNMATCHED, f"no agent matches selector {entry.selector}"
+            )
+        if any(s.could_hold(need) for s in eligible):
+            return PendingReason(
+                PendingReasonCode.AGENTS_BUSY, "every agent that could take it is busy"
+            )
+        return _unschedulable(need, eligible)
+
     def _best_fit(
-        self, need: Constraints, avoid: frozenset[str]
+        self, entry: _Pending, skip: str | None
     ) -> tuple[AgentSlot, tuple[int, ...]] | None:
+        need = entry.constraints
         best: tuple[tuple[float, float, float, str], AgentSlot, tuple[int, ...]] | None = None
         for slot in self.agents.values():
-            if not slot.accepts_work or slot.name in avoid:
+            if not slot.accepts_work or slot.name in entry.avoid or slot.name == skip:
                 continue
             cpu_left = slot.cpu - slot.cpu_reserved - need.cpu
             ram_left = slot.ram_mb - slot.ram_reserved_mb - need.ram_mb
             if cpu_left < -1e-9 or ram_left < 0:
+                continue
+            if not entry.selector.matches(slot.labels):
                 continue
             gpu_ids = _pick_gpus(slot, need)
             if gpu_ids is None:
@@ -342,6 +599,56 @@ class Scheduler:
         return None if best is None else (best[1], best[2])
 
 
+def _unschedulable(need: Constraints, agents: list[AgentSlot]) -> PendingReason:
+    """The first thing the run needs that no eligible agent has, in words."""
+    largest_cpu = max(s.cpu for s in agents)
+    if need.cpu > largest_cpu + 1e-9:
+        return PendingReason(
+            PendingReasonCode.INSUFFICIENT_CPU,
+            f"needs {need.cpu:g} CPU; the largest agent has {largest_cpu:g}",
+        )
+    largest_ram = max(s.ram_mb for s in agents)
+    if need.ram_mb > largest_ram:
+        return PendingReason(
+            PendingReasonCode.INSUFFICIENT_RAM,
+            f"needs {need.ram_mb} MB RAM; the largest agent has {largest_ram} MB",
+        )
+    count = need.gpus_needed
+    plural = "GPU" if count == 1 else "GPUs"
+    healthy = [[g for g in s.gpus.values() if g.healthy] for s in agents]
+    if need.gpu_id is not None:
+        pinned = [g for gpus in healthy for g in gpus if g.index == need.gpu_id]
+        if not pinned:
+            return PendingReason(
+                PendingReasonCode.GPU_NOT_FOUND,
+                f"needs GPU {need.gpu_id}; no agent has a healthy GPU {need.gpu_id}",
+            )
+        healthy = [pinned]
+    most = max(len(gpus) for gpus in healthy)
+    if most == 0:
+        return PendingReason(
+            PendingReasonCode.INSUFFICIENT_GPU, f"needs {count} {plural}; no agent has a GPU"
+        )
+    if most < count:
+        return PendingReason(
+            PendingReasonCode.INSUFFICIENT_GPU,
+            f"needs {count} {plural}; the most on one agent is {most}",
+        )
+    if need.vram_mb:
+        largest_vram = max(g.vram_total_mb for gpus in healthy for g in gpus)
+        if need.vram_mb > largest_vram:
+            return PendingReason(
+                PendingReasonCode.INSUFFICIENT_VRAM,
+                f"needs {need.vram_mb} MB VRAM on one GPU; the largest GPU has {largest_vram} MB",
+            )
+    return PendingReason(
+        PendingReasonCode.NO_SINGLE_AGENT_FITS,
+        "no single agent has everything it needs at once "
+        f"({need.cpu:g} CPU, {need.ram_mb} MB RAM, {count} {plural}"
+        + (f" with {need.vram_mb} MB VRAM each)" if need.vram_mb else ")"),
+    )
+
+
 def _pick_gpus(slot: AgentSlot, need: Constraints) -> tuple[int, ...] | None:
     """The GPUs of an agent that fit the run best, or None when they do not fit."""
     count = need.gpus_needed
@@ -349,10 +656,10 @@ def _pick_gpus(slot: AgentSlot, need: Constraints) -> tuple[int, ...] | None:
         return ()
     if need.gpu_id is not None:
         gpu = slot.gpus.get(need.gpu_id)
-        if gpu is None or not gpu.healthy or gpu.vram_available_mb < need.vram_mb:
+        if gpu is None or not gpu.takes(need):
             return None
         return (gpu.index,)
-    fitting = [g for g in slot.gpus.values() if g.healthy and g.vram_available_mb >= need.vram_mb]
+    fitting = [g for g in slot.gpus.values() if g.takes(need)]
     if len(fitting) < count:
         return None
     # Tightest GPUs first, so that large free GPUs stay free for large runs.
@@ -361,10 +668,13 @@ def _pick_gpus(slot: AgentSlot, need: Constraints) -> tuple[int, ...] | None:
 
 
 def _covers(need: Constraints, miss: Constraints) -> bool:
-    """True when ``need`` asks at least as much as ``miss`` in every dimension."""
+    """True when ``need`` asks at least as much as ``miss`` in every dimension, of the
+    same kind (whole or shared GPUs) and with the same selector."""
     return (
         need.gpu_id is None
         and miss.gpu_id is None
+        and need.selector == miss.selector
+        and need.holds_whole_gpu == miss.holds_whole_gpu
         and need.cpu >= miss.cpu
         and need.ram_mb >= miss.ram_mb
         and need.vram_mb >= miss.vram_mb

@@ -117,7 +117,7 @@ def test_unknown_keys_are_refused() -> None:
     ]
     assert problems("name: a\nimage: c\nconstraints: {gpus: 1}\n") == [
         "op.yaml: constraints.gpus: unknown key (expected one of cpu, ram_mb, vram_mb, "
-        "gpu_count, gpu_id, timeout_s)"
+        "gpu_count, gpu_id, timeout_s, queue_timeout_s, selector)"
     ]
 
 
