@@ -165,7 +165,7 @@ def test_wrong_scalar_types() -> None:
         "op.yaml: constraints.timeout_s: expected a finite number, got inf",
         "op.yaml: retry_policy.backoff_multiplier: expected a number, got 'x'",
         "op.yaml: retry_policy.retry_on[1]: expected one of EXIT_CODE, OOM, TIMEOUT, "
-        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, got 'SOMETIMES'",
+        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, QUEUE_TIMEOUT, got 'SOMETIMES'",
         "op.yaml: event_delivery.topic: expected a string, got 3",
         "op.yaml: event_delivery.attributes.a: expected a string, got a list",
     ]
@@ -178,7 +178,7 @@ def test_sections_of_the_wrong_shape() -> None:
         "description}, got a list",
         "op.yaml: constraints: expected a mapping, got 4",
         "op.yaml: retry_policy.retry_on: expected a list of EXIT_CODE, OOM, TIMEOUT, "
-        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, got 'OOM'",
+        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, QUEUE_TIMEOUT, got 'OOM'",
     ]
 
 
