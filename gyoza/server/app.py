@@ -201,6 +201,12 @@ class ControlPlane:
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
+            metrics.RUNS_UNSCHEDULABLE.set_function(
+                lambda: controller.scheduler.unschedulable_count
+            )
+            metrics.AGENTS_HELD.set_function(
+                lambda: 0 if controller.scheduler.held_agent is None else 1
+            )
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             self._built = built = build_server(
                 config, store=store, controller=controller, hub=hub, sessions=sessions

@@ -38,6 +38,7 @@ from gyoza.models.resources import (
     FailureClass,
     OpRunState,
     PendingReason,
+    PendingReasonCode,
 )
 from gyoza.models.timestamps import utc_now
 from gyoza.server import metrics
@@ -224,6 +225,10 @@ class RunController:
         self._queue_timers: dict[str, asyncio.TimerHandle] = {}
         # Wakes placement when the first waiting run crosses the starvation bound.
         self._wake_timer: asyncio.TimerHandle | None = None
+        # Until then (one lease timeout after start, while agents reconnect) pending
+        # reasons are shown but not yet recorded as events: "no agent" right after a
+        # restart says nothing about the run.
+        self._record_reasons_from = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         # Agents a run must not go back to (they refused its current attempt).
         self._avoid: dict[str, frozenset[str]] = {}
@@ -238,6 +243,7 @@ class RunController:
         runs that agents hold, and the automatic retry timers."""
         runs = await self.store.load_active_runs()
         loop = asyncio.get_running_loop()
+        self._record_reasons_from = time.monotonic() + self.settings.lease_timeout_s
         holders: set[str] = set()
         for run in runs:
             self._runs[run.id] = run
@@ -734,6 +740,7 @@ class RunController:
             run.created_at,
             run.constraints,
             self._avoid.pop(run.id, frozenset()),
+            recorded=_recorded_reasons(run),
         )
 
     # ------------------------------------------------------------------
@@ -750,12 +757,16 @@ class RunController:
         self._place_scheduled = False
         for placement in self.scheduler.place():
             self._spawn(self._assign(placement))
-        for run_id, attempt, reason in self.scheduler.take_new_reasons():
-            self._spawn(self._record_pending_reason(run_id, attempt, reason))
+        now = time.monotonic()
+        if now >= self._record_reasons_from:
+            for run_id, attempt, reason in self.scheduler.take_new_reasons():
+                self._spawn(self._record_pending_reason(run_id, attempt, reason))
         if self._wake_timer is not None:
             self._wake_timer.cancel()
             self._wake_timer = None
         wake_at = self.scheduler.wake_at
+        if now < self._record_reasons_from and self.scheduler.queue_depth:
+            wake_at = min(wake_at or self._record_reasons_from, self._record_reasons_from)
         if wake_at is not None and not self._stopped:
             self._wake_timer = asyncio.get_running_loop().call_later(
                 max(wake_at - time.monotonic(), 0.0), self._request_place
@@ -963,6 +974,17 @@ class RunController:
             except (_Skip, NotFound):
                 continue
         log.warning("agent lost", extra={"agent": agent, "runs": len(held)})
+
+
+def _recorded_reasons(run: OpRun) -> frozenset[PendingReasonCode]:
+    """Pending reasons already recorded as events of the current attempt (so that a
+    restarted server does not record them again)."""
+    codes = set()
+    for entry in run.events:
+        code = entry.payload.get("pending_reason") if entry.type == EventType.INFO else None
+        if isinstance(code, str) and code in PendingReasonCode.__members__:
+            codes.add(PendingReasonCode(code))
+    return frozenset(codes)
 
 
 class _Skip(Exception):

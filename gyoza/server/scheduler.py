@@ -215,8 +215,10 @@ class Scheduler:
         constraints: Constraints,
         avoid: frozenset[str] = frozenset(),
         queued_at: float | None = None,
+        recorded: frozenset[PendingReasonCode] = frozenset(),
     ) -> None:
-        """Add (or replace) a pending run; ``queued_at`` (default: now) starts its wait."""
+        """Add (or replace) a pending run; ``queued_at`` (default: now) starts its wait;
+        ``recorded`` are reason codes already recorded for this attempt."""
         old = self._pending.get(run_id)
         self.dequeue(run_id)
         entry = _Pending(
@@ -228,10 +230,11 @@ class Scheduler:
             avoid,
             queued_at=self._clock() if queued_at is None else queued_at,
             selector=constraints.label_selector(),
+            recorded=set(recorded),
         )
         if old is not None and old.attempt == attempt:
             entry.reason = old.reason
-            entry.recorded = old.recorded
+            entry.recorded |= old.recorded
         self._pending[run_id] = entry
         bisect.insort(self._queue, (entry.key, entry), key=lambda item: item[0])
 
