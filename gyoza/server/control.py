@@ -780,6 +780,8 @@ class RunController:
         def op(run: OpRun) -> None:
             if run.state is not OpRunState.PENDING or run.current_attempt != attempt:
                 raise _Skip()
+            # Watchers get the reason with the event that records it.
+            run.pending_reason = reason
             run.add_event(
                 EventType.INFO.value,
                 f"waiting: {reason.message}",

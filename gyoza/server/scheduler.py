@@ -23,9 +23,14 @@ Rules (docs/scheduling.md states them for users):
   postpone it. Other agents keep taking other runs.
 - A run that is not placed in a pass carries a :class:`PendingReason`.
 
-Cost of a pass: one walk of the queue, plus one walk of the agents for each run placed
-and for each distinct shape of run that finds no room; runs of a shape already known not
-to fit are skipped without searching. It does not grow with pending runs times agents.
+Cost of a pass. After a pass no queued run fits anywhere (but on a held agent), and room
+on an agent only grows when a run is released or the agent changes. So a pass searches
+all agents only for runs queued since the last pass, and for every other run only the
+agents whose room grew since ("dirty" agents); runs of a shape already known not to fit
+are skipped without searching. Reasons are worked out again only when the fleet itself
+changed (an agent joined, left, drained or reported other capacity), once per distinct
+shape of run. A pass after one run ends costs one walk of the queue, not pending runs
+times agents.
 """
 
 from __future__ import annotations
@@ -193,6 +198,12 @@ class Scheduler:
         self._room_on: str | None = None
         self._wake_at: float | None = None
         self._new_reasons: dict[str, tuple[int, PendingReason]] = {}
+        # What changed since the last pass: runs queued, agents whose room grew, and a
+        # counter of changes to the fleet itself (what reasons are worked out from).
+        self._dirty_runs: set[str] = set()
+        self._dirty_agents: set[str] = set()
+        self._fleet_version = 0
+        self._reasons_version = -1
 
     # ------------------------------------------------------------------
     # Queue
@@ -236,6 +247,7 @@ class Scheduler:
             entry.reason = old.reason
             entry.recorded |= old.recorded
         self._pending[run_id] = entry
+        self._dirty_runs.add(run_id)
         bisect.insort(self._queue, (entry.key, entry), key=lambda item: item[0])
 
     def dequeue(self, run_id: str) -> bool:
@@ -244,8 +256,9 @@ class Scheduler:
         if entry is None:
             return False
         self._new_reasons.pop(run_id, None)
+        self._dirty_runs.discard(run_id)
         if run_id == self._room_for:
-            self._room_for = self._room_on = None
+            self._clear_hold()
         index = bisect.bisect_left(self._queue, entry.key, key=lambda item: item[0])
         while self._queue[index][1] is not entry:
             index += 1
@@ -321,6 +334,8 @@ class Scheduler:
         slot = self.agents.get(name)
         if slot is None:
             slot = self.agents[name] = AgentSlot(name=name)
+            self._fleet_version += 1
+        before = _fleet_view(slot), _room_view(slot)
         if labels is not None:
             slot.labels = dict(labels)
         slot.cpu = cpu
@@ -343,6 +358,12 @@ class Scheduler:
                 old.health_reason = "no longer reported by the agent"
                 fresh[index] = old
         slot.gpus = fresh
+        fleet, room = _fleet_view(slot), _room_view(slot)
+        if fleet != before[0]:
+            self._fleet_version += 1
+            self._dirty_agents.add(name)
+        elif room != before[1]:
+            self._dirty_agents.add(name)
         return slot
 
     def ensure_agent(self, name: str) -> AgentSlot:
@@ -355,13 +376,27 @@ class Scheduler:
 
     def set_connected(self, name: str, connected: bool) -> None:
         """Mark an agent connected or not; disconnected agents take no new runs."""
-        if name in self.agents:
-            self.agents[name].connected = connected
+        slot = self.agents.get(name)
+        if slot is not None and slot.connected != connected:
+            slot.connected = connected
+            self._fleet_changed(name)
 
     def set_draining(self, name: str, draining: bool) -> None:
         """Mark an agent draining: it keeps its runs and takes no new ones."""
-        if name in self.agents:
-            self.agents[name].draining = draining
+        slot = self.agents.get(name)
+        if slot is not None and slot.draining != draining:
+            slot.draining = draining
+            self._fleet_changed(name)
+
+    def _fleet_changed(self, name: str) -> None:
+        self._fleet_version += 1
+        self._dirty_agents.add(name)
+
+    def _clear_hold(self) -> None:
+        if self._room_on is not None:
+            # Its room is open to every run again.
+            self._dirty_agents.add(self._room_on)
+        self._room_for = self._room_on = None
 
     # ------------------------------------------------------------------
     # Reservations
@@ -425,6 +460,7 @@ class Scheduler:
                 gpu.vram_reserved_mb -= reservation.vram_mb
                 gpu.run_count -= 1
                 gpu.whole_count -= int(reservation.whole_gpu)
+        self._dirty_agents.add(agent)
         return reservation
 
     # ------------------------------------------------------------------
@@ -440,25 +476,46 @@ class Scheduler:
         now = self._clock() if now is None else now
         self._wake_at = None
         self._check_hold()
+        dirty_runs, self._dirty_runs = self._dirty_runs, set()
+        dirty_agents = [self.agents[n] for n in sorted(self._dirty_agents) if n in self.agents]
+        self._dirty_agents = set()
+        explain_all = self._reasons_version != self._fleet_version
+        self._reasons_version = self._fleet_version
+        everyone = list(self.agents.values())
         placements: list[Placement] = []
         # Shapes that found no room in this pass: a run needing as much or more of
-        # everything cannot fit either, so it is skipped without searching.
-        misses: list[Constraints] = []
+        # everything cannot fit either, so it is skipped without searching. A miss of a
+        # run searched on the dirty agents only says nothing about the other agents.
+        misses_everywhere: list[Constraints] = []
+        misses_dirty: list[Constraints] = []
         reasons: dict[tuple[object, ...], PendingReason] = {}
         candidate_seen = False
         for _, entry in list(self._queue):
             need = entry.constraints
             held_for_it = entry.run_id == self._room_for
-            skip = None if held_for_it else self._room_on
+            # The held agent's room may have grown before this pass: search it for the
+            # run it is held for.
+            fresh = entry.run_id in dirty_runs or held_for_it
             plain = not entry.avoid and not held_for_it
-            if plain and any(_covers(need, miss) for miss in misses):
-                self._set_reason(entry, self._reason(entry, reasons))
-                continue
-            choice = self._best_fit(entry, skip)
+            covered = plain and (
+                any(_covers(need, miss) for miss in misses_everywhere)
+                or (not fresh and any(_covers(need, miss) for miss in misses_dirty))
+            )
+            choice = None
+            if not covered and (fresh or dirty_agents):
+                skip = None if held_for_it else self._room_on
+                choice = self._best_fit(entry, everyone if fresh else dirty_agents, skip)
+                if choice is None and plain:
+                    (misses_everywhere if fresh else misses_dirty).append(need)
             if choice is None:
-                if plain:
-                    misses.append(need)
-                reason = self._reason(entry, reasons)
+                reason = entry.reason
+                if (
+                    reason is None
+                    or explain_all
+                    or fresh
+                    or reason.code is PendingReasonCode.MAKING_ROOM
+                ):
+                    reason = self._reason(entry, reasons)
                 if not candidate_seen and self._room_on is None and not reason.code.unschedulable:
                     candidate_seen = True
                     if now - entry.queued_at >= self.starvation_s:
@@ -479,6 +536,10 @@ class Scheduler:
                     gpu_uuids=tuple(slot.gpus[i].uuid for i in gpu_ids),
                 )
             )
+        if self._dirty_agents:
+            # The hold ended in this pass (its run placed, or dropped): the runs behind
+            # may use what is left of that agent now rather than at the next change.
+            placements += self.place(now)
         return placements
 
     def _check_hold(self) -> None:
@@ -495,7 +556,7 @@ class Scheduler:
             or not entry.selector.matches(slot.labels)
             or not slot.could_hold(entry.constraints)
         ):
-            self._room_for = self._room_on = None
+            self._clear_hold()
 
     def _hold_for(self, entry: _Pending) -> PendingReason | None:
         """Hold the agent where the starving run fits soonest: of those that could hold
@@ -578,11 +639,11 @@ class Scheduler:
         return _unschedulable(need, eligible)
 
     def _best_fit(
-        self, entry: _Pending, skip: str | None
+        self, entry: _Pending, agents: list[AgentSlot], skip: str | None
     ) -> tuple[AgentSlot, tuple[int, ...]] | None:
         need = entry.constraints
         best: tuple[tuple[float, float, float, str], AgentSlot, tuple[int, ...]] | None = None
-        for slot in self.agents.values():
+        for slot in agents:
             if not slot.accepts_work or slot.name in entry.avoid or slot.name == skip:
                 continue
             cpu_left = slot.cpu - slot.cpu_reserved - need.cpu
@@ -600,6 +661,23 @@ class Scheduler:
             if best is None or score < best[0]:
                 best = (score, slot, gpu_ids)
         return None if best is None else (best[1], best[2])
+
+
+def _fleet_view(slot: AgentSlot) -> tuple[object, ...]:
+    """What reasons are worked out from: an agent's whole capacity and standing."""
+    return (
+        slot.cpu,
+        slot.ram_mb,
+        slot.connected,
+        slot.draining,
+        tuple(sorted(slot.labels.items())),
+        tuple((g.index, g.healthy, g.vram_total_mb) for g in slot.gpus.values()),
+    )
+
+
+def _room_view(slot: AgentSlot) -> tuple[object, ...]:
+    """What else bounds an agent's room: the free VRAM its GPUs report."""
+    return tuple(g.vram_free_reported_mb for g in slot.gpus.values())
 
 
 def _unschedulable(need: Constraints, agents: list[AgentSlot]) -> PendingReason:

@@ -7,6 +7,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 from gyoza.models.resources import Constraints, PendingReasonCode
+from gyoza.models.selectors import LabelSelector
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -354,3 +355,81 @@ def test_each_reason_code_is_handed_out_once_per_attempt() -> None:
     s.enqueue("big", 2, 0, T0, Constraints(cpu=8))
     s.place()
     assert [(a, c.code) for _, a, c in s.take_new_reasons()] == [(2, PendingReasonCode.AGENTS_BUSY)]
+
+
+# -- incremental passes -----------------------------------------------------------------------
+
+
+def _fits_now(s: Scheduler, need: Constraints, agent: str) -> bool:
+    """Brute force: could the run be placed on this agent right now?"""
+    from gyoza.server.scheduler import _pick_gpus
+
+    slot = s.agents[agent]
+    return (
+        slot.accepts_work
+        and slot.cpu - slot.cpu_reserved >= need.cpu - 1e-9
+        and slot.ram_mb - slot.ram_reserved_mb >= need.ram_mb
+        and LabelSelector.parse(need.selector).matches(slot.labels)
+        and _pick_gpus(slot, need) is not None
+    )
+
+
+def test_incremental_passes_leave_no_run_that_fits() -> None:
+    """After any sequence of changes, each pass leaves no queued run that fits on an
+    agent (the held one aside) and over-commits nothing, although it searches only what
+    changed."""
+    import random
+
+    shapes = [
+        Constraints(cpu=1),
+        Constraints(cpu=2, ram_mb=2000),
+        Constraints(gpu_count=1),
+        Constraints(vram_mb=20_000),
+        Constraints(vram_mb=50_000, cpu=1),
+        Constraints(gpu_count=2, vram_mb=10_000),
+        Constraints(gpu_id=1),
+        Constraints(cpu=1, selector="pool=b"),
+        Constraints(cpu=6),
+    ]
+    for seed in range(20):
+        rng = random.Random(seed)
+        clock = Clock()
+        s = Scheduler(starvation_s=5, clock=clock)
+        names = [f"a{i}" for i in range(5)]
+        for i, name in enumerate(names):
+            s.upsert_agent(
+                name,
+                cpu=4 + i,
+                ram_mb=8000,
+                gpus=_gpus(i % 3, 81_920 if i % 2 else 24_576),
+                labels={"pool": "ab"[i % 2]},
+            )
+        placed: list[str] = []
+        for step in range(300):
+            action = rng.random()
+            clock.now += rng.random()
+            if action < 0.45:
+                shape = rng.choice(shapes)
+                _add(s, f"r{seed}-{step}", priority=rng.choice((0, 0, 1)), **shape.to_dict())
+            elif action < 0.8 and placed:
+                s.release(placed.pop(rng.randrange(len(placed))))
+            elif action < 0.9:
+                name = rng.choice(names)
+                s.set_draining(name, rng.random() < 0.3)
+            else:
+                name = rng.choice(names)
+                s.set_connected(name, rng.random() < 0.8)
+            placed += [p.run_id for p in s.place()]
+            held = s.held_agent
+            for run_id in s.pending_ids():
+                entry = s._pending[run_id]
+                for name in names:
+                    if held is not None and name == held[0] and run_id != held[1]:
+                        continue
+                    assert not _fits_now(s, entry.constraints, name), (seed, step, run_id, name)
+                assert s.pending_reason(run_id) is not None
+            for slot in s.agents.values():
+                assert slot.cpu_reserved <= slot.cpu + 1e-9 or not slot.connected
+                for gpu in slot.gpus.values():
+                    assert gpu.whole_count <= 1
+                    assert gpu.whole_count == 0 or gpu.run_count == 1
