@@ -59,6 +59,7 @@ test: $(STAMP) services
 
 bench: $(STAMP)
 	$(PY) -m bench
+	$(PY) -m bench.placement
 
 # Start the server on its embedded default: a SQLite file in the working directory.
 serve: $(STAMP)

@@ -157,6 +157,8 @@ class _Pending:
     reason: PendingReason | None = None
     #: Reason codes already handed out by :meth:`Scheduler.take_new_reasons`.
     recorded: set[PendingReasonCode] = field(default_factory=set)
+    #: What the run needs, as a key: runs of one shape fit or miss together.
+    shape: tuple[object, ...] = ()
 
     @property
     def key(self) -> tuple[int, datetime, str]:
@@ -242,6 +244,7 @@ class Scheduler:
             queued_at=self._clock() if queued_at is None else queued_at,
             selector=constraints.label_selector(),
             recorded=set(recorded),
+            shape=_shape(constraints),
         )
         if old is not None and old.attempt == attempt:
             entry.reason = old.reason
@@ -474,6 +477,13 @@ class Scheduler:
         chosen resources are reserved before this returns.
         """
         now = self._clock() if now is None else now
+        if (
+            not self._dirty_runs
+            and not self._dirty_agents
+            and self._reasons_version == self._fleet_version
+            and (self._wake_at is None or now < self._wake_at)
+        ):
+            return []  # nothing that could place a run or change a reason
         self._wake_at = None
         self._check_hold()
         dirty_runs, self._dirty_runs = self._dirty_runs, set()
@@ -486,10 +496,13 @@ class Scheduler:
         # Shapes that found no room in this pass: a run needing as much or more of
         # everything cannot fit either, so it is skipped without searching. A miss of a
         # run searched on the dirty agents only says nothing about the other agents.
-        misses_everywhere: list[Constraints] = []
-        misses_dirty: list[Constraints] = []
+        misses_everywhere = _Misses()
+        misses_dirty = _Misses()
         reasons: dict[tuple[object, ...], PendingReason] = {}
         candidate_seen = False
+        # The most CPU and memory any dirty agent has free: a run needing more is not
+        # searched for on them.
+        room_cpu, room_ram = _most_room(dirty_agents)
         for _, entry in list(self._queue):
             need = entry.constraints
             held_for_it = entry.run_id == self._room_for
@@ -498,15 +511,16 @@ class Scheduler:
             fresh = entry.run_id in dirty_runs or held_for_it
             plain = not entry.avoid and not held_for_it
             covered = plain and (
-                any(_covers(need, miss) for miss in misses_everywhere)
-                or (not fresh and any(_covers(need, miss) for miss in misses_dirty))
+                misses_everywhere.covers(entry) or (not fresh and misses_dirty.covers(entry))
             )
+            if not fresh and (need.cpu > room_cpu + 1e-9 or need.ram_mb > room_ram):
+                covered = True
             choice = None
             if not covered and (fresh or dirty_agents):
                 skip = None if held_for_it else self._room_on
                 choice = self._best_fit(entry, everyone if fresh else dirty_agents, skip)
                 if choice is None and plain:
-                    (misses_everywhere if fresh else misses_dirty).append(need)
+                    (misses_everywhere if fresh else misses_dirty).add(entry)
             if choice is None:
                 reason = entry.reason
                 if (
@@ -527,6 +541,8 @@ class Scheduler:
             slot, gpu_ids = choice
             self.dequeue(entry.run_id)
             self.reserve(slot.name, entry.run_id, entry.attempt, need, gpu_ids)
+            if slot in dirty_agents:
+                room_cpu, room_ram = _most_room(dirty_agents)
             placements.append(
                 Placement(
                     run_id=entry.run_id,
@@ -603,16 +619,7 @@ class Scheduler:
         """Why the run was not placed; computed once per shape of run in a pass."""
         if entry.run_id == self._room_for:
             return self._making_room(entry)
-        need = entry.constraints
-        key = (
-            need.cpu,
-            need.ram_mb,
-            need.vram_mb,
-            need.gpus_needed,
-            need.gpu_id,
-            need.selector,
-            entry.avoid,
-        )
+        key = (entry.shape, entry.avoid)
         reason = cache.get(key)
         if reason is None:
             reason = cache[key] = self._explain(entry)
@@ -661,6 +668,50 @@ class Scheduler:
             if best is None or score < best[0]:
                 best = (score, slot, gpu_ids)
         return None if best is None else (best[1], best[2])
+
+
+def _most_room(agents: list[AgentSlot]) -> tuple[float, int]:
+    """The most free CPU and the most free memory among these agents."""
+    cpu, ram = -1.0, -1
+    for slot in agents:
+        if slot.accepts_work:
+            cpu = max(cpu, slot.cpu - slot.cpu_reserved)
+            ram = max(ram, slot.ram_mb - slot.ram_reserved_mb)
+    return cpu, ram
+
+
+def _shape(need: Constraints) -> tuple[object, ...]:
+    return (
+        need.cpu,
+        need.ram_mb,
+        need.vram_mb,
+        need.gpus_needed,
+        need.gpu_id,
+        need.holds_whole_gpu,
+        need.selector,
+    )
+
+
+class _Misses:
+    """Shapes that found no room in a pass: the same shape misses again, and so does a
+    run needing as much or more of everything (checked against a few shapes only)."""
+
+    _MAX_SHAPES = 16
+
+    def __init__(self) -> None:
+        self._keys: set[tuple[object, ...]] = set()
+        self._shapes: list[Constraints] = []
+
+    def covers(self, entry: _Pending) -> bool:
+        if entry.shape in self._keys:
+            return True
+        need = entry.constraints
+        return any(_covers(need, miss) for miss in self._shapes)
+
+    def add(self, entry: _Pending) -> None:
+        self._keys.add(entry.shape)
+        if entry.constraints.gpu_id is None and len(self._shapes) < self._MAX_SHAPES:
+            self._shapes.append(entry.constraints)
 
 
 def _fleet_view(slot: AgentSlot) -> tuple[object, ...]:
