@@ -422,8 +422,8 @@ def definition_detail(definition: OpDefinition) -> Table:
 def agents_table(agents: Iterable[Agent]) -> Table:
     """Agents with their capacity, GPUs (VRAM free for new runs) and runs."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN"):
-        table.add_column(column, no_wrap=column != "GPUS")
+    for column in ("NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN", "LABELS"):
+        table.add_column(column, no_wrap=column not in ("GPUS", "LABELS"))
     for agent in agents:
         gpus = "\n".join(
             f"{g.index}: {g.name or 'gpu'} {g.vram_free_mb}/{g.vram_total_mb} MiB free"
@@ -439,6 +439,7 @@ def agents_table(agents: Iterable[Agent]) -> Table:
             gpus or "-",
             str(len(agent.runs)),
             _ago(agent.last_seen_time),
+            "\n".join(f"{k}={v}" for k, v in sorted(agent.labels.items())) or "-",
         )
     return table
 

@@ -214,3 +214,16 @@ def test_load_op_file_that_is_missing(tmp_path: Path) -> None:
     assert error.value.lines() == [
         f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory"
     ]
+
+
+def test_selector_and_queue_timeout() -> None:
+    definition = parse_op_file(
+        "name: a\nimage: c\nconstraints:\n  gpu_count: 1\n  queue_timeout_s: 90\n"
+        "  selector: 'executor = docker, gpu.model in (NVIDIA H100 80GB HBM3)'\n"
+    )
+    assert definition.constraints.selector == (
+        "executor = docker, gpu.model in (NVIDIA H100 80GB HBM3)"
+    )
+    assert definition.constraints.queue_timeout_s == 90.0
+    (problem,) = problems("name: a\nimage: c\nconstraints: {selector: 'zone in (eu-1'}\n")
+    assert problem.startswith("op.yaml: constraints.selector: unbalanced '('")
