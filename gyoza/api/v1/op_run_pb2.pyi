@@ -142,10 +142,11 @@ class OpRun(_message.Message):
 
     @_builtins.property
     def pending_reason(self) -> _resources_pb2.PendingReason:
-        """Why the run is still PENDING, as of the scheduler's last placement pass; updated
-        whenever the fleet or the queue changes. Unset when the run is not pending or was
-        just queued. Each reason code that applies to an attempt is also recorded once as
-        an INFO event with `pending_reason` in its payload.
+        """Why the run is still PENDING, as of the scheduler's last placement pass (GetOpRun,
+        ListOpRuns); updated whenever the fleet or the queue changes. Unset when the run is
+        not pending or was just queued. Each reason code that applies to an attempt is also
+        recorded once as an INFO event with `pending_reason` (the code) in its payload; a
+        WatchOpRun change carries the reason with that event.
         """
 
     def __init__(
