@@ -129,7 +129,12 @@ def server(**options: Any) -> None:
     metavar="SPEC",
     help="Declared GPUs instead of NVML, e.g. 2x80G or 1x24576M [env GYOZA_GPUS].",
 )
-@click.option("--labels", metavar="K=V,...", help="Labels for operators [env GYOZA_LABELS].")
+@click.option(
+    "--labels",
+    metavar="K=V,...",
+    help="Labels runs select agents by (constraints.selector); the agent adds executor, "
+    "gpu.model, gpu.count and agent.version itself [env GYOZA_LABELS].",
+)
 @click.option(
     "--network", help="Docker network of the containers [env GYOZA_NETWORK; default none]."
 )
