@@ -361,11 +361,11 @@ class Scheduler:
                 old.health_reason = "no longer reported by the agent"
                 fresh[index] = old
         slot.gpus = fresh
-        fleet, room = _fleet_view(slot), _room_view(slot)
-        if fleet != before[0]:
+        if _fleet_view(slot) != before[0]:
             self._fleet_version += 1
             self._dirty_agents.add(name)
-        elif room != before[1]:
+        elif any(free > before[1].get(index, -1) for index, free in _room_view(slot).items()):
+            # More VRAM reported free: a run may fit now. Less changes nothing placed.
             self._dirty_agents.add(name)
         return slot
 
@@ -726,9 +726,9 @@ def _fleet_view(slot: AgentSlot) -> tuple[object, ...]:
     )
 
 
-def _room_view(slot: AgentSlot) -> tuple[object, ...]:
-    """What else bounds an agent's room: the free VRAM its GPUs report."""
-    return tuple(g.vram_free_reported_mb for g in slot.gpus.values())
+def _room_view(slot: AgentSlot) -> dict[int, int]:
+    """What else bounds an agent's room: the VRAM each GPU has available."""
+    return {g.index: g.vram_available_mb for g in slot.gpus.values()}
 
 
 def _unschedulable(need: Constraints, agents: list[AgentSlot]) -> PendingReason:

@@ -433,3 +433,23 @@ def test_incremental_passes_leave_no_run_that_fits() -> None:
                 for gpu in slot.gpus.values():
                     assert gpu.whole_count <= 1
                     assert gpu.whole_count == 0 or gpu.run_count == 1
+
+
+def test_more_free_vram_reported_is_searched_again() -> None:
+    s = Scheduler()
+    gpu = GpuSlot(index=0, vram_total_mb=80_000, vram_free_reported_mb=10_000)
+    s.upsert_agent("a", cpu=8, ram_mb=8000, gpus=[gpu])
+    _add(s, "r", vram_mb=20_000)
+    assert s.place() == []
+    # Less free VRAM reported: nothing to search; more: the run fits now.
+    s.upsert_agent(
+        "a", cpu=8, ram_mb=8000, gpus=[GpuSlot(0, vram_total_mb=80_000, vram_free_reported_mb=5)]
+    )
+    assert s.place() == []
+    s.upsert_agent(
+        "a",
+        cpu=8,
+        ram_mb=8000,
+        gpus=[GpuSlot(0, vram_total_mb=80_000, vram_free_reported_mb=30_000)],
+    )
+    assert _ids(s.place()) == ["r"]
