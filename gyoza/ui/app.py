@@ -68,6 +68,7 @@ def _templates() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["mb"] = views.format_mb
     env.filters["urlencode_query"] = lambda items: urllib.parse.urlencode(items, doseq=True)
     return env
 
@@ -119,20 +120,26 @@ class _Pages:
 
     # -- rendering ------------------------------------------------------------------
 
-    def render(self, name: str, **context: Any) -> str:
-        return self.templates.get_template(name).render(
+    def render(self, template: str, **context: Any) -> str:
+        return self.templates.get_template(template).render(
             server=self.gateway.target,
             undrain_available=actions.undrain_available(self.client),
             **context,
         )
 
-    def page(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-        return HTMLResponse(self.render(name, **context), status_code=status_code)
+    def page(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("retry", False)
+        return HTMLResponse(self.render(template, **context), status_code=status_code)
 
     def unreachable(self, error: GyozaClientError, nav: str) -> HTMLResponse:
         code = 503 if error.code is grpc.StatusCode.UNAVAILABLE else 502
         return self.page(
-            "error.html", status_code=code, nav=nav, title="Server unreachable", error=str(error)
+            "error.html",
+            status_code=code,
+            nav=nav,
+            title="Server unreachable",
+            error=str(error),
+            retry=True,
         )
 
     def fragment_error(self, error: GyozaClientError) -> HTMLResponse:

@@ -100,9 +100,10 @@
     event.preventDefault();
     form.querySelectorAll("[data-error-for]").forEach((e) => { e.hidden = true; e.textContent = ""; });
     form.querySelectorAll(".field.invalid").forEach((e) => e.classList.remove("invalid"));
+    // Read attributes, not properties: an input named "dataset" or "action" shadows them.
     const submit = form.querySelector("[type=submit]");
     if (submit) submit.disabled = true;
-    const body = await act(form.dataset.api, new URLSearchParams(new FormData(form)));
+    const body = await act(form.getAttribute("data-api"), new URLSearchParams(new FormData(form)));
     if (submit) submit.disabled = false;
     if (body.ok) {
       say(body.message);
@@ -170,12 +171,21 @@
     const feed = new EventSource(runPage.dataset.live);
     feed.addEventListener("open", () => setLive(true));
     feed.addEventListener("error", () => setLive(false, "the dashboard's live feed is reconnecting"));
+    // The actions bar stays put (so typing a priority is never interrupted); the live
+    // head says which of its buttons apply now.
+    function applyCaps() {
+      const caps = runPage.querySelector('[data-role="run-caps"]');
+      if (!caps) return;
+      runPage.querySelector('[data-role="cancel"]').hidden = caps.dataset.canCancel !== "1";
+      runPage.querySelector('[data-role="retry"]').hidden = caps.dataset.canRetry !== "1";
+    }
     feed.addEventListener("run", (event) => {
       const fragments = JSON.parse(event.data);
       for (const [id, html] of Object.entries(fragments)) {
         const element = document.getElementById(id);
         if (element) element.innerHTML = html;
       }
+      applyCaps();
       setLive(true);
     });
     feed.addEventListener("log", (event) => appendLines(JSON.parse(event.data)));
