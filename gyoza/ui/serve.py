@@ -118,7 +118,8 @@ async def serve_ui(
             await asyncio.sleep(0.02)
         if on_ready is not None:
             on_ready(_url(where.host, sock.getsockname()[1]))
-        await task
+        # Shielded: being cancelled must let uvicorn shut down (below), not cancel it.
+        await asyncio.shield(task)
     finally:
         if not task.done():
             server.should_exit = True
