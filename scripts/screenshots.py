@@ -117,7 +117,10 @@ def seed(client: Client) -> dict[str, str]:
     for i in range(6):
         run = client.create_run(
             definition="embed-images",
-            inputs={"batch": [f"img-{i}-{j}.jpg" for j in range(3)], "exit_code": 1 if i == 4 else 0},
+            inputs={
+                "batch": [f"img-{i}-{j}.jpg" for j in range(3)],
+                "exit_code": 1 if i == 4 else 0,
+            },
         )
         runs.setdefault("done", run.id)
     for shard in range(5):
@@ -178,11 +181,25 @@ def main() -> None:
                 procs.append(
                     subprocess.Popen(
                         [
-                            GYOZA, "agent", "--server", address, "--name", name,
-                            "--executor", "scripted", "--gpus", gpus, "--labels", labels,
-                            "--cpu", "64", "--ram-mb", "524288",
-                            "--state-dir", f"{tmp}/agent-{name}",
-                        ],  # fmt: skip
+                            GYOZA,
+                            "agent",
+                            "--server",
+                            address,
+                            "--name",
+                            name,
+                            "--executor",
+                            "scripted",
+                            "--gpus",
+                            gpus,
+                            "--labels",
+                            labels,
+                            "--cpu",
+                            "64",
+                            "--ram-mb",
+                            "524288",
+                            "--state-dir",
+                            f"{tmp}/agent-{name}",
+                        ],
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         env=env,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -140,11 +141,13 @@ class RunFeed:
         while True:
             last: OpRun | None = None
             try:
-                async for change in self._gateway.stream(
-                    lambda: client.watch_run(
-                        self._run_id, after_sequence=sequence, timeout=STREAM_WINDOW_S
-                    )
-                ):
+                watch = functools.partial(
+                    client.watch_run,
+                    self._run_id,
+                    after_sequence=sequence,
+                    timeout=STREAM_WINDOW_S,
+                )
+                async for change in self._gateway.stream(watch):
                     if backoff.failed:
                         self._status(True)
                     backoff.reset()
@@ -177,16 +180,15 @@ class RunFeed:
                     if attempt:
                         self._put("log-reset", {"attempt": run.current_attempt})
                     attempt, after_line = run.current_attempt, 0
-                current = attempt
-                async for line in self._gateway.stream(
-                    lambda: client.logs(
-                        self._run_id,
-                        current,
-                        follow=True,
-                        after_line=after_line,
-                        timeout=STREAM_WINDOW_S,
-                    )
-                ):
+                follow = functools.partial(
+                    client.logs,
+                    self._run_id,
+                    attempt,
+                    follow=True,
+                    after_line=after_line,
+                    timeout=STREAM_WINDOW_S,
+                )
+                async for line in self._gateway.stream(follow):
                     backoff.reset()
                     after_line = line.number
                     self._put("log", _line(line))
@@ -208,7 +210,12 @@ class RunFeed:
 
 
 def _line(line: LogLine) -> dict[str, Any]:
-    return {"attempt": line.attempt, "number": line.number, "text": line.text, "stream": line.stream}
+    return {
+        "attempt": line.attempt,
+        "number": line.number,
+        "text": line.text,
+        "stream": line.stream,
+    }
 
 
 class _Backoff:

@@ -128,9 +128,7 @@ async def serve_ui(
         sock.close()
 
 
-async def _serve_until_signal(
-    client: Client, listen: str, on_ready: Callable[[str], None]
-) -> None:
+async def _serve_until_signal(client: Client, listen: str, on_ready: Callable[[str], None]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

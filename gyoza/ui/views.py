@@ -435,9 +435,7 @@ def _summary_items(attempt: OpAttempt, now: datetime) -> tuple[SummaryItem, ...]
         SummaryItem("GPU", ", ".join(str(g) for g in gpus) or "—"),
         SummaryItem("Duration", format_duration(duration)),
         SummaryItem("Exit code", "—" if summary.exit_code is None else str(summary.exit_code)),
-        SummaryItem(
-            "Failure class", summary.failure_class.value if summary.failure_class else "—"
-        ),
+        SummaryItem("Failure class", summary.failure_class.value if summary.failure_class else "—"),
     ]
     if summary.error_message:
         items.append(SummaryItem("Error", summary.error_message))
