@@ -45,7 +45,7 @@ from gyoza.ui import actions, views
 from gyoza.ui.gateway import Gateway
 from gyoza.ui.live import RunFeed
 
-__all__ = ["ACTION_HEADER", "create_app"]
+__all__ = ["ACTION_HEADER", "create_app", "template_environment"]
 
 #: Header every action request must carry (see the module's docstring).
 ACTION_HEADER = "X-Gyoza-UI"
@@ -60,7 +60,9 @@ _STATES = [s.value for s in OpRunState]
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-def _templates() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
+    """The Jinja2 environment of the pages: the package's templates, HTML autoescaped,
+    undefined names an error."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("gyoza.ui", "templates"),
         autoescape=jinja2.select_autoescape(["html"]),
@@ -78,7 +80,7 @@ def create_app(gateway: Gateway, *, close_gateway: bool = True) -> Starlette:
 
     With *close_gateway*, the gateway (and its client) is closed when the app shuts down.
     """
-    pages = _Pages(gateway, _templates())
+    pages = _Pages(gateway, template_environment())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -126,3 +126,35 @@ def test_the_run_form_sends_typed_values_and_leaves_bad_ones_to_the_server() -> 
     ]
     assert fields[0].error == "is required (INT)" and fields[0].placeholder == "required"
     assert fields[3].placeholder == 'default: {"a": 1}'
+
+
+def test_the_fleet_panel_shows_a_quarantined_gpu_and_undrain_where_available() -> None:
+    from gyoza.ui.app import template_environment
+
+    agent = Agent(
+        name="node",
+        state=AgentState.DRAINING,
+        cpu=8,
+        ram_mb=8192,
+        cpu_reserved=0,
+        ram_reserved_mb=0,
+        gpus=(AgentGpu(0, "GPU-a", "A100", 40960, 40960, 0, 40960, 0, False, "XID 48"),),
+    )
+    shown = [views.agent_view(agent, NOW)]
+    panel = template_environment().get_template("_fleet_panel.html")
+
+    def render(undrain_available: bool) -> str:
+        return panel.render(
+            agents=shown,
+            summary=views.fleet_summary(shown),
+            pending=0,
+            pending_more=False,
+            server="127.0.0.1:50051",
+            undrain_available=undrain_available,
+        )
+
+    html = render(False)
+    assert "quarantined" in html and "XID 48" in html
+    assert "1 unhealthy" in html
+    assert "/undrain" not in html and "/drain" not in html
+    assert 'data-action="/api/agents/node/undrain"' in render(True)
