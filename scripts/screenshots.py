@@ -74,7 +74,7 @@ def shoot(driver: webdriver.Chrome, url: str, name: str, ready: str) -> None:
     wait_for(f"{name} to render", lambda: bool(driver.find_elements(By.CSS_SELECTOR, ready)))
     time.sleep(1.0)  # let a live update or two land, as a person would see it
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(WIDTH, min(int(height) + 20, 2400))
+    driver.set_window_size(WIDTH, min(int(height) + 20, 3200))
     time.sleep(0.3)
     path = OUT / f"{name}.png"
     driver.save_screenshot(str(path))
@@ -241,7 +241,7 @@ def main() -> None:
                     "document.getElementById('flash').hidden = true; window.scrollTo(0, 0)"
                 )
                 height = driver.execute_script("return document.documentElement.scrollHeight")
-                driver.set_window_size(WIDTH, min(int(height) + 20, 2400))
+                driver.set_window_size(WIDTH, min(int(height) + 120, 2400))
                 time.sleep(0.3)
                 driver.save_screenshot(str(OUT / "definition.png"))
                 print("screenshots: wrote docs/ui/definition.png")

@@ -22,6 +22,7 @@ def test_durations_ages_and_sizes_read_as_people_say_them() -> None:
     assert views.format_age(NOW - timedelta(seconds=2), NOW) == "just now"
     assert views.format_age(NOW - timedelta(seconds=42), NOW) == "42 s ago"
     assert views.format_age(NOW - timedelta(hours=3), NOW) == "3 h ago"
+    assert views.format_mb(0) == "0"
     assert views.format_mb(512) == "512 MB"
     assert views.format_mb(24576) == "24 GB"
     assert views.format_mb(1536) == "1.5 GB"
@@ -51,7 +52,7 @@ def test_agent_view_puts_runs_on_their_gpus_and_bars_in_tones() -> None:
     assert (view.ram.percent, view.ram.tone) == (12, "calm")
     first, second = view.gpus
     assert first.vram.label == "80 GB of 80 GB" and first.run_ids == ("run_1",)
-    assert first.free_label == "0 MB free"
+    assert first.free_label == "0 free"
     assert not second.healthy and second.health_reason == "XID 79"
     assert view.other_run_ids == ("run_2",)
     assert view.last_seen == "10 s ago"

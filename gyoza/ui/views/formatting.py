@@ -46,7 +46,9 @@ def format_age(moment: datetime | None, now: datetime | None = None) -> str:
 
 
 def format_mb(mb: float) -> str:
-    """A size given in MiB, as people read it: ``512 MB``, ``24 GB``, ``1.5 TB``."""
+    """A size given in MiB, as people read it: ``0``, ``512 MB``, ``24 GB``, ``1.5 TB``."""
+    if mb == 0:
+        return "0"
     if mb >= 1024 * 1024:
         return f"{mb / (1024 * 1024):.1f} TB"
     if mb >= 1024:
