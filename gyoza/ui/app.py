@@ -56,6 +56,7 @@ FLEET_REFRESH_MS = 2000
 RUNS_REFRESH_MS = 3000
 
 _STATES = [s.value for s in OpRunState]
+_TEXT_FILTERS = ("definition", "image", "created_after", "created_before")
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -430,7 +431,7 @@ class _RunsQuery:
     def items(self, page_token: str = "") -> list[tuple[str, str]]:
         """The query string's items, with *page_token* for the page."""
         items = [("state", s) for s in self.states]
-        for key in ("definition", "image", "created_after", "created_before"):
+        for key in _TEXT_FILTERS:
             value = getattr(self, key)
             if value:
                 items.append((key, value))
@@ -442,9 +443,8 @@ class _RunsQuery:
 
     @property
     def filtered(self) -> bool:
-        return bool(self.states or self.definition or self.image or self.created_after) or bool(
-            self.created_before
-        )
+        """Whether any filter is set (the page size is no filter)."""
+        return bool(self.states) or any(getattr(self, key) for key in _TEXT_FILTERS)
 
 
 def _utc_time(text: str, name: str) -> datetime | None:
