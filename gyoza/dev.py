@@ -64,7 +64,7 @@ def _start_ui(address: str, listen: str) -> asyncio.Task[None] | None:
     dashboard is not installed."""
     try:
         from gyoza.client import Client
-        from gyoza.ui.serve import serve_ui
+        from gyoza.ui.serve import CHANNEL_OPTIONS, serve_ui
     except ImportError as error:
         print(f"gyoza dev: no dashboard ({error})", file=sys.stderr)
         return None
@@ -74,7 +74,7 @@ def _start_ui(address: str, listen: str) -> asyncio.Task[None] | None:
 
     async def serve() -> None:
         try:
-            await serve_ui(Client(address), listen, on_ready=ready)
+            await serve_ui(Client(address, channel_options=CHANNEL_OPTIONS), listen, on_ready=ready)
         except (OSError, ValueError) as error:
             print(f"gyoza dev: no dashboard: cannot listen on {listen}: {error}", file=sys.stderr)
 

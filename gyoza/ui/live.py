@@ -103,29 +103,39 @@ class RunFeed:
             await asyncio.gather(*followers, return_exceptions=True)
 
     async def _flush(self, batch: list[tuple[str, Any]]) -> list[str]:
+        """The events for a batch, in its order; the run's changes in a row are rendered
+        once, as the last of them."""
         chunks: list[str] = []
         lines: list[dict[str, Any]] = []
         latest: OpRun | None = None
-        for kind, value in batch:
-            if kind == "log":
-                lines.append(value)
-                continue
+
+        async def settle() -> None:
+            nonlocal lines, latest
             if lines:
                 chunks.append(sse("log", lines))
                 lines = []
-            if kind == "run":
+            if latest is not None:
+                try:
+                    fragments = await self._render(latest)
+                except GyozaClientError as error:
+                    chunks.append(sse("status", {"live": False, "message": str(error)}))
+                else:
+                    chunks.append(sse("run", fragments))
+                latest = None
+
+        for kind, value in batch:
+            if kind == "log":
+                if latest is not None:
+                    await settle()
+                lines.append(value)
+            elif kind == "run":
+                if lines:
+                    await settle()
                 latest = value
             else:
+                await settle()
                 chunks.append(sse(kind, value))
-        if lines:
-            chunks.append(sse("log", lines))
-        if latest is not None:
-            try:
-                fragments = await self._render(latest)
-            except GyozaClientError as error:
-                chunks.append(sse("status", {"live": False, "message": str(error)}))
-            else:
-                chunks.append(sse("run", fragments))
+        await settle()
         return chunks
 
     def _put(self, kind: str, value: Any) -> None:

@@ -20,10 +20,25 @@ from gyoza.client import Client
 from gyoza.ui.app import create_app
 from gyoza.ui.gateway import Gateway
 
-__all__ = ["DEFAULT_LISTEN", "UiAddressError", "main_ui", "parse_listen", "serve_ui"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "DEFAULT_LISTEN",
+    "UiAddressError",
+    "main_ui",
+    "parse_listen",
+    "serve_ui",
+]
 
 #: Where the dashboard listens by default (local only: it acts with the UI's API key).
 DEFAULT_LISTEN = "127.0.0.1:8080"
+#: gRPC channel arguments of the dashboard's client: after a server restart the channel
+#: tries again within a second or two (gRPC's default backoff grows to two minutes, and
+#: calls fail at once meanwhile), so the pages recover as soon as the server is back.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 class UiAddressError(ValueError):
@@ -172,6 +187,7 @@ def main_ui(
             tls_cert=tls_cert,
             tls_key=tls_key,
             timeout=timeout,
+            channel_options=CHANNEL_OPTIONS,
         )
     except (ValueError, OSError) as error:
         print(f"gyoza ui: {error}", file=sys.stderr)

@@ -245,12 +245,19 @@ def test_pages_say_when_the_server_is_away_and_recover(stack: Stack) -> None:
             if event == "status" and not data["live"]:  # type: ignore[index]
                 break
         stack.start_server()
+        back = False
         for event, data in events:
             states.append((event, data))
-            if event == "run":
+            back = back or (event == "status" and data["live"])  # type: ignore[index]
+            if back and event == "run":
                 break
     assert states[-1][0] == "run"
-    assert stack.http.get("/fleet/panel").status_code == 200
+    # The polled parts recover on their own too (the UI's channel retries within 2 s).
+    wait_for(
+        "the fleet panel to answer again",
+        lambda: stack.http.get("/fleet/panel").status_code == 200,
+        timeout=15,
+    )
     stack.wait_state(run_id, "COMPLETED", timeout=60)
 
 
@@ -314,3 +321,27 @@ def test_gyoza_dev_prints_the_dashboards_url(tmp_path: object) -> None:
         proc.wait(20)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_gyoza_ui_refuses_a_bad_address_or_a_taken_port(stack: Stack) -> None:
+    import subprocess
+
+    from ui_stack import GYOZA
+
+    bad = subprocess.run(
+        [GYOZA, "ui", "--server", stack.address, "--listen", "localhost"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "--listen must be HOST:PORT" in bad.stderr
+    taken = stack.url.removeprefix("http://")
+    busy = subprocess.run(
+        [GYOZA, "ui", "--server", stack.address, "--listen", taken],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert busy.returncode == 1
+    assert f"cannot listen on {taken}" in busy.stderr
