@@ -12,7 +12,7 @@ The functions called:
   starvation_s)``
 * ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
   ``gyoza.agent.config.AgentConfig.from_env(**flags)``
-* ``gyoza.dev.main_dev(*, database, listen, state_dir, executor)``
+* ``gyoza.dev.main_dev(*, database, listen, state_dir, executor, ui_listen)``
 """
 
 from __future__ import annotations
@@ -182,7 +182,18 @@ def agent(
     type=click.Choice(["docker", "scripted"]),
     help="Executor of the local agent (default docker).",
 )
-def dev(**options: Any) -> None:
-    """Run a server and a local agent in one process, for trying gyoza out."""
+@click.option(
+    "--ui-listen",
+    metavar="HOST:PORT",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="Address of the web dashboard; port 0 picks one.",
+)
+@click.option("--no-ui", is_flag=True, help="Do not start the web dashboard.")
+def dev(no_ui: bool, **options: Any) -> None:
+    """Run a server, a local agent and the web dashboard in one process, for trying
+    gyoza out."""
     module = _load("gyoza.dev", "gyoza dev")
+    if no_ui:
+        options["ui_listen"] = None
     module.main_dev(**options)
