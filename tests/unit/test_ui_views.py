@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from gyoza.client import Agent, AgentGpu, AgentRun, AgentState
 from gyoza.models.op_definition import InputSpec, InputType, OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import OpRunState
+from gyoza.models.resources import OpRunState, PendingReason, PendingReasonCode
 from gyoza.ui import views
 
 NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
@@ -67,11 +67,15 @@ def test_agent_view_puts_runs_on_their_gpus_and_bars_in_tones() -> None:
     assert summary.vram.percent == 50
 
 
-def test_a_pending_run_tells_its_backoff_and_nothing_else_today() -> None:
+def test_a_pending_run_tells_the_servers_reason_or_its_backoff() -> None:
     run = OpRun.create(image="busybox")
     assert views.pending_reason(run) is None
     run.next_retry_at = NOW
     assert views.pending_reason(run) == "retry backoff until 12:00:00 UTC"
+    run.pending_reason = PendingReason(
+        PendingReasonCode.INSUFFICIENT_VRAM, "needs 30000 MB VRAM on one GPU"
+    )
+    assert views.pending_reason(run) == "needs 30000 MB VRAM on one GPU"
     run.set_state(OpRunState.ASSIGNED)
     assert views.pending_reason(run) is None
 

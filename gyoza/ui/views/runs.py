@@ -41,12 +41,14 @@ _STATE_TONES = {
 def pending_reason(run: OpRun) -> str | None:
     """Why a pending run waits, as the server explains it; ``None`` when it does not.
 
-    The API gives no reason yet, so this is ``None`` except for what the run itself
-    shows (a retry waiting for its backoff). When the API gains a pending reason, it is
-    read here and nowhere else.
+    The server's own reason (``OpRun.pending_reason``: no agent matches, not enough
+    VRAM, every agent busy, room being made) comes first; a run waiting for its retry
+    backoff says so.
     """
     if run.state is not OpRunState.PENDING:
         return None
+    if run.pending_reason is not None:
+        return run.pending_reason.message
     if run.next_retry_at is not None:
         return f"retry backoff until {run.next_retry_at:%H:%M:%S} UTC"
     return None
