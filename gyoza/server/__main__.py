@@ -42,6 +42,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight calls get on SIGTERM (default 10)"
     )
+    parser.add_argument(
+        "--starvation-s",
+        type=float,
+        help="seconds the first waiting run may be overtaken before an agent is held for "
+        "it (default 60)",
+    )
     return parser.parse_args(argv)
 
 
@@ -62,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutdown_grace=args.shutdown_grace,
         api_keys_file=args.api_keys_file,
         agent_tokens_file=args.agent_tokens_file,
+        starvation_s=args.starvation_s,
     )
 
 

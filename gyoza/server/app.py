@@ -216,6 +216,8 @@ class ControlPlane:
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queue_depth)
+            metrics.RUNS_UNSCHEDULABLE.set_function(lambda: scheduler.unschedulable_count)
+            metrics.AGENTS_HELD.set_function(lambda: 0 if scheduler.held_agent is None else 1)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             self._built = built = build_server(
                 config,
@@ -385,6 +387,7 @@ def main_server(
     shutdown_grace: float | None = None,
     api_keys_file: str | Path | None = None,
     agent_tokens_file: str | Path | None = None,
+    starvation_s: float | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
@@ -406,6 +409,7 @@ def main_server(
             shutdown_grace=shutdown_grace,
             api_keys_file=api_keys_file,
             agent_tokens_file=agent_tokens_file,
+            starvation=starvation_s,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)

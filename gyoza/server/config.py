@@ -21,11 +21,13 @@ flag                   environment                default
 ``--log-level``        ``GYOZA_LOG_LEVEL``        ``info``
 ``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
 ``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
+``--starvation-s``     ``GYOZA_STARVATION_S``     ``60`` seconds
 =====================  =========================  ==============================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +137,7 @@ class ServerConfig:
         log_level: str | None = None,
         log_format: str | None = None,
         shutdown_grace: float | None = None,
+        starvation: float | None = None,
         environ: Mapping[str, str] | None = None,
         api_keys_file: str | Path | None = None,
         agent_tokens_file: str | Path | None = None,
@@ -223,6 +226,10 @@ class ServerConfig:
             control = ControlSettings.from_env(env)
         except ValueError as error:
             raise ConfigError(f"agent protocol timing: {error}") from None
+        if starvation is not None:
+            control = dataclasses.replace(control, starvation_s=starvation)
+        if not control.starvation_s >= 0:
+            raise ConfigError(f"--starvation-s must be >= 0, not {control.starvation_s}")
 
         keys = pick_list(api_keys, "GYOZA_API_KEYS") + read_secrets(
             pick_path(api_keys_file, "GYOZA_API_KEYS_FILE"), "--api-keys-file"

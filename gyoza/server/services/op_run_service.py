@@ -165,7 +165,9 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     async def GetOpRun(self, request: pb.GetOpRunRequest, context: Context) -> pb.GetOpRunResponse:
         """The run with its current attempt."""
         run = await self.controller.get_run(request_checks.required(request.run_id, "run_id"))
-        return pb.GetOpRunResponse(op_run=mapping.run_to_proto(run))
+        return pb.GetOpRunResponse(
+            op_run=mapping.run_to_proto(run, pending_reason=self.controller.pending_reason(run.id))
+        )
 
     async def ListOpRuns(
         self, request: pb.ListOpRunsRequest, context: Context
@@ -204,7 +206,10 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         size = 0
         for index, run in enumerate(runs):
             message = mapping.run_to_proto(
-                run, events=False, event_sequence=sequences.get(run.id, 0)
+                run,
+                events=False,
+                event_sequence=sequences.get(run.id, 0),
+                pending_reason=self.controller.pending_reason(run.id),
             )
             size += message.ByteSize() + 8
             if index and size > request_checks.MAX_PAGE_BYTES:
