@@ -11,6 +11,7 @@ from gyoza.models.errors import (
     MaxAttemptsReached,
     NotFound,
     OpRunLockedException,
+    RunNotFinished,
     StaleAttempt,
 )
 from gyoza.models.op_attempt import OpAttempt
@@ -48,6 +49,7 @@ __all__ = [
     "OpDefinition",
     "OpRun",
     "OpRunLockedException",
+    "RunNotFinished",
     "OpRunState",
     "RetryPolicy",
     "StaleAttempt",
