@@ -285,6 +285,14 @@ class Agent:
         if self._state is ConnectionState.CONNECTED:
             self._set_state(ConnectionState.DRAINING)
 
+    def undrain(self, reason: str = "undrain requested locally") -> None:
+        """Take new work again; an agent that is shutting down stays draining."""
+        if self._draining:
+            log.info("agent %s takes work again: %s", self.name, reason)
+        self._draining = False
+        if self._state is ConnectionState.DRAINING and not self._stopping:
+            self._set_state(ConnectionState.CONNECTED)
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> Agent:
@@ -671,6 +679,10 @@ class Agent:
     def on_drain(self, drain: pb.Drain) -> None:
         """The server asked the agent to drain."""
         self.drain(drain.reason or "drain requested by the server")
+
+    def on_undrain(self, undrain: pb.Undrain) -> None:
+        """The server ended the drain: take work again (unless shutting down)."""
+        self.undrain(undrain.reason or "undrain requested by the server")
 
 
 async def run_agent(config: AgentConfig) -> None:

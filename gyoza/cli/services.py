@@ -8,7 +8,8 @@ so the command line, ``python -m gyoza.server`` and the environment agree.
 The functions called:
 
 * ``gyoza.server.app.main_server(*, listen, database, tls_cert, tls_key, tls_client_ca,
-  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace)``
+  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace,
+  retention)``
 * ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
   ``gyoza.agent.config.AgentConfig.from_env(**flags)``
 * ``gyoza.dev.main_dev(*, database, listen, state_dir, executor)``
@@ -88,6 +89,12 @@ def _load(module: str, command: str) -> ModuleType:
     "--shutdown-grace",
     type=click.FloatRange(min=0),
     help="Seconds in-flight calls get on SIGTERM [env GYOZA_SHUTDOWN_GRACE; default 10].",
+)
+@click.option(
+    "--retention",
+    metavar="AGE",
+    help="Delete finished runs (with their events, logs and topic records) whose last "
+    "change is older than AGE, e.g. 30d, 12h, 90m [env GYOZA_RETENTION; default: keep].",
 )
 def server(**options: Any) -> None:
     """Run the gyoza server (the control plane) until SIGTERM or Ctrl-C."""

@@ -49,8 +49,8 @@ __all__ = [
     "OpDefinition",
     "OpRun",
     "OpRunLockedException",
-    "RunNotFinished",
     "OpRunState",
     "RetryPolicy",
+    "RunNotFinished",
     "StaleAttempt",
 ]

@@ -30,6 +30,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight calls get on SIGTERM (default 10)"
     )
+    parser.add_argument(
+        "--retention",
+        help="delete finished runs older than this, e.g. 30d or 12h (default: keep them)",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,
+        retention=args.retention,
     )
 
 

@@ -48,6 +48,7 @@ from gyoza.server.errors import ErrorInterceptor
 from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
+from gyoza.server.retention import Retention
 from gyoza.server.run_gauge import RunStateGauge
 from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
@@ -180,6 +181,7 @@ class ControlPlane:
         self._sessions: SessionRegistry | None = None
         self._built: Built | None = None
         self._metrics: MetricsEndpoint | None = None
+        self._retention: Retention | None = None
 
     @property
     def address(self) -> str:
@@ -196,9 +198,15 @@ class ControlPlane:
             self._hub = hub = Hub()
             gauge = RunStateGauge(hub)
             self._controller = controller = RunController(store, hub, settings=config.control)
-            self._sessions = sessions = SessionRegistry(controller.scheduler)
+            self._sessions = sessions = SessionRegistry(controller.scheduler, store)
+            await sessions.load_drains()
             await controller.start()
             await gauge.seed(store)
+            if config.retention is not None:
+                self._retention = Retention(
+                    store, controller, config.retention, interval_s=config.retention_interval_s
+                )
+                self._retention.start()
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
@@ -265,6 +273,9 @@ class ControlPlane:
         log_event(log, logging.INFO, "server stopped")
 
     async def _close_core(self) -> None:
+        if self._retention is not None:
+            retention, self._retention = self._retention, None
+            await retention.stop()
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -345,6 +356,7 @@ def main_server(
     log_level: str | None = None,
     log_format: str | None = None,
     shutdown_grace: float | None = None,
+    retention: str | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
@@ -364,6 +376,7 @@ def main_server(
             log_level=log_level,
             log_format=log_format,
             shutdown_grace=shutdown_grace,
+            retention=retention,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)

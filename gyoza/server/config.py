@@ -19,6 +19,7 @@ flag                   environment                default
 ``--log-level``        ``GYOZA_LOG_LEVEL``        ``info``
 ``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
 ``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
+``--retention``        ``GYOZA_RETENTION``        off (finished runs are kept)
 =====================  =========================  ==============================
 """
 
@@ -27,10 +28,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from gyoza.server.control import ControlSettings
 from gyoza.server.logs import LOG_FORMATS
+from gyoza.server.retention import parse_duration
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///gyoza.db"
@@ -98,6 +101,11 @@ class ServerConfig:
         Largest inputs, outputs or event payload, as JSON.
     control : ControlSettings
         Timing of the agent protocol.
+    retention : timedelta | None
+        Finished runs whose last change is older than this are deleted, with their
+        events, logs and topic records; ``None`` keeps them.
+    retention_interval_s : float
+        Time between retention sweeps (``GYOZA_RETENTION_INTERVAL_S``, default 60).
     """
 
     listen: str = DEFAULT_LISTEN
@@ -112,6 +120,8 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_json_bytes: int = MAX_JSON_BYTES
     control: ControlSettings = field(default_factory=ControlSettings)
+    retention: timedelta | None = None
+    retention_interval_s: float = 60.0
 
     @property
     def listen_host(self) -> str:
@@ -133,6 +143,7 @@ class ServerConfig:
         log_level: str | None = None,
         log_format: str | None = None,
         shutdown_grace: float | None = None,
+        retention: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> ServerConfig:
         """Build the settings from flag values, the environment and the defaults.
@@ -218,6 +229,21 @@ class ServerConfig:
         except ValueError as error:
             raise ConfigError(f"agent protocol timing: {error}") from None
 
+        keep = None
+        retention_text = pick(retention, "GYOZA_RETENTION", "")
+        if retention_text and retention_text.lower() not in ("off", "0"):
+            try:
+                keep = parse_duration(retention_text)
+            except ValueError as error:
+                raise ConfigError(f"--retention: {error}") from None
+        raw = env.get("GYOZA_RETENTION_INTERVAL_S", "").strip()
+        try:
+            interval = float(raw) if raw else 60.0
+        except ValueError:
+            raise ConfigError(f"GYOZA_RETENTION_INTERVAL_S must be seconds, not {raw!r}") from None
+        if interval <= 0:
+            raise ConfigError("GYOZA_RETENTION_INTERVAL_S must be more than zero")
+
         return cls(
             listen=listen_value,
             database_url=database_url,
@@ -229,6 +255,8 @@ class ServerConfig:
             log_format=fmt,
             shutdown_grace_s=grace,
             control=control,
+            retention=keep,
+            retention_interval_s=interval,
         )
 
 

@@ -29,6 +29,7 @@ from gyoza.models.errors import (
     InvalidInput,
     NotFound,
     OpRunLockedException,
+    RunNotFinished,
     StaleAttempt,
 )
 from gyoza.models.op_run import OpRun
@@ -349,6 +350,30 @@ class RunController:
 
         run, _ = await self._mutate(run_id, op)
         return run
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a finished run with its events, logs and topic records.
+
+        Raises
+        ------
+        NotFound
+            When there is no such run.
+        RunNotFinished
+            When the run may still change (active, or waiting for an automatic retry).
+        """
+        async with self._lock(run_id):
+            run = self._runs.get(run_id)
+            if run is not None:
+                raise RunNotFinished(
+                    f"run {run_id} is {run.state.value}"
+                    + (" and waits for an automatic retry" if run.state.is_terminal else "")
+                    + "; only finished runs can be deleted"
+                )
+            await self.store.delete_run(run_id)
+
+    def busy_runs(self) -> frozenset[str]:
+        """Runs held in memory or under an operation now: retention leaves them alone."""
+        return frozenset(self._runs) | frozenset(self._locks.keys())
 
     async def set_priority(self, run_id: str, priority: int) -> OpRun:
         """Change a run's priority; a pending run moves in the queue at once.

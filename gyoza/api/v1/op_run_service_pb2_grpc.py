@@ -90,6 +90,11 @@ class OpRunServiceStub:
                 request_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsRequest.SerializeToString,
                 response_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsResponse.FromString,
                 _registered_method=True)
+        self.DeleteOpRun = channel.unary_unary(
+                '/gyoza.api.v1.OpRunService/DeleteOpRun',
+                request_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunRequest.SerializeToString,
+                response_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunResponse.FromString,
+                _registered_method=True)
 
 
 class OpRunServiceServicer:
@@ -201,6 +206,18 @@ class OpRunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteOpRun(self, request, context):
+        """Deletes a finished run (COMPLETED, FAILED or CANCELLED, and not waiting for an
+        automatic retry) with its attempts, events, log lines and topic records, in one
+        transaction. Topic subscribers do not receive the deleted records any more: one
+        resuming from an offset before them gets the records that remain after it, in order.
+        Errors: INVALID_ARGUMENT (empty id), NOT_FOUND, FAILED_PRECONDITION (the run may still
+        change; reason RUN_NOT_FINISHED), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpRunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +275,11 @@ def add_OpRunServiceServicer_to_server(servicer, server):
                     servicer.GetOpRunLogs,
                     request_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsRequest.FromString,
                     response_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsResponse.SerializeToString,
+            ),
+            'DeleteOpRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOpRun,
+                    request_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunRequest.FromString,
+                    response_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -558,6 +580,33 @@ class OpRunService:
             '/gyoza.api.v1.OpRunService/GetOpRunLogs',
             gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsRequest.SerializeToString,
             gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOpRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gyoza.api.v1.OpRunService/DeleteOpRun',
+            gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunRequest.SerializeToString,
+            gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

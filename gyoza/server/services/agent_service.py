@@ -23,10 +23,10 @@ from gyoza.api.v1 import (
     op_run_pb2,
     resources_pb2,
 )
-from gyoza.models.errors import NotFound
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
 from gyoza.server.mapping import struct_from_proto
+from gyoza.server.services import request_checks
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 
 log = logging.getLogger("gyoza.agents")
@@ -303,14 +303,19 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_service_pb2.DrainAgentResponse:
         """Tell an agent to take no new work."""
-        if not request.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is empty")
-        try:
-            session = self.sessions.drain(request.name)
-        except NotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise
+        # Errors (empty name, unknown agent) go through the error catalog.
+        session = await self.sessions.drain(request_checks.required(request.name, "name"))
         return agent_service_pb2.DrainAgentResponse(agent=self.sessions.describe(session))
+
+    async def UndrainAgent(
+        self,
+        request: agent_service_pb2.UndrainAgentRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_service_pb2.UndrainAgentResponse:
+        """End an agent's drain; placement considers it again at once."""
+        session = await self.sessions.undrain(request_checks.required(request.name, "name"))
+        self.controller.agent_ready()
+        return agent_service_pb2.UndrainAgentResponse(agent=self.sessions.describe(session))
 
 
 def _report_in(report: agent_service_pb2.Report, limit: int) -> ReportIn:

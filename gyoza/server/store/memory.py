@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -319,10 +319,16 @@ class InMemoryStore:
             )
         self._delete(run_id)
 
-    async def delete_finished_before(self, before: datetime, *, limit: int = 100) -> list[str]:
+    async def delete_finished_before(
+        self, before: datetime, *, limit: int = 100, exclude: Collection[str] = ()
+    ) -> list[str]:
         await self._enter()
         old = sorted(
-            (r for r in self._runs.values() if _finished(r) and r["updated_at"] < before),
+            (
+                r
+                for r in self._runs.values()
+                if _finished(r) and r["updated_at"] < before and r["id"] not in exclude
+            ),
             key=lambda r: r["updated_at"],
         )[:limit]
         for row in old:

@@ -624,16 +624,24 @@ class Repository:
             "be deleted"
         )
 
-    def delete_finished_before(self, conn: Connection, before: datetime, limit: int) -> list[str]:
+    def delete_finished_before(
+        self,
+        conn: Connection,
+        before: datetime,
+        limit: int,
+        exclude: Iterable[str] = (),
+    ) -> list[str]:
         """Delete up to *limit* finished runs last changed before *before*, oldest first,
-        with everything that belongs to them; returns their ids."""
+        with everything that belongs to them, except those in *exclude*; returns their
+        ids."""
+        skip = set(exclude)
         found = conn.execute(
             select(op_runs.c.id)
             .where(_finished_condition(), op_runs.c.updated_at < before)
             .order_by(op_runs.c.updated_at)
-            .limit(limit)
+            .limit(limit + len(skip))
         ).scalars()
-        ids = list(found)
+        ids = [run_id for run_id in found if run_id not in skip][:limit]
         return self._delete_finished(conn, ids) if ids else []
 
     def _delete_finished(self, conn: Connection, run_ids: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ race with the writer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from types import TracebackType
@@ -330,12 +330,15 @@ class Store:
         repo = self._repo
         await self._write(lambda c: repo.delete_run(c, run_id))
 
-    async def delete_finished_before(self, before: datetime, *, limit: int = 100) -> list[str]:
+    async def delete_finished_before(
+        self, before: datetime, *, limit: int = 100, exclude: Collection[str] = ()
+    ) -> list[str]:
         """Delete up to *limit* finished runs (as :meth:`delete_run` deletes them) whose
         last change is older than *before*, oldest first, in one transaction; returns
-        their ids. Call again until it returns fewer than *limit*."""
+        their ids. Runs in *exclude* are kept. Call again until it returns fewer than
+        *limit*."""
         repo = self._repo
-        return await self._write(lambda c: repo.delete_finished_before(c, before, limit))
+        return await self._write(lambda c: repo.delete_finished_before(c, before, limit, exclude))
 
     # ------------------------------------------------------------------
     # Logs

@@ -1,0 +1,124 @@
+"""Retention: finished runs older than a configured age are deleted in small batches.
+
+With ``--retention 30d`` the server deletes every run that is COMPLETED, FAILED or
+CANCELLED (and not waiting for an automatic retry) whose last change is older than 30
+days, with its attempts, events, log lines and topic records. It sweeps once at start
+and then every ``interval_s``; each sweep deletes batches of ``batch_size`` runs, one
+transaction each, and yields to the event loop between batches, so the writer's group
+commits of the hot path (agent reports, new runs) go on in between and no transaction
+grows with the backlog. Runs the controller holds in memory or is changing now are
+skipped (they are deleted by a later sweep once they are old and idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from datetime import timedelta
+
+from gyoza.models.timestamps import utc_now
+from gyoza.server.control import RunController
+from gyoza.server.logs import log_event
+from gyoza.server.store.store import Store
+
+log = logging.getLogger("gyoza.retention")
+
+BATCH_SIZE = 100
+"""Runs deleted per transaction."""
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"2w"``, or plain seconds.
+
+    Raises
+    ------
+    ValueError
+        When *text* is not such a duration, or is zero.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m or 45s")
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: the duration must be more than zero")
+    return timedelta(seconds=seconds)
+
+
+class Retention:
+    """Deletes finished runs older than *keep*, in the background.
+
+    Parameters
+    ----------
+    store : Store
+        The store to delete from.
+    controller : RunController
+        Names the runs that must be left alone for now.
+    keep : timedelta
+        How long a finished run is kept after its last change.
+    interval_s : float
+        Time between sweeps.
+    batch_size : int
+        Runs deleted per transaction.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        controller: RunController,
+        keep: timedelta,
+        *,
+        interval_s: float = 60.0,
+        batch_size: int = BATCH_SIZE,
+    ) -> None:
+        self.store = store
+        self.controller = controller
+        self.keep = keep
+        self.interval_s = interval_s
+        self.batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sweeping in the background."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="retention")
+
+    async def stop(self) -> None:
+        """Stop sweeping; a batch under way is committed or rolled back as a whole."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def sweep(self) -> int:
+        """Delete every finished run older than the retention; returns how many."""
+        before = utc_now() - self.keep
+        deleted = 0
+        while True:
+            ids = await self.store.delete_finished_before(
+                before, limit=self.batch_size, exclude=self.controller.busy_runs()
+            )
+            deleted += len(ids)
+            if len(ids) < self.batch_size:
+                break
+            await asyncio.sleep(0)  # let the hot path's writes go first
+        if deleted:
+            log_event(
+                log,
+                logging.INFO,
+                "finished runs deleted by retention",
+                runs=deleted,
+                older_than=before.isoformat(),
+            )
+        return deleted
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                # The next sweep tries again; the server keeps serving.
+                log_event(log, logging.ERROR, "retention sweep failed", exc_info=True)
+            await asyncio.sleep(self.interval_s)
