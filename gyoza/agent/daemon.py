@@ -27,6 +27,7 @@ import contextlib
 import enum
 import fcntl
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from gyoza.agent import metrics
 from gyoza.agent.backoff import Backoff
 from gyoza.agent.capacity import CapacityInfo, probe_capacity
 from gyoza.agent.config import AgentConfig
@@ -245,6 +247,16 @@ class Agent:
         return self._draining or self._stopping
 
     @property
+    def outbox_depth(self) -> int:
+        """Reports stored and not acknowledged yet (0 before the agent started)."""
+        return 0 if self._outbox is None else self._outbox.depth
+
+    @property
+    def held_attempts(self) -> int:
+        """Attempts the agent holds (0 before the agent started)."""
+        return 0 if self._outbox is None else len(self._outbox.held())
+
+    @property
     def outbox(self) -> Outbox:
         """The outbox (once the agent has started)."""
         if self._outbox is None:
@@ -358,6 +370,8 @@ class Agent:
         timeout = drain_timeout_s
         if timeout is None:
             timeout = self.config.shutdown_timeout_s
+            if self.config.on_stop == "drain" and timeout == 0:
+                timeout = math.inf  # --on-stop drain: as long as the held runs take
         first = not self._stopping
         self._stopping = True
         if first and self._state is ConnectionState.CONNECTED:
@@ -369,8 +383,16 @@ class Agent:
                 asyncio.create_task(self._done.wait()),
                 asyncio.create_task(self._stop.wait()),
             }
+            if math.isinf(timeout):
+                log.info(
+                    "agent %s drains before stopping: %d attempt(s) held",
+                    self.name,
+                    len(self._outbox.held()),
+                )
             _, pending = await asyncio.wait(
-                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waits,
+                timeout=None if math.isinf(timeout) else timeout,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             for task in pending:
                 task.cancel()
@@ -470,6 +492,8 @@ class Agent:
     def _set_state(self, state: ConnectionState) -> None:
         if state is self._state:
             return
+        welcomed = state in (ConnectionState.CONNECTED, ConnectionState.DRAINING)
+        metrics.CONNECTED.set(1 if welcomed else 0)
         log.debug("agent %s: %s -> %s", self.name, self._state.value, state.value)
         self._state = state
         event, self._state_changed = self._state_changed, asyncio.Event()
@@ -521,6 +545,7 @@ class Agent:
                 self._session = None
                 heartbeat_s = session.heartbeat_interval_s
             self._set_state(ConnectionState.DISCONNECTED)
+            metrics.RECONNECTS.inc()
             delay = self._backoff.next_delay()
             log.info("agent %s: reconnecting in %.2fs", self.name, delay)
             await asyncio.sleep(delay)
@@ -688,11 +713,24 @@ class Agent:
 async def run_agent(config: AgentConfig) -> None:
     """Run an agent until SIGINT or SIGTERM (the ``gyoza agent`` command).
 
-    The first signal shuts down with ``config.shutdown_timeout_s`` of draining; a second
-    one stops at once.
+    The first signal shuts down: with ``on_stop="leave"`` after
+    ``config.shutdown_timeout_s`` of draining (0: at once), leaving containers running
+    for the next agent process to adopt; with ``on_stop="drain"`` once every held
+    attempt has ended and been acknowledged. A second signal stops at once.
     """
     agent = Agent(config)
     loop = asyncio.get_running_loop()
+    endpoint: metrics.MetricsEndpoint | None = None
+    if config.metrics_port is not None:
+        endpoint = metrics.MetricsEndpoint(config.metrics_port)
+        metrics.OUTBOX_REPORTS.set_function(lambda: agent.outbox_depth)
+        metrics.HELD_ATTEMPTS.set_function(lambda: agent.held_attempts)
+        log.info(
+            "agent %s serves metrics on port %d",
+            config.name,
+            endpoint.port,
+            extra={"metrics_port": endpoint.port},
+        )
     signals = (signal.SIGINT, signal.SIGTERM)
     stopping: list[asyncio.Task[None]] = []
 
@@ -711,3 +749,5 @@ async def run_agent(config: AgentConfig) -> None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signum)
         await asyncio.gather(*stopping, return_exceptions=True)
+        if endpoint is not None:
+            endpoint.close()

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from gyoza.agent import metrics
 from gyoza.agent.mapping import (
     log_chunk_to_proto,
     reported_event_to_proto,
@@ -85,7 +86,13 @@ class OutboxSink:
                 duration_ms=duration_ms,
             )
         )
-        await self._outbox.store(report, cursor=cursor, terminal=type in TERMINAL_EVENTS)
+        terminal = type in TERMINAL_EVENTS
+        await self._outbox.store(report, cursor=cursor, terminal=terminal)
+        if terminal:
+            metrics.EXECUTOR_OUTCOMES.labels(
+                outcome=type.value,
+                failure_class="" if failure_class is None else failure_class.value,
+            ).inc()
 
     async def logs(self, lines: Sequence[tuple[str, str]], *, cursor: int | None = None) -> None:
         """Record log lines as ``(text, stream)`` pairs; nothing is stored for none."""

@@ -26,7 +26,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--log-format", choices=("json", "logfmt"))
+    parser.add_argument("--log-format", choices=("json", "logfmt", "text"))
     parser.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight calls get on SIGTERM (default 10)"
     )

@@ -50,6 +50,7 @@ from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
 from gyoza.server.retention import Retention
 from gyoza.server.run_gauge import RunStateGauge
+from gyoza.server.run_log import RunLifecycleLog
 from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
 from gyoza.server.services.op_run_service import OpRunServiceServicer
@@ -197,6 +198,7 @@ class ControlPlane:
         try:
             self._hub = hub = Hub()
             gauge = RunStateGauge(hub)
+            RunLifecycleLog(hub)
             self._controller = controller = RunController(store, hub, settings=config.control)
             self._sessions = sessions = SessionRegistry(controller.scheduler, store)
             await sessions.load_drains()
@@ -210,6 +212,7 @@ class ControlPlane:
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
+            metrics.watch_agents(lambda: controller.scheduler.agents.values())
             self._built = built = build_server(
                 config, store=store, controller=controller, hub=hub, sessions=sessions
             )
