@@ -134,9 +134,7 @@ def test_runs_delete_removes_a_finished_run_and_refuses_an_active_one(fleet: Clu
         fleet.runs.DeleteOpRun(op_run_service_pb2.DeleteOpRunRequest(run_id=done.id), timeout=10)
     assert again.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as precondition:
-        fleet.runs.DeleteOpRun(
-            op_run_service_pb2.DeleteOpRunRequest(run_id=active.id), timeout=10
-        )
+        fleet.runs.DeleteOpRun(op_run_service_pb2.DeleteOpRunRequest(run_id=active.id), timeout=10)
     assert precondition.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -260,8 +258,7 @@ def test_lifecycle_log_lines_and_metrics(tmp_path: Path) -> None:
 
         text = _scrape(agent_metrics)
         assert (
-            'gyoza_agent_executor_outcomes_total{failure_class="",outcome="COMPLETED"} 1.0'
-            in text
+            'gyoza_agent_executor_outcomes_total{failure_class="",outcome="COMPLETED"} 1.0' in text
         )
         assert 'outcome="FAILED"} 1.0' in text
         assert "gyoza_agent_held_attempts 1.0" in text

@@ -189,8 +189,11 @@ class OpRunServiceServicer:
 
     def SubscribeEvents(self, request, context):
         """Streams every event of every run whose event delivery names the topic, in commit
-        order, from a durable log; resumable from an offset. The stream stays open; its
-        response headers are sent once the subscription is in place. Errors:
+        order, from a durable log; resumable from an offset. Offsets are never reused; the
+        records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+        so resuming from an offset whose records were deleted continues with the records
+        that remain after it. The stream stays open; its response headers are sent once the
+        subscription is in place. Errors:
         INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
         server is shutting down; resume from the last offset).
         """

@@ -85,8 +85,11 @@ class OpRunServiceStub:
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_op_run_service_pb2.SubscribeEventsRequest, _op_run_service_pb2.SubscribeEventsResponse]
     """Streams every event of every run whose event delivery names the topic, in commit
-    order, from a durable log; resumable from an offset. The stream stays open; its
-    response headers are sent once the subscription is in place. Errors:
+    order, from a durable log; resumable from an offset. Offsets are never reused; the
+    records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+    so resuming from an offset whose records were deleted continues with the records
+    that remain after it. The stream stays open; its response headers are sent once the
+    subscription is in place. Errors:
     INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
     server is shutting down; resume from the last offset).
     """
@@ -160,8 +163,11 @@ class OpRunServiceAsyncStub(OpRunServiceStub):
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_op_run_service_pb2.SubscribeEventsRequest, _op_run_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """Streams every event of every run whose event delivery names the topic, in commit
-    order, from a durable log; resumable from an offset. The stream stays open; its
-    response headers are sent once the subscription is in place. Errors:
+    order, from a durable log; resumable from an offset. Offsets are never reused; the
+    records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+    so resuming from an offset whose records were deleted continues with the records
+    that remain after it. The stream stays open; its response headers are sent once the
+    subscription is in place. Errors:
     INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
     server is shutting down; resume from the last offset).
     """
@@ -292,8 +298,11 @@ class OpRunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_op_run_service_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_op_run_service_pb2.SubscribeEventsResponse]]:
         """Streams every event of every run whose event delivery names the topic, in commit
-        order, from a durable log; resumable from an offset. The stream stays open; its
-        response headers are sent once the subscription is in place. Errors:
+        order, from a durable log; resumable from an offset. Offsets are never reused; the
+        records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+        so resuming from an offset whose records were deleted continues with the records
+        that remain after it. The stream stays open; its response headers are sent once the
+        subscription is in place. Errors:
         INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
         server is shutting down; resume from the last offset).
         """
