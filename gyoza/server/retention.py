@@ -4,9 +4,9 @@ With ``--retention 30d`` the server deletes every run that is COMPLETED, FAILED 
 CANCELLED (and not waiting for an automatic retry) whose last change is older than 30
 days, with its attempts, events, log lines and topic records. It sweeps once at start
 and then every ``interval_s``; each sweep deletes batches of ``batch_size`` runs, one
-transaction each, and yields to the event loop between batches, so the writer's group
-commits of the hot path (agent reports, new runs) go on in between and no transaction
-grows with the backlog. Runs the controller holds in memory or is changing now are
+transaction each, and pauses between batches so that it takes at most ``duty`` of the
+writer's time: the group commits of the hot path (agent reports, new runs) go on in
+between, and no transaction grows with the backlog. Runs the controller holds in memory or is changing now are
 skipped (they are deleted by a later sweep once they are old and idle).
 """
 
@@ -24,8 +24,12 @@ from gyoza.server.store.store import Store
 
 log = logging.getLogger("gyoza.retention")
 
-BATCH_SIZE = 100
-"""Runs deleted per transaction."""
+BATCH_SIZE = 25
+"""Runs deleted per transaction (each with its events, logs and topic records)."""
+
+DUTY = 0.2
+"""Most of the writer's time a sweep takes: after each batch it pauses four times as long
+as the batch took, so agent reports and new runs keep most of the writer."""
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -63,6 +67,8 @@ class Retention:
         Time between sweeps.
     batch_size : int
         Runs deleted per transaction.
+    duty : float
+        Most of the writer's time a sweep may take (0-1].
     """
 
     def __init__(
@@ -73,12 +79,16 @@ class Retention:
         *,
         interval_s: float = 60.0,
         batch_size: int = BATCH_SIZE,
+        duty: float = DUTY,
     ) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError("duty must be within (0, 1]")
         self.store = store
         self.controller = controller
         self.keep = keep
         self.interval_s = interval_s
         self.batch_size = batch_size
+        self.duty = duty
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -96,14 +106,17 @@ class Retention:
         """Delete every finished run older than the retention; returns how many."""
         before = utc_now() - self.keep
         deleted = 0
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             ids = await self.store.delete_finished_before(
                 before, limit=self.batch_size, exclude=self.controller.busy_runs()
             )
             deleted += len(ids)
             if len(ids) < self.batch_size:
                 break
-            await asyncio.sleep(0)  # let the hot path's writes go first
+            # Leave the writer to the hot path for a while.
+            await asyncio.sleep((loop.time() - started) * (1 / self.duty - 1))
         if deleted:
             log_event(
                 log,
