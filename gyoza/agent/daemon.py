@@ -214,7 +214,10 @@ class Agent:
         self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
         self._state = ConnectionState.DISCONNECTED
         self._state_changed = asyncio.Event()
-        self._draining = False
+        self._draining = False  # drained locally (drain())
+        # Drained by the server: for this session only, as the server tells each new
+        # session again while an operator's drain lasts (it is stored there).
+        self._drained_by_server = False
         self._stopping = False
         self._running = False
         self._opened = asyncio.Event()
@@ -244,7 +247,7 @@ class Agent:
     @property
     def draining(self) -> bool:
         """True once told to drain (by the server or :meth:`drain`), or shutting down."""
-        return self._draining or self._stopping
+        return self._draining or self._drained_by_server or self._stopping
 
     @property
     def outbox_depth(self) -> int:
@@ -298,12 +301,17 @@ class Agent:
             self._set_state(ConnectionState.DRAINING)
 
     def undrain(self, reason: str = "undrain requested locally") -> None:
-        """Take new work again; an agent that is shutting down stays draining."""
+        """End a local :meth:`drain`; a drain by the server or a shutdown still holds."""
         if self._draining:
-            log.info("agent %s takes work again: %s", self.name, reason)
+            log.info("agent %s ends its local drain: %s", self.name, reason)
         self._draining = False
-        if self._state is ConnectionState.DRAINING and not self._stopping:
+        self._update_draining_state()
+
+    def _update_draining_state(self) -> None:
+        if self._state is ConnectionState.DRAINING and not self.draining:
             self._set_state(ConnectionState.CONNECTED)
+        elif self._state is ConnectionState.CONNECTED and self.draining:
+            self._set_state(ConnectionState.DRAINING)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -519,6 +527,7 @@ class Agent:
         heartbeat_s = self.config.heartbeat_interval_s
         while True:
             self._set_state(ConnectionState.CONNECTING)
+            self._drained_by_server = False  # a drain that still holds is sent again
             session = Session(
                 stub,
                 self.outbox,
@@ -567,7 +576,8 @@ class Agent:
             held=held,
             labels=self.config.labels,
             version=agent_version(),
-            draining=self.draining,
+            # The agent's own drain only: the server keeps (and re-sends) its own.
+            draining=self._draining or self._stopping,
         )
 
     async def capacity(self) -> agent_pb2.Capacity:
@@ -622,7 +632,7 @@ class Agent:
     def _refusal(self, assignment: pb.Assignment) -> str | None:
         if self._stopping:
             return "agent is shutting down"
-        if self._draining:
+        if self._draining or self._drained_by_server:
             return "agent is draining"
         try:
             return self.executor.refusal(assignment_from_proto(assignment))
@@ -702,12 +712,19 @@ class Agent:
             log.exception("agent %s: the executor failed to stop %s/%d", self.name, run_id, attempt)
 
     def on_drain(self, drain: pb.Drain) -> None:
-        """The server asked the agent to drain."""
-        self.drain(drain.reason or "drain requested by the server")
+        """The server asked the agent to drain (for this session; see ``draining``)."""
+        if not self._drained_by_server:
+            log.info("agent %s draining: %s", self.name, drain.reason or "drain requested")
+        self._drained_by_server = True
+        self._update_draining_state()
 
     def on_undrain(self, undrain: pb.Undrain) -> None:
-        """The server ended the drain: take work again (unless shutting down)."""
-        self.undrain(undrain.reason or "undrain requested by the server")
+        """The server ended its drain: take work again (unless drained locally or
+        shutting down)."""
+        if self._drained_by_server:
+            log.info("agent %s takes work again: %s", self.name, undrain.reason or "undrained")
+        self._drained_by_server = False
+        self._update_draining_state()
 
 
 async def run_agent(config: AgentConfig) -> None:

@@ -58,6 +58,9 @@ class AgentSession:
     last_seen_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_seen: float = 0.0  # event-loop time, for the lease
     state: SessionState = SessionState.CONNECTED
+    #: The agent said in its Hello that it drains by itself (shutting down, or drained
+    #: locally): an operator's undrain does not make it take work.
+    draining_itself: bool = False
     outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
         default_factory=asyncio.Queue
     )
@@ -225,9 +228,10 @@ class SessionRegistry:
             del self.drained[name]
         if session is None:
             return AgentSession(name=name, state=SessionState.DISCONNECTED)
-        self.scheduler.set_draining(name, False)
-        if session.state is SessionState.DRAINING:
-            session.state = SessionState.CONNECTED
+        if not session.draining_itself:
+            self.scheduler.set_draining(name, False)
+            if session.state is SessionState.DRAINING:
+                session.state = SessionState.CONNECTED
         session.send(
             agent_service_pb2.ConnectResponse(
                 undrain=agent_service_pb2.Undrain(reason="undrain requested")

@@ -201,7 +201,10 @@ class Hello(_message.Message):
     version: _builtins.str
     """Agent software version."""
     draining: _builtins.bool
-    """True when the agent starts already draining."""
+    """True when the agent drains by itself (it is shutting down, or was drained locally).
+    A drain an operator asked for (DrainAgent) is kept by the server, which sends Drain
+    again on every new session while it lasts.
+    """
     @_builtins.property
     def capacity(self) -> _agent_pb2.Capacity:
         """Whole capacity."""

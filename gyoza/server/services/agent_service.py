@@ -106,6 +106,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             version=hello.version,
             capacity=hello.capacity,
             state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
+            draining_itself=hello.draining,
         )
         session.touch(loop.time())
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
