@@ -372,8 +372,12 @@ class RunController:
             await self.store.delete_run(run_id)
 
     def busy_runs(self) -> frozenset[str]:
-        """Runs held in memory or under an operation now: retention leaves them alone."""
-        return frozenset(self._runs) | frozenset(self._locks.keys())
+        """Runs under an operation now (their lock is alive): retention leaves them alone.
+
+        The other runs held in memory are active, or FAILED waiting for a retry, which
+        the store never counts as finished.
+        """
+        return frozenset(self._locks.keys())
 
     async def set_priority(self, run_id: str, priority: int) -> OpRun:
         """Change a run's priority; a pending run moves in the queue at once.

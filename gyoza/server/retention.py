@@ -6,8 +6,8 @@ days, with its attempts, events, log lines and topic records. It sweeps once at 
 and then every ``interval_s``; each sweep deletes batches of ``batch_size`` runs, one
 transaction each, and pauses between batches so that it takes at most ``duty`` of the
 writer's time: the group commits of the hot path (agent reports, new runs) go on in
-between, and no transaction grows with the backlog. Runs the controller holds in memory or is changing now are
-skipped (they are deleted by a later sweep once they are old and idle).
+between, and no transaction grows with the backlog. Runs the controller is changing at
+that moment are skipped (a later sweep deletes them once they are old and idle).
 """
 
 from __future__ import annotations
