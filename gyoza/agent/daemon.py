@@ -623,6 +623,13 @@ class Agent:
             return
         await self.outbox.hold(assignment)
         session.reply(run_id, attempt, accepted=True)
+        log.info(
+            "agent %s accepted %s/%d",
+            self.name,
+            run_id,
+            attempt,
+            extra={"run_id": run_id, "attempt": attempt, "gpu_ids": list(assignment.gpu_ids)},
+        )
         task = self._spawn(
             self._start(assignment_from_proto(assignment)), name=f"start {run_id}/{attempt}"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,8 @@ from gyoza.agent.outbox import Outbox
 from gyoza.api.v1 import agent_service_pb2 as pb
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.models.timestamps import utc_now
+
+log = logging.getLogger("gyoza.agent.attempts")
 
 #: Events that end an attempt; the outbox stores nothing after one.
 TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
@@ -89,10 +92,21 @@ class OutboxSink:
         terminal = type in TERMINAL_EVENTS
         await self._outbox.store(report, cursor=cursor, terminal=terminal)
         if terminal:
-            metrics.EXECUTOR_OUTCOMES.labels(
-                outcome=type.value,
-                failure_class="" if failure_class is None else failure_class.value,
-            ).inc()
+            failure = "" if failure_class is None else failure_class.value
+            metrics.EXECUTOR_OUTCOMES.labels(outcome=type.value, failure_class=failure).inc()
+            log.info(
+                "attempt %s/%d ended: %s",
+                self.run_id,
+                self.attempt,
+                type.value,
+                extra={
+                    "run_id": self.run_id,
+                    "attempt": self.attempt,
+                    "outcome": type.value,
+                    "failure_class": failure or None,
+                    "duration_ms": duration_ms,
+                },
+            )
 
     async def logs(self, lines: Sequence[tuple[str, str]], *, cursor: int | None = None) -> None:
         """Record log lines as ``(text, stream)`` pairs; nothing is stored for none."""
