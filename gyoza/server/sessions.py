@@ -197,9 +197,11 @@ class SessionRegistry:
             When no agent of that name has connected since the server started.
         """
         session = self.sessions.get(name) or self.known.get(name)
+        drain = self.drained.get(name)
+        if session is None and drain is not None:
+            return self._absent(name)  # drained already, not back since the restart
         if session is None:
             raise NotFound(f"no agent named {name!r}")
-        drain = self.drained.get(name)
         if drain is None:
             drain = AgentDrain(name, reason, utc_now())
             if self.store is not None:
@@ -227,7 +229,7 @@ class SessionRegistry:
                 await self.store.clear_drain(name)
             del self.drained[name]
         if session is None:
-            return AgentSession(name=name, state=SessionState.DISCONNECTED)
+            return self._absent(name)
         if not session.draining_itself:
             self.scheduler.set_draining(name, False)
             if session.state is SessionState.DRAINING:
@@ -238,6 +240,18 @@ class SessionRegistry:
             )
         )
         return session
+
+    def listed(self, include_disconnected: bool) -> list[AgentSession]:
+        """The agents ListAgents shows, by name: live ones, and with
+        *include_disconnected* every agent seen since start and every drained one."""
+        if not include_disconnected:
+            return [self.sessions[name] for name in sorted(self.sessions)]
+        names = sorted(set(self.known) | set(self.drained))
+        return [self.known.get(name) or self._absent(name) for name in names]
+
+    def _absent(self, name: str) -> AgentSession:
+        """A drained agent that has not connected since the server started."""
+        return AgentSession(name=name, state=SessionState.DISCONNECTED)
 
     def describe(self, session: AgentSession) -> agent_pb2.Agent:
         """The agent as ListAgents shows it: capacity, reservations, runs."""

@@ -73,6 +73,10 @@ def test_drain_and_undrain_reach_the_agent_and_outlive_the_server(
     assert server.terminate() == 0
     server = server_factory(database_url)
     stubs = server.stubs()
+    # Before it is back, a drained agent is listed (disconnected) and stays drainable.
+    listed = stubs.agents.ListAgents(apb.ListAgentsRequest(include_disconnected=True)).agents
+    assert [(a.name, a.state) for a in listed] == [("gpu-1", agent_pb2.AGENT_STATE_DISCONNECTED)]
+    stubs.agents.DrainAgent(apb.DrainAgentRequest(name="gpu-1"), timeout=10)
     agent = fake_agent(server.channel(), "gpu-1")
     agent.receive("drain")  # the new session is told again, before any assignment
     listed = stubs.agents.ListAgents(apb.ListAgentsRequest(), timeout=10).agents

@@ -767,7 +767,9 @@ class ListAgentsRequest(_message.Message):
 
     INCLUDE_DISCONNECTED_FIELD_NUMBER: _builtins.int
     include_disconnected: _builtins.bool
-    """Include agents that are disconnected."""
+    """Include agents that are disconnected: those seen since the server started, and
+    drained agents that have not reconnected since.
+    """
     def __init__(
         self,
         *,

@@ -94,7 +94,7 @@ class AgentServiceServicer:
         the agent stays drained across its restarts and the server's until UndrainAgent.
         Draining an agent that is drained already changes nothing.
         Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
-        since the server started), UNAUTHENTICATED, PERMISSION_DENIED.
+        since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

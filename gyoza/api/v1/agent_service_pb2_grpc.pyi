@@ -58,7 +58,7 @@ class AgentServiceStub:
     the agent stays drained across its restarts and the server's until UndrainAgent.
     Draining an agent that is drained already changes nothing.
     Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
-    since the server started), UNAUTHENTICATED, PERMISSION_DENIED.
+    since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     UndrainAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.UndrainAgentRequest, _agent_service_pb2.UndrainAgentResponse]
     """Ends an agent's drain: it takes new work again at once if it is connected, or when it
@@ -97,7 +97,7 @@ class AgentServiceAsyncStub(AgentServiceStub):
     the agent stays drained across its restarts and the server's until UndrainAgent.
     Draining an agent that is drained already changes nothing.
     Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
-    since the server started), UNAUTHENTICATED, PERMISSION_DENIED.
+    since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     UndrainAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.UndrainAgentRequest, _agent_service_pb2.UndrainAgentResponse]  # type: ignore[assignment]
     """Ends an agent's drain: it takes new work again at once if it is connected, or when it
@@ -151,7 +151,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         the agent stays drained across its restarts and the server's until UndrainAgent.
         Draining an agent that is drained already changes nothing.
         Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
-        since the server started), UNAUTHENTICATED, PERMISSION_DENIED.
+        since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -293,8 +293,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         """The agents with capacity, reservations and runs."""
         agents = [
             self.sessions.describe(session)
-            for name, session in sorted(self.sessions.known.items())
-            if request.include_disconnected or name in self.sessions.sessions
+            for session in self.sessions.listed(request.include_disconnected)
         ]
         return agent_service_pb2.ListAgentsResponse(agents=agents)
 
