@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
+from gyoza import mapping
 from gyoza.agent import metrics
-from gyoza.agent.mapping import (
-    log_chunk_to_proto,
-    reported_event_to_proto,
-    timestamp_to_proto,
-)
 from gyoza.agent.outbox import Outbox
 from gyoza.api.v1 import agent_service_pb2 as pb
+from gyoza.api.v1 import resources_pb2
+from gyoza.models.reports import TERMINAL_EVENTS, LogLine, ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.models.timestamps import utc_now
 
-log = logging.getLogger("gyoza.agent.attempts")
+log = logging.getLogger("gyoza.agent")
 
-#: Events that end an attempt; the outbox stores nothing after one.
-TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
+__all__ = ["TERMINAL_EVENTS", "OutboxSink"]
 
 
 class OutboxSink:
@@ -29,6 +26,11 @@ class OutboxSink:
 
     Reports of an attempt the agent no longer holds (dropped by the server) or written
     after its terminal event are discarded silently, so an executor never needs to know.
+
+    Values travel as the server reads them (:mod:`gyoza.mapping`): outputs that JSON
+    over the wire cannot carry exactly (an integer beyond 2**53, a value that is not
+    JSON) fail the attempt as ``OUTPUT_INVALID`` with the offending path named, and an
+    event payload that cannot travel is dropped from its event with a note.
 
     Parameters
     ----------
@@ -60,63 +62,71 @@ class OutboxSink:
         """True once the attempt's terminal event is stored (or it is no longer held)."""
         return self._outbox.is_finished(self.run_id, self.attempt)
 
-    async def event(
-        self,
-        type: EventType,
-        message: str = "",
-        *,
-        progress: int = 0,
-        payload: dict[str, Any] | None = None,
-        outputs: dict[str, Any] | None = None,
-        failure_class: FailureClass | None = None,
-        exit_code: int | None = None,
-        error_message: str | None = None,
-        duration_ms: int | None = None,
-        cursor: int | None = None,
-    ) -> None:
+    async def event(self, event: ReportedEvent, *, cursor: int | None = None) -> None:
         """Record an event of the attempt."""
         report = self._report()
-        report.event.CopyFrom(
-            reported_event_to_proto(
-                type,
-                message,
-                progress=progress,
-                payload=payload,
-                outputs=outputs,
-                failure_class=failure_class,
-                exit_code=exit_code,
-                error_message=error_message,
-                duration_ms=duration_ms,
-            )
+        wired = self._wire(event)
+        report.event.CopyFrom(wired)
+        await self._outbox.store(report, cursor=cursor, terminal=event.is_terminal)
+        if event.is_terminal:
+            self._ended(wired)
+
+    def _ended(self, wired: pb.ReportedEvent) -> None:
+        """Count the attempt's outcome (as it goes on the wire) and log it."""
+        outcome = resources_pb2.EventType.Name(wired.type).removeprefix("EVENT_TYPE_")
+        failure = ""
+        if wired.failure_class != resources_pb2.FAILURE_CLASS_UNSPECIFIED:
+            failure = resources_pb2.FailureClass.Name(wired.failure_class)
+            failure = failure.removeprefix("FAILURE_CLASS_")
+        metrics.EXECUTOR_OUTCOMES.labels(outcome=outcome, failure_class=failure).inc()
+        log.info(
+            "attempt %s/%d ended: %s",
+            self.run_id,
+            self.attempt,
+            outcome,
+            extra={
+                "run_id": self.run_id,
+                "attempt": self.attempt,
+                "outcome": outcome,
+                "failure_class": failure or None,
+                "duration_ms": wired.duration_ms or None,
+            },
         )
-        terminal = type in TERMINAL_EVENTS
-        await self._outbox.store(report, cursor=cursor, terminal=terminal)
-        if terminal:
-            failure = "" if failure_class is None else failure_class.value
-            metrics.EXECUTOR_OUTCOMES.labels(outcome=type.value, failure_class=failure).inc()
-            log.info(
-                "attempt %s/%d ended: %s",
-                self.run_id,
-                self.attempt,
-                type.value,
-                extra={
-                    "run_id": self.run_id,
-                    "attempt": self.attempt,
-                    "outcome": type.value,
-                    "failure_class": failure or None,
-                    "duration_ms": duration_ms,
-                },
-            )
+
+    def _wire(self, event: ReportedEvent) -> pb.ReportedEvent:
+        try:
+            return mapping.reported_event_to_proto(event)
+        except (TypeError, ValueError) as error:
+            problem = str(error)
+        if event.type is EventType.COMPLETED and event.outputs is not None:
+            try:
+                mapping.struct_to_proto(event.outputs, "outputs")
+            except (TypeError, ValueError) as error:
+                message = f"the outputs cannot be reported: {error}"
+                log.warning("%s/%d: %s", self.run_id, self.attempt, message)
+                return self._wire(
+                    replace(
+                        event,
+                        type=EventType.FAILED,
+                        message=message,
+                        outputs=None,
+                        failure_class=FailureClass.OUTPUT_INVALID,
+                        error_message=message,
+                    )
+                )
+        note = f"{event.message} (payload dropped: {problem})".lstrip()
+        log.warning("%s/%d: event payload dropped: %s", self.run_id, self.attempt, problem)
+        return self._wire(replace(event, payload={}, outputs=None, message=note))
 
     async def logs(self, lines: Sequence[tuple[str, str]], *, cursor: int | None = None) -> None:
         """Record log lines as ``(text, stream)`` pairs; nothing is stored for none."""
         if not lines:
             return
         report = self._report()
-        report.logs.CopyFrom(log_chunk_to_proto(list(lines)))
+        report.logs.CopyFrom(mapping.log_chunk_to_proto([LogLine(t, s) for t, s in lines]))
         await self._outbox.store(report, cursor=cursor)
 
     def _report(self) -> pb.Report:
         return pb.Report(
-            run_id=self.run_id, attempt=self.attempt, time=timestamp_to_proto(utc_now())
+            run_id=self.run_id, attempt=self.attempt, time=mapping.timestamp_to_proto(utc_now())
         )

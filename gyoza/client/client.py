@@ -25,12 +25,12 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
     definition_service_pb2,
     definition_service_pb2_grpc,
-    op_run_pb2,
     op_run_service_pb2,
     op_run_service_pb2_grpc,
 )
@@ -41,7 +41,6 @@ from gyoza.models.op_attempt import OpAttempt
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import Constraints, EventDelivery, OpRunState, RetryPolicy
-from gyoza.server import mapping
 
 __all__ = ["DEFAULT_SERVER", "Client", "Page", "RunFilter", "open_channel"]
 
@@ -51,11 +50,6 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 T = TypeVar("T")
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
-
-_LOG_STREAMS = {
-    op_run_pb2.LOG_STREAM_STDOUT: "stdout",
-    op_run_pb2.LOG_STREAM_STDERR: "stderr",
-}
 
 
 @dataclass(frozen=True)
@@ -509,7 +503,7 @@ class Client:
                     attempt=response.attempt,
                     number=line.number,
                     text=line.text,
-                    stream=_LOG_STREAMS.get(line.stream, ""),
+                    stream=mapping.log_stream_from_proto(line.stream, ""),
                     time=mapping.optional_timestamp_from_proto(line, "time"),
                 )
 

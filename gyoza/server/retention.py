@@ -20,7 +20,7 @@ from datetime import timedelta
 from gyoza.models.timestamps import utc_now
 from gyoza.server.control import RunController
 from gyoza.server.logs import log_event
-from gyoza.server.store.store import Store
+from gyoza.server.store.protocol import RunStore
 
 log = logging.getLogger("gyoza.retention")
 
@@ -57,7 +57,7 @@ class Retention:
 
     Parameters
     ----------
-    store : Store
+    store : RunStore
         The store to delete from.
     controller : RunController
         Names the runs that must be left alone for now.
@@ -73,7 +73,7 @@ class Retention:
 
     def __init__(
         self,
-        store: Store,
+        store: RunStore,
         controller: RunController,
         keep: timedelta,
         *,

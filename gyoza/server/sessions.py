@@ -18,14 +18,14 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from gyoza import mapping
 from gyoza.api.v1 import agent_pb2, agent_service_pb2
 from gyoza.models.errors import NotFound
 from gyoza.models.op_run import OpRun
 from gyoza.models.timestamps import utc_now
-from gyoza.server import mapping
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
+from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.records import AgentDrain
-from gyoza.server.store.store import Store
 
 log = logging.getLogger("gyoza.sessions")
 
@@ -85,7 +85,7 @@ class AgentSession:
 class SessionRegistry:
     """The live sessions by agent name, and agents known since the server started."""
 
-    def __init__(self, scheduler: Scheduler, store: Store | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, store: RunStore | None = None) -> None:
         self.scheduler = scheduler
         self.store = store
         self.sessions: dict[str, AgentSession] = {}

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from gyoza.models.errors import AlreadyExists, NotFound, RunNotFinished
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import EventEntry, OpRunState
+from gyoza.models.resources import LIVE_STATES, TERMINAL_STATES, EventEntry, OpRunState
 from gyoza.models.timestamps import utc_now
 from gyoza.server.store import paging
 from gyoza.server.store.records import (
@@ -28,7 +28,6 @@ from gyoza.server.store.records import (
     RunFilter,
     TopicRecord,
 )
-from gyoza.server.store.repository import ACTIVE_STATES, FINAL_STATES
 from gyoza.server.store.rows import (
     ATTEMPT_COLUMNS,
     EVENT_COLUMNS,
@@ -266,7 +265,7 @@ class InMemoryStore:
 
     async def load_active_runs(self) -> list[OpRun]:
         await self._enter()
-        active = {s.value for s in ACTIVE_STATES}
+        active = {s.value for s in LIVE_STATES}
         rows = [
             r
             for r in self._runs.values()
@@ -467,7 +466,7 @@ class InMemoryStore:
 
 
 def _finished(row: Row) -> bool:
-    return row["state"] in {s.value for s in FINAL_STATES} and row["next_retry_at"] is None
+    return row["state"] in {s.value for s in TERMINAL_STATES} and row["next_retry_at"] is None
 
 
 def _copy_record(record: TopicRecord) -> TopicRecord:
