@@ -114,6 +114,8 @@ class Client:
     channel : grpc.Channel | None
         Use this channel instead of opening one (the TLS options are then ignored and
         :meth:`close` leaves it open).
+    channel_options : Sequence[tuple[str, Any]]
+        gRPC channel arguments of the channel it opens (``grpc.max_reconnect_backoff_ms``...).
 
     Raises
     ------
@@ -134,6 +136,7 @@ class Client:
         tls_key: str | Path | None = None,
         timeout: float | None = 30.0,
         channel: grpc.Channel | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -144,7 +147,14 @@ class Client:
         self._channel = (
             channel
             if channel is not None
-            else open_channel(target, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+            else open_channel(
+                target,
+                tls=tls,
+                tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                options=channel_options,
+            )
         )
         self._definitions = definition_service_pb2_grpc.DefinitionServiceStub(self._channel)
         self._runs = op_run_service_pb2_grpc.OpRunServiceStub(self._channel)
@@ -574,8 +584,10 @@ def open_channel(
     tls_ca: str | Path | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
-    """Open a channel to *target*: plain, or TLS when *tls* or any PEM file is given.
+    """Open a channel to *target*: plain, or TLS when *tls* or any PEM file is given;
+    *options* are its gRPC channel arguments.
 
     Raises
     ------
@@ -587,13 +599,13 @@ def open_channel(
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs its key: give both tls_cert and tls_key")
     if not (tls or tls_ca or tls_cert):
-        return grpc.insecure_channel(target)
+        return grpc.insecure_channel(target, options=list(options))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls_ca),
         private_key=_read(tls_key),
         certificate_chain=_read(tls_cert),
     )
-    return grpc.secure_channel(target, credentials)
+    return grpc.secure_channel(target, credentials, options=list(options))
 
 
 def _read(path: str | Path | None) -> bytes | None:

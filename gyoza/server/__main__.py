@@ -34,6 +34,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--retention",
         help="delete finished runs older than this, e.g. 30d or 12h (default: keep them)",
     )
+    parser.add_argument(
+        "--starvation-s",
+        type=float,
+        help="seconds the first waiting run may be overtaken before an agent is held for "
+        "it (default 60)",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,
         retention=args.retention,
+        starvation_s=args.starvation_s,
     )
 
 

@@ -217,6 +217,8 @@ class ControlPlane:
                 self._retention.start()
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queue_depth)
+            metrics.RUNS_UNSCHEDULABLE.set_function(lambda: scheduler.unschedulable_count)
+            metrics.AGENTS_HELD.set_function(lambda: 0 if scheduler.held_agent is None else 1)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             metrics.watch_agents(lambda: scheduler.agents.values())
             self._built = built = build_server(
@@ -366,6 +368,7 @@ def main_server(
     log_format: str | None = None,
     shutdown_grace: float | None = None,
     retention: str | None = None,
+    starvation_s: float | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
@@ -386,6 +389,7 @@ def main_server(
             log_format=log_format,
             shutdown_grace=shutdown_grace,
             retention=retention,
+            starvation=starvation_s,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)

@@ -20,11 +20,13 @@ flag                   environment                default
 ``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
 ``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
 ``--retention``        ``GYOZA_RETENTION``        off (finished runs are kept)
+``--starvation-s``     ``GYOZA_STARVATION_S``     ``60`` seconds
 =====================  =========================  ==============================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -144,6 +146,7 @@ class ServerConfig:
         log_format: str | None = None,
         shutdown_grace: float | None = None,
         retention: str | None = None,
+        starvation: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> ServerConfig:
         """Build the settings from flag values, the environment and the defaults.
@@ -228,6 +231,10 @@ class ServerConfig:
             control = ControlSettings.from_env(env)
         except ValueError as error:
             raise ConfigError(f"agent protocol timing: {error}") from None
+        if starvation is not None:
+            control = dataclasses.replace(control, starvation_s=starvation)
+        if not control.starvation_s >= 0:
+            raise ConfigError(f"--starvation-s must be >= 0, not {control.starvation_s}")
 
         keep = None
         retention_text = pick(retention, "GYOZA_RETENTION", "")

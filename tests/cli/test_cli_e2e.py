@@ -691,3 +691,39 @@ def test_events_subscribe_follows_a_topic(stack: Stack) -> None:
     assert [line["offset"] for line in rest.json_lines()] == offsets[3:]
     table = stack.ok("events", "subscribe", "e2e-topic", "--limit", "1")
     assert run_id in table.stdout and "ASSIGNED" in table.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# scheduling
+# ----------------------------------------------------------------------------------------
+
+
+def test_create_with_a_selector_and_queue_timeout_says_why_it_waits(stack: Stack) -> None:
+    run_id = stack.create(
+        "--image", "e2e/docker-only", "--selector", "executor=docker", "--queue-timeout-s", "60"
+    )
+    waiting = "no agent matches selector executor=docker (SELECTOR_UNMATCHED)"
+    wait_for(
+        "the pending reason",
+        lambda: waiting in stack.ok("runs", "get", run_id).stdout,
+        30,
+        [stack.server],
+    )
+    run = stack.json("runs", "get", run_id)
+    assert run["pending_reason"] == {
+        "code": "SELECTOR_UNMATCHED",
+        "message": "no agent matches selector executor=docker",
+    }
+    assert run["constraints"]["selector"] == "executor=docker"
+    assert run["constraints"]["queue_timeout_s"] == 60.0
+    stack.ok("runs", "cancel", run_id)
+    bad = stack.gyoza("runs", "create", "--image", "x", "--selector", "zone in (eu-1")
+    assert bad.code == 2, bad.explain()
+    assert "selector" in bad.stderr
+
+
+def test_agents_list_shows_labels(stack: Stack) -> None:
+    mine = next(a for a in stack.json("agents", "list") if a["name"] == AGENT)
+    assert mine["labels"]["executor"] == "scripted"
+    assert mine["labels"]["gpu.count"] == "1"
+    assert "executor=scripted" in stack.ok("agents", "list").stdout
