@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from gyoza.agent.config import ENV_VARS, EXECUTORS, AgentConfig
 from gyoza.agent.daemon import AgentError, run_agent
+from gyoza.logformat import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds to let held attempts end on SIGTERM (0)",
     )
+    parser.add_argument(
+        "--on-stop",
+        dest="on_stop",
+        choices=("leave", "drain"),
+        help="on SIGTERM: leave containers running, or drain first (leave) [GYOZA_ON_STOP]",
+    )
+    flag("--metrics-port", "metrics_port", "serve Prometheus metrics on this port", type=int)
     parser.add_argument("--log-level", default="INFO", help="logging level (INFO)")
+    parser.add_argument(
+        "--log-format", default="text", choices=("json", "logfmt", "text"), help="(text)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, run the agent until a signal; return the exit status."""
     args = vars(build_parser().parse_args(argv))
-    level = str(args.pop("log_level")).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = str(args.pop("log_level")).lower()
+    configure_logging(level, str(args.pop("log_format")))
     try:
         config = AgentConfig.from_env(**args)
     except (TypeError, ValueError) as exc:

@@ -30,7 +30,13 @@ ENV_VARS: dict[str, str] = {
     "network": "GYOZA_NETWORK",
     "cpu": "GYOZA_CPU",
     "ram_mb": "GYOZA_RAM_MB",
+    "on_stop": "GYOZA_ON_STOP",
+    "metrics_port": "GYOZA_AGENT_METRICS_PORT",
 }
+
+#: What ``--on-stop`` accepts: on SIGTERM, leave the containers running for the next agent
+#: process, or drain (no new work, wait for the held runs to finish) first.
+ON_STOP = ("leave", "drain")
 
 
 def default_state_dir() -> Path:
@@ -109,6 +115,15 @@ class AgentConfig:
     shutdown_timeout_s : float
         On shutdown, how long to wait for held attempts to end and be acknowledged before
         stopping anyway (their containers keep running and are adopted on the next start).
+        With ``on_stop="drain"``, 0 waits as long as they take.
+    on_stop : str
+        ``"leave"``: SIGTERM stops the agent (after ``shutdown_timeout_s``), leaving its
+        containers running for the next agent process to adopt. ``"drain"``: SIGTERM
+        takes no new work and waits until every held attempt has ended and its reports
+        are acknowledged; a second signal stops at once.
+    metrics_port : int | None
+        Port of the agent's Prometheus ``/metrics`` endpoint (every interface); ``None``:
+        off, ``0``: a free port (logged).
     outbox_synchronous : str
         SQLite ``synchronous`` mode of the outbox: ``"FULL"`` (durable across power loss,
         the default) or ``"NORMAL"`` (durable across a process crash only; for simulated
@@ -135,6 +150,8 @@ class AgentConfig:
     welcome_timeout_s: float = 30.0
     shutdown_timeout_s: float = 0.0
     outbox_synchronous: str = "FULL"
+    on_stop: str = "leave"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -160,6 +177,12 @@ class AgentConfig:
             problems.append("cpu: must be > 0")
         if self.ram_mb is not None and self.ram_mb <= 0:
             problems.append("ram_mb: must be > 0")
+        if self.on_stop not in ON_STOP:
+            problems.append(f"on_stop: must be one of {', '.join(ON_STOP)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append("metrics_port: must be within 0-65535")
+        if self.shutdown_timeout_s < 0:
+            problems.append("shutdown_timeout_s: must be >= 0")
         if self.outbox_synchronous.upper() not in ("FULL", "NORMAL"):
             problems.append("outbox_synchronous: must be FULL or NORMAL")
         if self.heartbeat_interval_s <= 0 or self.welcome_timeout_s <= 0:
@@ -221,7 +244,7 @@ def _from_text(name: str, text: str) -> Any:
         return text.strip().lower() in ("1", "true", "yes", "on")
     if name == "cpu":
         return float(text)
-    if name == "ram_mb":
+    if name in ("ram_mb", "metrics_port"):
         return int(text)
     if name == "labels":
         return parse_labels(text)

@@ -27,6 +27,7 @@ import contextlib
 import enum
 import fcntl
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from gyoza.agent import metrics
 from gyoza.agent.backoff import Backoff
 from gyoza.agent.capacity import CapacityInfo, probe_capacity
 from gyoza.agent.config import AgentConfig
@@ -221,7 +223,10 @@ class Agent:
         self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
         self._state = ConnectionState.DISCONNECTED
         self._state_changed = asyncio.Event()
-        self._draining = False
+        self._draining = False  # drained locally (drain())
+        # Drained by the server: for this session only, as the server tells each new
+        # session again while an operator's drain lasts (it is stored there).
+        self._drained_by_server = False
         self._stopping = False
         self._running = False
         self._opened = asyncio.Event()
@@ -251,7 +256,17 @@ class Agent:
     @property
     def draining(self) -> bool:
         """True once told to drain (by the server or :meth:`drain`), or shutting down."""
-        return self._draining or self._stopping
+        return self._draining or self._drained_by_server or self._stopping
+
+    @property
+    def outbox_depth(self) -> int:
+        """Reports stored and not acknowledged yet (0 before the agent started)."""
+        return 0 if self._outbox is None else self._outbox.depth
+
+    @property
+    def held_attempts(self) -> int:
+        """Attempts the agent holds (0 before the agent started)."""
+        return 0 if self._outbox is None else len(self._outbox.held())
 
     @property
     def outbox(self) -> Outbox:
@@ -292,6 +307,19 @@ class Agent:
             log.info("agent %s draining: %s", self.name, reason)
         self._draining = True
         if self._state is ConnectionState.CONNECTED:
+            self._set_state(ConnectionState.DRAINING)
+
+    def undrain(self, reason: str = "undrain requested locally") -> None:
+        """End a local :meth:`drain`; a drain by the server or a shutdown still holds."""
+        if self._draining:
+            log.info("agent %s ends its local drain: %s", self.name, reason)
+        self._draining = False
+        self._update_draining_state()
+
+    def _update_draining_state(self) -> None:
+        if self._state is ConnectionState.DRAINING and not self.draining:
+            self._set_state(ConnectionState.CONNECTED)
+        elif self._state is ConnectionState.CONNECTED and self.draining:
             self._set_state(ConnectionState.DRAINING)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -359,6 +387,8 @@ class Agent:
         timeout = drain_timeout_s
         if timeout is None:
             timeout = self.config.shutdown_timeout_s
+            if self.config.on_stop == "drain" and timeout == 0:
+                timeout = math.inf  # --on-stop drain: as long as the held runs take
         first = not self._stopping
         self._stopping = True
         if first and self._state is ConnectionState.CONNECTED:
@@ -370,8 +400,16 @@ class Agent:
                 asyncio.create_task(self._done.wait()),
                 asyncio.create_task(self._stop.wait()),
             }
+            if math.isinf(timeout):
+                log.info(
+                    "agent %s drains before stopping: %d attempt(s) held",
+                    self.name,
+                    len(self._outbox.held()),
+                )
             _, pending = await asyncio.wait(
-                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waits,
+                timeout=None if math.isinf(timeout) else timeout,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             for task in pending:
                 task.cancel()
@@ -473,6 +511,8 @@ class Agent:
     def _set_state(self, state: ConnectionState) -> None:
         if state is self._state:
             return
+        welcomed = state in (ConnectionState.CONNECTED, ConnectionState.DRAINING)
+        metrics.CONNECTED.set(1 if welcomed else 0)
         log.debug("agent %s: %s -> %s", self.name, self._state.value, state.value)
         self._state = state
         event, self._state_changed = self._state_changed, asyncio.Event()
@@ -498,6 +538,7 @@ class Agent:
         heartbeat_s = self.config.heartbeat_interval_s
         while True:
             self._set_state(ConnectionState.CONNECTING)
+            self._drained_by_server = False  # a drain that still holds is sent again
             session = Session(
                 stub,
                 self.outbox,
@@ -524,6 +565,7 @@ class Agent:
                 self._session = None
                 heartbeat_s = session.heartbeat_interval_s
             self._set_state(ConnectionState.DISCONNECTED)
+            metrics.RECONNECTS.inc()
             delay = self._backoff.next_delay()
             log.info("agent %s: reconnecting in %.2fs", self.name, delay)
             await asyncio.sleep(delay)
@@ -550,7 +592,8 @@ class Agent:
                 version=agent_version(),
             ),
             version=agent_version(),
-            draining=self.draining,
+            # The agent's own drain only: the server keeps (and re-sends) its own.
+            draining=self._draining or self._stopping,
         )
 
     async def capacity(self) -> agent_pb2.Capacity:
@@ -596,6 +639,13 @@ class Agent:
             return
         await self.outbox.hold(assignment)
         session.reply(run_id, attempt, accepted=True)
+        log.info(
+            "agent %s accepted %s/%d",
+            self.name,
+            run_id,
+            attempt,
+            extra={"run_id": run_id, "attempt": attempt, "gpu_ids": list(assignment.gpu_ids)},
+        )
         task = self._spawn(
             self._start(assignment_from_proto(assignment)), name=f"start {run_id}/{attempt}"
         )
@@ -605,7 +655,7 @@ class Agent:
     def _refusal(self, assignment: pb.Assignment) -> str | None:
         if self._stopping:
             return "agent is shutting down"
-        if self._draining:
+        if self._draining or self._drained_by_server:
             return "agent is draining"
         try:
             return self.executor.refusal(assignment_from_proto(assignment))
@@ -689,18 +739,42 @@ class Agent:
             log.exception("agent %s: the executor failed to stop %s/%d", self.name, run_id, attempt)
 
     def on_drain(self, drain: pb.Drain) -> None:
-        """The server asked the agent to drain."""
-        self.drain(drain.reason or "drain requested by the server")
+        """The server asked the agent to drain (for this session; see ``draining``)."""
+        if not self._drained_by_server:
+            log.info("agent %s draining: %s", self.name, drain.reason or "drain requested")
+        self._drained_by_server = True
+        self._update_draining_state()
+
+    def on_undrain(self, undrain: pb.Undrain) -> None:
+        """The server ended its drain: take work again (unless drained locally or
+        shutting down)."""
+        if self._drained_by_server:
+            log.info("agent %s takes work again: %s", self.name, undrain.reason or "undrained")
+        self._drained_by_server = False
+        self._update_draining_state()
 
 
 async def run_agent(config: AgentConfig) -> None:
     """Run an agent until SIGINT or SIGTERM (the ``gyoza agent`` command).
 
-    The first signal shuts down with ``config.shutdown_timeout_s`` of draining; a second
-    one stops at once.
+    The first signal shuts down: with ``on_stop="leave"`` after
+    ``config.shutdown_timeout_s`` of draining (0: at once), leaving containers running
+    for the next agent process to adopt; with ``on_stop="drain"`` once every held
+    attempt has ended and been acknowledged. A second signal stops at once.
     """
     agent = Agent(config)
     loop = asyncio.get_running_loop()
+    endpoint: metrics.MetricsEndpoint | None = None
+    if config.metrics_port is not None:
+        endpoint = metrics.MetricsEndpoint(config.metrics_port)
+        metrics.OUTBOX_REPORTS.set_function(lambda: agent.outbox_depth)
+        metrics.HELD_ATTEMPTS.set_function(lambda: agent.held_attempts)
+        log.info(
+            "agent %s serves metrics on port %d",
+            config.name,
+            endpoint.port,
+            extra={"metrics_port": endpoint.port},
+        )
     signals = (signal.SIGINT, signal.SIGTERM)
     stopping: list[asyncio.Task[None]] = []
 
@@ -719,3 +793,5 @@ async def run_agent(config: AgentConfig) -> None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signum)
         await asyncio.gather(*stopping, return_exceptions=True)
+        if endpoint is not None:
+            endpoint.close()

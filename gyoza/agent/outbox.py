@@ -439,6 +439,11 @@ class Outbox:
         )
         return report
 
+    @property
+    def depth(self) -> int:
+        """How many committed reports are not acknowledged yet."""
+        return sum(len(a.reports) for a in self._attempts.values())
+
     def pending(self) -> list[pb.Report]:
         """Every committed, unacknowledged report, in the order they were stored."""
         streams: list[Iterable[_Stored]] = [a.reports for a in self._attempts.values()]

@@ -76,6 +76,10 @@ class SessionHandler(Protocol):
         """Take no new work."""
         ...
 
+    def on_undrain(self, undrain: pb.Undrain) -> None:
+        """Take new work again."""
+        ...
+
 
 class Session:
     """One ``Connect`` stream; :meth:`run` it once.
@@ -252,6 +256,8 @@ class Session:
             self._handler.on_nack(message.nack)
         elif kind == "drain":
             self._handler.on_drain(message.drain)
+        elif kind == "undrain":
+            self._handler.on_undrain(message.undrain)
         elif kind == "welcome":
             log.warning("agent stream: ignoring a second Welcome")
         else:

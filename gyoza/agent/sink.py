@@ -8,8 +8,10 @@ from dataclasses import replace
 from datetime import datetime
 
 from gyoza import mapping
+from gyoza.agent import metrics
 from gyoza.agent.outbox import Outbox
 from gyoza.api.v1 import agent_service_pb2 as pb
+from gyoza.api.v1 import resources_pb2
 from gyoza.models.reports import TERMINAL_EVENTS, LogLine, ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.models.timestamps import utc_now
@@ -63,8 +65,33 @@ class OutboxSink:
     async def event(self, event: ReportedEvent, *, cursor: int | None = None) -> None:
         """Record an event of the attempt."""
         report = self._report()
-        report.event.CopyFrom(self._wire(event))
+        wired = self._wire(event)
+        report.event.CopyFrom(wired)
         await self._outbox.store(report, cursor=cursor, terminal=event.is_terminal)
+        if event.is_terminal:
+            self._ended(wired)
+
+    def _ended(self, wired: pb.ReportedEvent) -> None:
+        """Count the attempt's outcome (as it goes on the wire) and log it."""
+        outcome = resources_pb2.EventType.Name(wired.type).removeprefix("EVENT_TYPE_")
+        failure = ""
+        if wired.failure_class != resources_pb2.FAILURE_CLASS_UNSPECIFIED:
+            failure = resources_pb2.FailureClass.Name(wired.failure_class)
+            failure = failure.removeprefix("FAILURE_CLASS_")
+        metrics.EXECUTOR_OUTCOMES.labels(outcome=outcome, failure_class=failure).inc()
+        log.info(
+            "attempt %s/%d ended: %s",
+            self.run_id,
+            self.attempt,
+            outcome,
+            extra={
+                "run_id": self.run_id,
+                "attempt": self.attempt,
+                "outcome": outcome,
+                "failure_class": failure or None,
+                "duration_ms": wired.duration_ms or None,
+            },
+        )
 
     def _wire(self, event: ReportedEvent) -> pb.ReportedEvent:
         try:

@@ -37,9 +37,27 @@ def list_agents(state: CliState, include_all: bool, output: str) -> None:
 @output_option
 @pass_state
 def drain(state: CliState, name: str, output: str) -> None:
-    """Tell an agent to take no new work and finish what it holds."""
+    """Tell an agent to take no new work and finish what it holds.
+
+    The drain lasts across the agent's restarts and the server's, until
+    `gyoza agents undrain NAME`.
+    """
     agent = state.client().drain_agent(name)
     if output == "json":
         render.print_json(agent.to_dict())
     else:
         click.echo(f"draining {agent.name}: {len(agent.runs)} run(s) to finish")
+
+
+@agents.command()
+@click.argument("name")
+@connection_options
+@output_option
+@pass_state
+def undrain(state: CliState, name: str, output: str) -> None:
+    """End an agent's drain: it takes new work again."""
+    agent = state.client().undrain_agent(name)
+    if output == "json":
+        render.print_json(agent.to_dict())
+    else:
+        click.echo(f"{agent.name} takes new work again")

@@ -313,6 +313,24 @@ def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
 @connection_options
 @output_option
 @pass_state
+def delete(state: CliState, run_id: str, output: str) -> None:
+    """Delete a finished run with its events, logs and topic records.
+
+    Only COMPLETED, FAILED or CANCELLED runs (not waiting for an automatic retry) can be
+    deleted; cancel an active run first.
+    """
+    state.client().delete_run(run_id)
+    if output == "json":
+        render.print_json({"runId": run_id})
+    else:
+        click.echo(f"deleted {run_id}")
+
+
+@runs.command()
+@click.argument("run_id", metavar="ID")
+@connection_options
+@output_option
+@pass_state
 def retry(state: CliState, run_id: str, output: str) -> None:
     """Start a new attempt of a FAILED or CANCELLED run."""
     run = state.client().retry_run(run_id)

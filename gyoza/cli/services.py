@@ -9,7 +9,7 @@ The functions called:
 
 * ``gyoza.server.app.main_server(*, listen, database, tls_cert, tls_key, tls_client_ca,
   api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace,
-  starvation_s)``
+  starvation_s, retention)``
 * ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
   ``gyoza.agent.config.AgentConfig.from_env(**flags)``
 * ``gyoza.dev.main_dev(*, database, listen, state_dir, executor, ui_listen)``
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 from types import ModuleType
 from typing import Any
 
@@ -95,13 +94,19 @@ def _load(module: str, command: str) -> ModuleType:
 @click.option("--log-level", type=_LOG_LEVELS, help="[env GYOZA_LOG_LEVEL; default info]")
 @click.option(
     "--log-format",
-    type=click.Choice(["json", "logfmt"]),
-    help="[env GYOZA_LOG_FORMAT; default json]",
+    type=click.Choice(["json", "logfmt", "text"]),
+    help="One event a line [env GYOZA_LOG_FORMAT; default json].",
 )
 @click.option(
     "--shutdown-grace",
     type=click.FloatRange(min=0),
     help="Seconds in-flight calls get on SIGTERM [env GYOZA_SHUTDOWN_GRACE; default 10].",
+)
+@click.option(
+    "--retention",
+    metavar="AGE",
+    help="Delete finished runs (with their events, logs and topic records) whose last "
+    "change is older than AGE, e.g. 30d, 12h, 90m [env GYOZA_RETENTION; default: keep].",
 )
 @click.option(
     "--starvation-s",
@@ -157,15 +162,48 @@ def server(**options: Any) -> None:
 @click.option("--tls-ca", metavar="PEM", help="CA of the server's certificate; turns TLS on.")
 @click.option("--tls-cert", metavar="PEM", help="Agent certificate (mutual TLS).")
 @click.option("--tls-key", metavar="PEM", help="Agent private key (mutual TLS).")
+@click.option(
+    "--on-stop",
+    type=click.Choice(["leave", "drain"]),
+    help="On SIGTERM: leave = stop at once, leaving containers running for the next agent "
+    "process to adopt; drain = take no new work and wait until the runs it holds have "
+    "finished and been reported (a second signal stops at once) "
+    "[env GYOZA_ON_STOP; default leave].",
+)
+@click.option(
+    "--shutdown-timeout",
+    "shutdown_timeout_s",
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for held runs on SIGTERM; with --on-stop drain, 0 waits as long "
+    "as they take [default 0].",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics (outbox depth, reconnects, executor outcomes) on this "
+    "port [env GYOZA_AGENT_METRICS_PORT; default off].",
+)
 @click.option("--log-level", type=_LOG_LEVELS, default="info", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "logfmt", "text"]),
+    default="text",
+    show_default=True,
+    help="One event a line, as the server writes them (json, logfmt) or for a terminal.",
+)
 def agent(
     tls_ca: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     log_level: str,
+    log_format: str,
     **flags: Any,
 ) -> None:
-    """Run a gyoza agent on this node until SIGTERM or Ctrl-C."""
+    """Run a gyoza agent on this node until SIGTERM or Ctrl-C.
+
+    On SIGTERM the agent stops at once and its containers keep running: the next agent
+    process with the same state directory adopts them (--on-stop drain waits for them).
+    """
     config_module = _load("gyoza.agent.config", "gyoza agent")
     daemon = _load("gyoza.agent.daemon", "gyoza agent")
     try:
@@ -174,9 +212,9 @@ def agent(
         )
     except (ValueError, TypeError) as error:
         fail(str(error))
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from gyoza.logformat import configure_logging
+
+    configure_logging(log_level, log_format)
     try:
         asyncio.run(daemon.run_agent(config))
     except KeyboardInterrupt:

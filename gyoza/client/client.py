@@ -357,6 +357,20 @@ class Client:
         request = op_run_service_pb2.RetryOpRunRequest(run_id=run_id)
         return mapping.run_from_proto(self._call(self._runs.RetryOpRun, request).op_run)
 
+    def delete_run(self, run_id: str) -> None:
+        """Delete a finished run with its attempts, events, log lines and topic records.
+
+        Raises
+        ------
+        NotFoundError
+            No such run.
+        FailedPreconditionError
+            The run may still change: it is active or waits for an automatic retry
+            (reason ``RUN_NOT_FINISHED``).
+        """
+        request = op_run_service_pb2.DeleteOpRunRequest(run_id=run_id)
+        self._call(self._runs.DeleteOpRun, request)
+
     def set_priority(self, run_id: str, priority: int) -> OpRun:
         """Change a run's priority (at least 0); a pending run is re-queued at once.
 
@@ -522,7 +536,8 @@ class Client:
                 return agents
 
     def drain_agent(self, name: str) -> Agent:
-        """Tell an agent to take no new work and finish what it holds.
+        """Tell an agent to take no new work and finish what it holds; it stays drained
+        across its restarts and the server's until :meth:`undrain_agent`.
 
         Raises
         ------
@@ -531,6 +546,17 @@ class Client:
         """
         request = agent_service_pb2.DrainAgentRequest(name=name)
         return agent_from_proto(self._call(self._agents.DrainAgent, request).agent)
+
+    def undrain_agent(self, name: str) -> Agent:
+        """End an agent's drain: it takes new work again (at once, or when it reconnects).
+
+        Raises
+        ------
+        NotFoundError
+            No such agent is known or drained.
+        """
+        request = agent_service_pb2.UndrainAgentRequest(name=name)
+        return agent_from_proto(self._call(self._agents.UndrainAgent, request).agent)
 
     # ------------------------------------------------------------------
     # Transport

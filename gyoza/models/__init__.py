@@ -11,6 +11,7 @@ from gyoza.models.errors import (
     MaxAttemptsReached,
     NotFound,
     OpRunLockedException,
+    RunNotFinished,
     StaleAttempt,
 )
 from gyoza.models.op_attempt import OpAttempt
@@ -50,5 +51,6 @@ __all__ = [
     "OpRunLockedException",
     "OpRunState",
     "RetryPolicy",
+    "RunNotFinished",
     "StaleAttempt",
 ]

@@ -49,6 +49,16 @@ class MaxAttemptsReached(InvalidTransition):
     reason: ClassVar[str] = "MAX_ATTEMPTS_REACHED"
 
 
+class RunNotFinished(InvalidTransition):
+    """Raised when a run that may still change is asked to be deleted.
+
+    Only finished runs (COMPLETED, FAILED or CANCELLED, and not waiting for an automatic
+    retry) can be deleted.
+    """
+
+    reason: ClassVar[str] = "RUN_NOT_FINISHED"
+
+
 class StaleAttempt(GyozaError):
     """Raised when a report names an attempt that is not the run's current one.
 

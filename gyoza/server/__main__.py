@@ -38,9 +38,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--log-format", choices=("json", "logfmt"))
+    parser.add_argument("--log-format", choices=("json", "logfmt", "text"))
     parser.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight calls get on SIGTERM (default 10)"
+    )
+    parser.add_argument(
+        "--retention",
+        help="delete finished runs older than this, e.g. 30d or 12h (default: keep them)",
     )
     parser.add_argument(
         "--starvation-s",
@@ -68,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutdown_grace=args.shutdown_grace,
         api_keys_file=args.api_keys_file,
         agent_tokens_file=args.agent_tokens_file,
+        retention=args.retention,
         starvation_s=args.starvation_s,
     )
 

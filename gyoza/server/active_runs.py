@@ -44,6 +44,10 @@ class ActiveRuns:
             self._locks[run_id] = lock
         return lock
 
+    def locked(self) -> frozenset[str]:
+        """Runs whose lock is alive: under an operation now, or about to be."""
+        return frozenset(self._locks.keys())
+
     def cached(self, run_id: str) -> OpRun | None:
         """The run if it is in memory."""
         return self._runs.get(run_id)

@@ -49,7 +49,9 @@ from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
 from gyoza.server.reflection import enable_reflection
+from gyoza.server.retention import Retention
 from gyoza.server.run_gauge import RunStateGauge
+from gyoza.server.run_log import RunLifecycleLog
 from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
 from gyoza.server.services.op_run_service import OpRunServiceServicer
@@ -190,6 +192,7 @@ class ControlPlane:
         self._leases: AgentLeaseRecorder | None = None
         self._built: Built | None = None
         self._metrics: MetricsEndpoint | None = None
+        self._retention: Retention | None = None
 
     @property
     def address(self) -> str:
@@ -208,17 +211,25 @@ class ControlPlane:
             )
             self._hub = hub = core.hub
             gauge = RunStateGauge(hub)
+            RunLifecycleLog(hub)
             self._controller = controller = core.controller
             self._sessions = sessions = core.sessions
             scheduler = core.scheduler
             self._leases = leases = AgentLeaseRecorder(store, config.control.lease_timeout_s / 3)
+            await sessions.load_drains()
             await controller.start()
             await gauge.seed(store)
+            if config.retention is not None:
+                self._retention = Retention(
+                    store, controller, config.retention, interval_s=config.retention_interval_s
+                )
+                self._retention.start()
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queue_depth)
             metrics.RUNS_UNSCHEDULABLE.set_function(lambda: scheduler.unschedulable_count)
             metrics.AGENTS_HELD.set_function(lambda: 0 if scheduler.held_agent is None else 1)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
+            metrics.watch_agents(lambda: scheduler.agents.values())
             self._built = built = build_server(
                 config,
                 store=store,
@@ -302,6 +313,9 @@ class ControlPlane:
         log_event(log, logging.INFO, "server stopped")
 
     async def _close_core(self) -> None:
+        if self._retention is not None:
+            retention, self._retention = self._retention, None
+            await retention.stop()
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -387,6 +401,7 @@ def main_server(
     shutdown_grace: float | None = None,
     api_keys_file: str | Path | None = None,
     agent_tokens_file: str | Path | None = None,
+    retention: str | None = None,
     starvation_s: float | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
@@ -409,6 +424,7 @@ def main_server(
             shutdown_grace=shutdown_grace,
             api_keys_file=api_keys_file,
             agent_tokens_file=agent_tokens_file,
+            retention=retention,
             starvation=starvation_s,
         )
     except ConfigError as error:

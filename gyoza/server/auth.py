@@ -3,7 +3,7 @@
 Two kinds of credentials, never interchangeable:
 
 - a client **API key** calls DefinitionService, OpRunService and the fleet views of
-  AgentService (ListAgents, DrainAgent);
+  AgentService (ListAgents, DrainAgent, UndrainAgent);
 - an **agent token** opens ``AgentService.Connect`` and nothing else.
 
 Both travel as ``authorization: Bearer <secret>`` metadata. A missing or unknown secret

@@ -4,7 +4,8 @@
 
     Hub()                                     fan-out of committed changes
     Scheduler(starvation_s)                   the queue, agents' free resources
-    SessionRegistry(scheduler)                agent sessions: the controller's AgentLink
+    SessionRegistry(scheduler, store)         agent sessions: the controller's AgentLink;
+                                              drains kept in the store
     RunController(store, hub, scheduler,      the only code that changes runs
                   sessions, settings=...)
 
@@ -60,7 +61,7 @@ def build_core(
     hub = hub or Hub()
     settings = settings or ControlSettings()
     scheduler = Scheduler(starvation_s=settings.starvation_s)
-    sessions = SessionRegistry(scheduler)
+    sessions = SessionRegistry(scheduler, store)
     controller = RunController(
         store,
         hub,

@@ -21,6 +21,7 @@ flag                   environment                default
 ``--log-level``        ``GYOZA_LOG_LEVEL``        ``info``
 ``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
 ``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
+``--retention``        ``GYOZA_RETENTION``        off (finished runs are kept)
 ``--starvation-s``     ``GYOZA_STARVATION_S``     ``60`` seconds
 =====================  =========================  ==============================
 """
@@ -31,10 +32,12 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from gyoza.server.control import ControlSettings
 from gyoza.server.logs import LOG_FORMATS
+from gyoza.server.retention import parse_duration
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///gyoza.db"
@@ -102,6 +105,11 @@ class ServerConfig:
         Largest inputs, outputs or event payload, as JSON.
     control : ControlSettings
         Timing of the agent protocol.
+    retention : timedelta | None
+        Finished runs whose last change is older than this are deleted, with their
+        events, logs and topic records; ``None`` keeps them.
+    retention_interval_s : float
+        Time between retention sweeps (``GYOZA_RETENTION_INTERVAL_S``, default 60).
     """
 
     listen: str = DEFAULT_LISTEN
@@ -116,6 +124,8 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_json_bytes: int = MAX_JSON_BYTES
     control: ControlSettings = field(default_factory=ControlSettings)
+    retention: timedelta | None = None
+    retention_interval_s: float = 60.0
 
     @property
     def listen_host(self) -> str:
@@ -137,6 +147,7 @@ class ServerConfig:
         log_level: str | None = None,
         log_format: str | None = None,
         shutdown_grace: float | None = None,
+        retention: str | None = None,
         starvation: float | None = None,
         environ: Mapping[str, str] | None = None,
         api_keys_file: str | Path | None = None,
@@ -237,6 +248,21 @@ class ServerConfig:
         tokens = pick_list(agent_tokens, "GYOZA_AGENT_TOKENS") + read_secrets(
             pick_path(agent_tokens_file, "GYOZA_AGENT_TOKENS_FILE"), "--agent-tokens-file"
         )
+        keep = None
+        retention_text = pick(retention, "GYOZA_RETENTION", "")
+        if retention_text and retention_text.lower() not in ("off", "0"):
+            try:
+                keep = parse_duration(retention_text)
+            except ValueError as error:
+                raise ConfigError(f"--retention: {error}") from None
+        raw = env.get("GYOZA_RETENTION_INTERVAL_S", "").strip()
+        try:
+            interval = float(raw) if raw else 60.0
+        except ValueError:
+            raise ConfigError(f"GYOZA_RETENTION_INTERVAL_S must be seconds, not {raw!r}") from None
+        if interval <= 0:
+            raise ConfigError("GYOZA_RETENTION_INTERVAL_S must be more than zero")
+
         return cls(
             listen=listen_value,
             database_url=database_url,
@@ -248,6 +274,8 @@ class ServerConfig:
             log_format=fmt,
             shutdown_grace_s=grace,
             control=control,
+            retention=keep,
+            retention_interval_s=interval,
         )
 
 

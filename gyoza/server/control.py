@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from gyoza.models.errors import AlreadyExists, NotFound
+from gyoza.models.errors import AlreadyExists, NotFound, RunNotFinished
 from gyoza.models.op_run import OpRun, RunRequest
 from gyoza.models.reports import AgentReport
 from gyoza.models.resources import (
@@ -375,6 +375,34 @@ class RunController:
 
         run, _ = await self._mutate(run_id, op)
         return run
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a finished run with its events, logs and topic records.
+
+        Raises
+        ------
+        NotFound
+            When there is no such run.
+        RunNotFinished
+            When the run may still change (active, or waiting for an automatic retry).
+        """
+        async with self._runs.lock(run_id):
+            run = self._runs.cached(run_id)
+            if run is not None:
+                raise RunNotFinished(
+                    f"run {run_id} is {run.state.value}"
+                    + (" and waits for an automatic retry" if run.state.is_terminal else "")
+                    + "; only finished runs can be deleted"
+                )
+            await self.store.delete_run(run_id)
+
+    def busy_runs(self) -> frozenset[str]:
+        """Runs under an operation now (their lock is alive): retention leaves them alone.
+
+        The other runs held in memory are active, or FAILED waiting for a retry, which
+        the store never counts as finished.
+        """
+        return self._runs.locked()
 
     async def set_priority(self, run_id: str, priority: int) -> OpRun:
         """Change a run's priority; a pending run moves in the queue at once.

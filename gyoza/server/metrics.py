@@ -12,9 +12,14 @@ keep them stable.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gyoza.server.scheduler import AgentSlot
 
 RUNS_BY_STATE = Gauge(
     "gyoza_runs",
@@ -63,6 +68,94 @@ HUB_SUBSCRIBERS = Gauge(
 HUB_DROPPED_SUBSCRIBERS = Counter(
     "gyoza_hub_dropped_subscribers", "Watchers dropped because they fell too far behind."
 )
+
+
+RUN_QUEUE_WAIT_SECONDS = Histogram(
+    "gyoza_run_queue_wait_seconds",
+    "Time an attempt waited from its creation until it was assigned to an agent, by "
+    "definition (empty for ad-hoc runs).",
+    ["definition"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0),
+)
+"""Observed by :mod:`gyoza.server.run_log`."""
+
+RUN_DURATION_SECONDS = Histogram(
+    "gyoza_run_duration_seconds",
+    "Time an attempt ran, from its start to its end, by definition (empty for ad-hoc "
+    "runs) and the state it ended in.",
+    ["definition", "state"],
+    buckets=(0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0),
+)
+"""Observed by :mod:`gyoza.server.run_log`."""
+
+
+class AgentCollector(Collector):
+    """Per-agent capacity and reservation gauges, read from the scheduler when scraped.
+
+    ``gyoza_agent_cpu``, ``gyoza_agent_cpu_reserved``, ``gyoza_agent_ram_mb``,
+    ``gyoza_agent_ram_reserved_mb`` (labelled by ``agent``), ``gyoza_agent_gpu_vram_mb``,
+    ``gyoza_agent_gpu_vram_reserved_mb`` (by ``agent`` and ``gpu``, the index), and
+    ``gyoza_agent_accepting`` (1 when connected and not draining). Agents that left stay
+    until the server restarts, with ``gyoza_agent_accepting`` 0.
+
+    Parameters
+    ----------
+    agents : Callable[[], Iterable[AgentSlot]]
+        The scheduler's agents, at the time of the scrape.
+    """
+
+    def __init__(self, agents: Callable[[], Iterable[AgentSlot]]) -> None:
+        self._agents = agents
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = GaugeMetricFamily("gyoza_agent_cpu", "CPU cores an agent offers.", labels=["agent"])
+        cpu_reserved = GaugeMetricFamily(
+            "gyoza_agent_cpu_reserved", "CPU cores reserved by runs on an agent.", labels=["agent"]
+        )
+        ram = GaugeMetricFamily(
+            "gyoza_agent_ram_mb", "Memory (MiB) an agent offers.", labels=["agent"]
+        )
+        ram_reserved = GaugeMetricFamily(
+            "gyoza_agent_ram_reserved_mb",
+            "Memory (MiB) reserved by runs on an agent.",
+            labels=["agent"],
+        )
+        vram = GaugeMetricFamily(
+            "gyoza_agent_gpu_vram_mb", "VRAM (MiB) of a GPU of an agent.", labels=["agent", "gpu"]
+        )
+        vram_reserved = GaugeMetricFamily(
+            "gyoza_agent_gpu_vram_reserved_mb",
+            "VRAM (MiB) reserved by runs on a GPU of an agent.",
+            labels=["agent", "gpu"],
+        )
+        accepting = GaugeMetricFamily(
+            "gyoza_agent_accepting",
+            "1 when an agent is connected and not draining: new runs may be placed on it.",
+            labels=["agent"],
+        )
+        for slot in list(self._agents()):
+            cpu.add_metric([slot.name], slot.cpu)
+            cpu_reserved.add_metric([slot.name], slot.cpu_reserved)
+            ram.add_metric([slot.name], slot.ram_mb)
+            ram_reserved.add_metric([slot.name], slot.ram_reserved_mb)
+            accepting.add_metric([slot.name], 1.0 if slot.accepts_work else 0.0)
+            for gpu in list(slot.gpus.values()):
+                vram.add_metric([slot.name, str(gpu.index)], gpu.vram_total_mb)
+                vram_reserved.add_metric([slot.name, str(gpu.index)], gpu.vram_reserved_mb)
+        yield from (cpu, cpu_reserved, ram, ram_reserved, vram, vram_reserved, accepting)
+
+
+_agent_collector: list[AgentCollector] = []
+
+
+def watch_agents(agents: Callable[[], Iterable[AgentSlot]]) -> None:
+    """Export the per-agent gauges of :class:`AgentCollector` from *agents* (the last
+    server started in this process wins)."""
+    if not _agent_collector:
+        collector = AgentCollector(agents)
+        REGISTRY.register(collector)
+        _agent_collector.append(collector)
+    _agent_collector[0]._agents = agents
 
 
 class MetricsEndpoint:

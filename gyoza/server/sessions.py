@@ -3,7 +3,10 @@
 A session owns the outbound queue of its stream (assignments, cancels, acks, nacks,
 drain), the agent's lease (last time it was heard from) and its declared capacity. The
 registry is the :class:`~gyoza.server.control.AgentLink` through which the run controller
-reaches agents; it also answers the fleet views (ListAgents, DrainAgent).
+reaches agents; it also answers the fleet views (ListAgents, DrainAgent, UndrainAgent).
+
+Drains are durable: an operator's drain is stored before it is applied and holds across
+the agent's reconnects and restarts and the server's restarts, until it is undrained.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from gyoza import mapping
 from gyoza.api.v1 import agent_pb2, agent_service_pb2
 from gyoza.models.errors import NotFound
 from gyoza.models.op_run import OpRun
+from gyoza.models.timestamps import utc_now
 from gyoza.server.errors import ApiError
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
+from gyoza.server.store.protocol import RunStore
+from gyoza.server.store.records import AgentDrain
 
 log = logging.getLogger("gyoza.sessions")
 
@@ -60,6 +66,9 @@ class AgentSession:
     identity: str = ""
     #: The status the stream ends with when the server ends it (replaced, shutdown).
     end_status: ApiError | None = None
+    #: The agent said in its Hello that it drains by itself (shutting down, or drained
+    #: locally): an operator's undrain does not make it take work.
+    draining_itself: bool = False
     outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
         default_factory=asyncio.Queue
     )
@@ -90,11 +99,19 @@ class AgentSession:
 class SessionRegistry:
     """The live sessions by agent name, and agents known since the server started."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, store: RunStore | None = None) -> None:
         self.scheduler = scheduler
+        self.store = store
         self.sessions: dict[str, AgentSession] = {}
         #: Last session of every agent seen since start (for ListAgents).
         self.known: dict[str, AgentSession] = {}
+        #: Agents an operator drained, as stored.
+        self.drained: dict[str, AgentDrain] = {}
+
+    async def load_drains(self) -> None:
+        """Read the stored drains (at start, before any agent connects)."""
+        if self.store is not None:
+            self.drained = {d.name: d for d in await self.store.list_drains()}
 
     # -- AgentLink ------------------------------------------------------
     def is_connected(self, agent: str) -> bool:
@@ -175,6 +192,11 @@ class SessionRegistry:
             )
         self.sessions[session.name] = session
         self.known[session.name] = session
+        drain = self.drained.get(session.name)
+        if drain is not None:
+            # Drained before this agent (re)started: it must not take work again.
+            session.state = SessionState.DRAINING
+            session.send(_drain_message(drain.reason))
         draining = session.state is SessionState.DRAINING
         self.scheduler.upsert_agent(
             session.name,
@@ -209,26 +231,71 @@ class SessionRegistry:
         self.scheduler.set_connected(session.name, False)
         return True
 
-    def drain(self, name: str) -> AgentSession:
-        """Tell an agent to take no new work.
+    async def drain(self, name: str, reason: str = "drain requested") -> AgentSession:
+        """Tell an agent to take no new work, durably: it stays drained across its
+        restarts and the server's until :meth:`undrain`.
 
         Raises
         ------
         NotFound
-            When no such agent is known.
+            When no agent of that name has connected since the server started.
         """
         session = self.sessions.get(name) or self.known.get(name)
+        drain = self.drained.get(name)
+        if session is None and drain is not None:
+            return self._absent(name)  # drained already, not back since the restart
         if session is None:
             raise NotFound(f"no agent named {name!r}")
+        if drain is None:
+            drain = AgentDrain(name, reason, utc_now())
+            if self.store is not None:
+                await self.store.set_drain(drain)
+            self.drained[name] = drain
         self.scheduler.set_draining(name, True)
         if session.state is SessionState.CONNECTED:
             session.state = SessionState.DRAINING
+        session.send(_drain_message(drain.reason))
+        return session
+
+    async def undrain(self, name: str) -> AgentSession:
+        """End an agent's drain: it takes new work again, at once when it is connected.
+
+        Raises
+        ------
+        NotFound
+            When the agent is neither known since the server started nor drained.
+        """
+        session = self.sessions.get(name) or self.known.get(name)
+        if session is None and name not in self.drained:
+            raise NotFound(f"no agent named {name!r}")
+        if name in self.drained:
+            if self.store is not None:
+                await self.store.clear_drain(name)
+            del self.drained[name]
+        if session is None:
+            return self._absent(name)
+        if not session.draining_itself:
+            self.scheduler.set_draining(name, False)
+            if session.state is SessionState.DRAINING:
+                session.state = SessionState.CONNECTED
         session.send(
             agent_service_pb2.ConnectResponse(
-                drain=agent_service_pb2.Drain(reason="drain requested")
+                undrain=agent_service_pb2.Undrain(reason="undrain requested")
             )
         )
         return session
+
+    def listed(self, include_disconnected: bool) -> list[AgentSession]:
+        """The agents ListAgents shows, by name: live ones, and with
+        *include_disconnected* every agent seen since start and every drained one."""
+        if not include_disconnected:
+            return [self.sessions[name] for name in sorted(self.sessions)]
+        names = sorted(set(self.known) | set(self.drained))
+        return [self.known.get(name) or self._absent(name) for name in names]
+
+    def _absent(self, name: str) -> AgentSession:
+        """A drained agent that has not connected since the server started."""
+        return AgentSession(name=name, state=SessionState.DISCONNECTED)
 
     def describe(self, session: AgentSession) -> agent_pb2.Agent:
         """The agent as ListAgents shows it: capacity, reservations, runs."""
@@ -268,6 +335,10 @@ _STATE_TO_PROTO = {
     SessionState.LOST: agent_pb2.AGENT_STATE_LOST,
     SessionState.DISCONNECTED: agent_pb2.AGENT_STATE_DISCONNECTED,
 }
+
+
+def _drain_message(reason: str) -> agent_service_pb2.ConnectResponse:
+    return agent_service_pb2.ConnectResponse(drain=agent_service_pb2.Drain(reason=reason))
 
 
 def gpu_slots(capacity: agent_pb2.Capacity) -> list[GpuSlot]:

@@ -98,6 +98,13 @@ def test_config_defaults_and_validation(tmp_path: Path) -> None:
         AgentConfig(gpus="2xQ")
     with pytest.raises(ValueError, match="client_key"):
         AgentConfig(client_cert=tmp_path / "cert.pem")
+    assert (config.on_stop, config.metrics_port) == ("leave", None)
+    with pytest.raises(ValueError, match="on_stop"):
+        AgentConfig(on_stop="linger")
+    with pytest.raises(ValueError, match="metrics_port"):
+        AgentConfig(metrics_port=70000)
+    env = AgentConfig.from_env({"GYOZA_ON_STOP": "drain", "GYOZA_AGENT_METRICS_PORT": "9100"})
+    assert (env.on_stop, env.metrics_port) == ("drain", 9100)
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap_and_resets() -> None:

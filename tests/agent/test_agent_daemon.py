@@ -431,6 +431,31 @@ def test_drain_refuses_new_assignments(tmp_path: Path) -> None:
     with_peer(test)
 
 
+def test_a_server_drain_holds_for_its_session_and_ends_with_undrain(tmp_path: Path) -> None:
+    async def test(peer: StreamPeer, address: str) -> None:
+        async with Agent(config(address, tmp_path)) as agent:
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
+            peer.send(drain=pb.Drain(reason="maintenance"))
+            peer.send(assignment=assignment("run_x"))
+            await peer.until(lambda: len(peer.replies) == 1)
+            assert not peer.replies[0].accepted
+            peer.send(undrain=pb.Undrain(reason="done"))
+            peer.send(assignment=assignment("run_y"))
+            await peer.until(lambda: len(peer.replies) == 2)
+            assert peer.replies[1].accepted
+            assert agent.state is ConnectionState.CONNECTED
+            # The server keeps an operator's drain and says it again on each session:
+            # the agent does not carry it over in its Hello.
+            peer.send(drain=pb.Drain(reason="maintenance"))
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.DRAINING), WAIT_S)
+            peer.sessions[-1].outgoing.put_nowait(None)  # the stream breaks
+            await peer.until(lambda: len(peer.sessions) == 2)
+            assert not peer.sessions[1].hello.draining
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
+
+    with_peer(test)
+
+
 def test_shutdown_with_a_drain_timeout_waits_for_held_attempts(tmp_path: Path) -> None:
     async def test(peer: StreamPeer, address: str) -> None:
         agent = Agent(config(address, tmp_path))

@@ -1,4 +1,5 @@
-"""A real agent running real containers survives its own death (kill -9) mid-run."""
+"""A real agent running real containers survives its own death (kill -9) mid-run, and
+its stop (SIGTERM), leaving the container to the next agent process."""
 
 from __future__ import annotations
 
@@ -96,6 +97,25 @@ def test_running_container_is_adopted_after_agent_kill(
     done = cluster.watch_until(run_id, _ended, timeout=60)
     assert done.state == S.OP_RUN_STATE_COMPLETED, done
     assert dict(done.outputs) == {"steps": 4}
+    _check_once(cluster, run_id)
+
+
+def test_sigterm_leaves_the_container_running_for_the_next_agent_process(
+    patient_cluster: Any, docker_client: Any, steps_image: str
+) -> None:
+    cluster = patient_cluster
+    agent = cluster.add_agent("d1", executor="docker")
+    run_id = _create(cluster)
+    cluster.watch_until(run_id, _first_progress)
+    agent.stop()  # SIGTERM; the default --on-stop leave exits without touching it
+    assert agent.popen is not None and agent.popen.returncode == 0
+    container = _container(docker_client, run_id)
+    container.reload()
+    assert container.status == "running"
+    agent.start()
+    _go(docker_client, run_id, cluster.tmp)
+    done = cluster.watch_until(run_id, _ended, timeout=60)
+    assert done.state == S.OP_RUN_STATE_COMPLETED, done
     _check_once(cluster, run_id)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from gyoza.server.auth import AuthPolicy, Principal
 from gyoza.server.config import ConfigError, ServerConfig, normalize_database_url, split_listen
 from gyoza.server.errors import ApiError
+from gyoza.server.retention import parse_duration
 
 
 def test_defaults() -> None:
@@ -58,6 +60,8 @@ def test_environment_then_flags() -> None:
         ({"metrics_port": 70000}, "--metrics-port"),
         ({"log_level": "loud"}, "--log-level"),
         ({"shutdown_grace": -1.0}, "--shutdown-grace"),
+        ({"retention": "30 days"}, "--retention"),
+        ({"retention": "0d"}, "--retention"),
     ],
 )
 def test_bad_settings_are_refused(flags: dict[str, object], message: str) -> None:
@@ -97,3 +101,15 @@ def test_auth_policy() -> None:
     clients_only = AuthPolicy(["key"], [])
     assert clients_only.agents_open and not clients_only.clients_open
     assert clients_only.authorize(connect, None) is Principal.ANONYMOUS
+
+
+def test_retention_takes_an_age_with_a_unit() -> None:
+    assert ServerConfig.resolve(environ={}).retention is None
+    assert ServerConfig.resolve(retention="30d", environ={}).retention == timedelta(days=30)
+    env = {"GYOZA_RETENTION": "12h", "GYOZA_RETENTION_INTERVAL_S": "5"}
+    config = ServerConfig.resolve(environ=env)
+    assert (config.retention, config.retention_interval_s) == (timedelta(hours=12), 5.0)
+    assert ServerConfig.resolve(retention="90m", environ=env).retention == timedelta(minutes=90)
+    assert ServerConfig.resolve(retention="off", environ=env).retention is None
+    assert parse_duration("45") == timedelta(seconds=45)
+    assert parse_duration("2w") == timedelta(weeks=2)

@@ -59,6 +59,15 @@ def test_logfmt_lines(restore_logging: object) -> None:
     assert "level=warning" in line
 
 
+def test_text_lines_for_a_terminal(restore_logging: object) -> None:
+    out = io.StringIO()
+    configure_logging("info", "text", out)
+    log_event(logging.getLogger("gyoza.test"), logging.INFO, "run finished", state="FAILED")
+    line = out.getvalue().strip()
+    assert "\n" not in line
+    assert line.endswith("INFO gyoza.test: run finished state=FAILED")
+
+
 def test_request_ids_from_clients_are_checked() -> None:
     assert choose_request_id("abc-123") == "abc-123"
     assert len(choose_request_id(None)) == 32

@@ -29,8 +29,10 @@ from gyoza.models import (
     OpDefinition,
     OpRun,
     OpRunState,
+    RunNotFinished,
 )
 from gyoza.server.store import InMemoryStore, LogRecord, RunFilter, Store, TopicRecord
+from gyoza.server.store.records import AgentDrain
 from gyoza.server.store.tables import metadata
 
 T = TypeVar("T")
@@ -882,6 +884,59 @@ def test_agents_last_heard_from_are_kept_and_never_go_back(make_store: StoreFact
     run_with(make_store, body)
 
 
+# ----------------------------------------------------------------------
+# Deleting finished runs, retention
+# ----------------------------------------------------------------------
+
+
+async def _finished_run(
+    store: AnyStore, n: int, *, topic: str = "", ended: datetime | None = None
+) -> OpRun:
+    """A run that completed, with events, log lines and topic records."""
+    run = new_run(n, topic=topic)
+    await store.create_run(run)
+    await saved(store, run, assign_and_start)
+    await store.append_logs(run.id, 1, [("line", "stdout", BASE)])
+    new = change(run, lambda r: r.add_event("COMPLETED", "done", {"outputs": {"n": n}}))
+    if ended is not None:
+        run.updated_at = ended
+    await store.save_run(run, new)
+    return run
+
+
+def test_deleting_a_finished_run_removes_everything_it_owns(make_store: StoreFactory) -> None:
+    async def body(store: AnyStore) -> None:
+        gone = await _finished_run(store, 1, topic="t")
+        kept = await _finished_run(store, 2, topic="t")
+        offsets = [r.offset for r in await store.read_topic("t")]
+        await store.delete_run(gone.id)
+
+        with pytest.raises(NotFound):
+            await store.get_run(gone.id)
+        assert await store.list_events(gone.id) == []
+        assert (await store.read_logs(gone.id, 1))[0] == []
+        remaining = await store.read_topic("t")
+        assert {r.run_id for r in remaining} == {kept.id}
+        # What remains keeps its offsets; a reader resuming before a deleted record
+        # gets the records after it, in order.
+        assert [r.offset for r in remaining] == [
+            o for o in offsets if o in {r.offset for r in remaining}
+        ]
+        assert [r.offset for r in await store.read_topic("t", after_offset=offsets[0])] == [
+            r.offset for r in remaining if r.offset > offsets[0]
+        ]
+        assert (await store.get_run(kept.id)).to_dict() == kept.to_dict()
+        with pytest.raises(NotFound):
+            await store.delete_run(gone.id)
+        # Offsets are never reused after a delete.
+        later = await _finished_run(store, 3, topic="t")
+        assert min(r.offset for r in await store.read_topic("t") if r.run_id == later.id) > max(
+            offsets
+        )
+
+    run_with(make_store, body)
+
+
 def test_a_reconnect_window_opens_once_per_absence(make_store: StoreFactory) -> None:
     async def body(store: AnyStore) -> None:
         t = [BASE + timedelta(seconds=s) for s in range(6)]
@@ -895,3 +950,86 @@ def test_a_reconnect_window_opens_once_per_absence(make_store: StoreFactory) -> 
         assert await store.open_reconnect_windows({"a1": t[0]}, t[5]) == {"a1": (t[3], t[5])}
 
     run_with(make_store, body)
+
+
+def test_runs_that_may_still_change_are_not_deleted(make_store: StoreFactory) -> None:
+    async def body(store: AnyStore) -> None:
+        pending = new_run(1)
+        await store.create_run(pending)
+        running = new_run(2)
+        await store.create_run(running)
+        await saved(store, running, assign_and_start)
+        waiting = new_run(3)
+        waiting.retry_policy.max_attempts = 3
+        await store.create_run(waiting)
+        await saved(store, waiting, assign_and_start)
+        await saved(store, waiting, lambda r: (fail(r), r.schedule_auto_retry()))
+        assert waiting.next_retry_at is not None
+        for run in (pending, running, waiting):
+            with pytest.raises(RunNotFinished) as caught:
+                await store.delete_run(run.id)
+            assert caught.value.reason == "RUN_NOT_FINISHED"
+            assert (await store.get_run(run.id)).to_dict() == run.to_dict()
+        later = datetime.now(UTC) + timedelta(days=1)
+        assert await store.delete_finished_before(later) == []
+
+    run_with(make_store, body)
+
+
+def test_retention_deletes_old_finished_runs_oldest_first_in_batches(
+    make_store: StoreFactory,
+) -> None:
+    async def body(store: AnyStore) -> None:
+        old = [
+            await _finished_run(store, i, topic="t", ended=BASE + timedelta(minutes=i))
+            for i in range(5)
+        ]
+        recent = await _finished_run(store, 9, topic="t", ended=BASE + timedelta(days=40))
+        active = new_run(10)
+        await store.create_run(active)
+        cutoff = BASE + timedelta(days=30)
+
+        # Runs the server is busy with are left for a later batch.
+        first = await store.delete_finished_before(cutoff, limit=2, exclude={old[0].id})
+        assert first == [old[1].id, old[2].id]
+        rest = await store.delete_finished_before(cutoff, limit=2)
+        assert rest == [old[0].id, old[3].id]
+        assert await store.delete_finished_before(cutoff, limit=2) == [old[4].id]
+        assert await store.delete_finished_before(cutoff, limit=2) == []
+
+        assert {r.run_id for r in await store.read_topic("t")} == {recent.id}
+        await store.get_run(recent.id)
+        await store.get_run(active.id)
+        for run in old:
+            with pytest.raises(NotFound):
+                await store.get_run(run.id)
+
+    run_with(make_store, body)
+
+
+def test_agent_drains_are_kept_until_cleared(make_store: StoreFactory) -> None:
+    async def body(store: AnyStore) -> None:
+        assert await store.list_drains() == []
+        await store.set_drain(AgentDrain("b", "maintenance", BASE))
+        await store.set_drain(AgentDrain("a", "first", BASE))
+        await store.set_drain(AgentDrain("a", "again", BASE + timedelta(hours=1)))
+        assert await store.list_drains() == [
+            AgentDrain("a", "again", BASE + timedelta(hours=1)),
+            AgentDrain("b", "maintenance", BASE),
+        ]
+        assert await store.clear_drain("a") is True
+        assert await store.clear_drain("a") is False
+        assert [d.name for d in await store.list_drains()] == ["b"]
+
+    run_with(make_store, body)
+
+
+def test_agent_drains_survive_reopening(make_sql_store: StoreFactory) -> None:
+    async def write(store: AnyStore) -> None:
+        await store.set_drain(AgentDrain("gpu-7", "bad fan", BASE))
+
+    async def read(store: AnyStore) -> None:
+        assert await store.list_drains() == [AgentDrain("gpu-7", "bad fan", BASE)]
+
+    run_with(make_sql_store, write)
+    run_with(make_sql_store, read)

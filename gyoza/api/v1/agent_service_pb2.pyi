@@ -80,6 +80,7 @@ class ConnectResponse(_message.Message):
     ACKS_FIELD_NUMBER: _builtins.int
     NACK_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    UNDRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Answer to the Hello."""
@@ -104,6 +105,10 @@ class ConnectResponse(_message.Message):
     def drain(self) -> Global___Drain:
         """Take no new work; finish what is held."""
 
+    @_builtins.property
+    def undrain(self) -> Global___Undrain:
+        """Take new work again (the drain an operator asked for has ended)."""
+
     def __init__(
         self,
         *,
@@ -113,12 +118,13 @@ class ConnectResponse(_message.Message):
         acks: Global___AckBatch | None = ...,
         nack: Global___Nack | None = ...,
         drain: Global___Drain | None = ...,
+        undrain: Global___Undrain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "message", b"message", "nack", b"nack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "message", b"message", "nack", b"nack", "undrain", b"undrain", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "message", b"message", "nack", b"nack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "message", b"message", "nack", b"nack", "undrain", b"undrain", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel", "acks", "nack", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel", "acks", "nack", "drain", "undrain"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -195,7 +201,10 @@ class Hello(_message.Message):
     version: _builtins.str
     """Agent software version."""
     draining: _builtins.bool
-    """True when the agent starts already draining."""
+    """True when the agent drains by itself (it is shutting down, or was drained locally).
+    A drain an operator asked for (DrainAgent) is kept by the server, which sends Drain
+    again on every new session while it lasts.
+    """
     @_builtins.property
     def capacity(self) -> _agent_pb2.Capacity:
         """Whole capacity."""
@@ -729,6 +738,30 @@ class Drain(_message.Message):
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
+class Undrain(_message.Message):
+    """Take new work again: an operator ended the agent's drain. An agent shutting down
+    stays draining.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Undrain: _TypeAlias = Undrain  # noqa: Y015
+
+@_typing.final
 class ListAgentsRequest(_message.Message):
     """Request of ListAgents."""
 
@@ -738,7 +771,9 @@ class ListAgentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     include_disconnected: _builtins.bool
-    """Include agents that are disconnected."""
+    """Include agents that are disconnected: those seen since the server started, and
+    drained agents that have not reconnected since.
+    """
     page_size: _builtins.int
     """Most agents to return; 0 means 500, at most 1000. A page also stops before it
     grows past 3 MiB, with a next_page_token to go on.
@@ -835,3 +870,49 @@ class DrainAgentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainAgentResponse: _TypeAlias = DrainAgentResponse  # noqa: Y015
+
+@_typing.final
+class UndrainAgentRequest(_message.Message):
+    """Request of UndrainAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the agent."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainAgentRequest: _TypeAlias = UndrainAgentRequest  # noqa: Y015
+
+@_typing.final
+class UndrainAgentResponse(_message.Message):
+    """Response of UndrainAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The agent, taking work again (or disconnected, taking work when it reconnects)."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainAgentResponse: _TypeAlias = UndrainAgentResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class AgentServiceStub:
                 request_serializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.DrainAgentRequest.SerializeToString,
                 response_deserializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.DrainAgentResponse.FromString,
                 _registered_method=True)
+        self.UndrainAgent = channel.unary_unary(
+                '/gyoza.api.v1.AgentService/UndrainAgent',
+                request_serializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.UndrainAgentRequest.SerializeToString,
+                response_deserializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.UndrainAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -89,8 +94,21 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainAgent(self, request, context):
-        """Tells an agent to take no new work and to finish what it holds.
-        Errors: INVALID_ARGUMENT (empty name), NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+        """Tells an agent to take no new work and to finish what it holds. The drain is durable:
+        the agent stays drained across its restarts and the server's until UndrainAgent.
+        Draining an agent that is drained already changes nothing.
+        Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
+        since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndrainAgent(self, request, context):
+        """Ends an agent's drain: it takes new work again at once if it is connected, or when it
+        next connects. Undraining an agent that is not drained changes nothing.
+        Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no such agent is known or drained),
+        UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +131,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DrainAgent,
                     request_deserializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.DrainAgentRequest.FromString,
                     response_serializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.DrainAgentResponse.SerializeToString,
+            ),
+            'UndrainAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainAgent,
+                    request_deserializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.UndrainAgentRequest.FromString,
+                    response_serializer=gyoza_dot_api_dot_v1_dot_agent__service__pb2.UndrainAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -197,6 +220,33 @@ class AgentService:
             '/gyoza.api.v1.AgentService/DrainAgent',
             gyoza_dot_api_dot_v1_dot_agent__service__pb2.DrainAgentRequest.SerializeToString,
             gyoza_dot_api_dot_v1_dot_agent__service__pb2.DrainAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gyoza.api.v1.AgentService/UndrainAgent',
+            gyoza_dot_api_dot_v1_dot_agent__service__pb2.UndrainAgentRequest.SerializeToString,
+            gyoza_dot_api_dot_v1_dot_agent__service__pb2.UndrainAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,8 +58,17 @@ class AgentServiceStub:
     UNAUTHENTICATED, PERMISSION_DENIED.
     """
     DrainAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.DrainAgentRequest, _agent_service_pb2.DrainAgentResponse]
-    """Tells an agent to take no new work and to finish what it holds.
-    Errors: INVALID_ARGUMENT (empty name), NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+    """Tells an agent to take no new work and to finish what it holds. The drain is durable:
+    the agent stays drained across its restarts and the server's until UndrainAgent.
+    Draining an agent that is drained already changes nothing.
+    Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
+    since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    UndrainAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.UndrainAgentRequest, _agent_service_pb2.UndrainAgentResponse]
+    """Ends an agent's drain: it takes new work again at once if it is connected, or when it
+    next connects. Undraining an agent that is not drained changes nothing.
+    Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no such agent is known or drained),
+    UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 @_typing.type_check_only
@@ -92,8 +101,17 @@ class AgentServiceAsyncStub(AgentServiceStub):
     UNAUTHENTICATED, PERMISSION_DENIED.
     """
     DrainAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.DrainAgentRequest, _agent_service_pb2.DrainAgentResponse]  # type: ignore[assignment]
-    """Tells an agent to take no new work and to finish what it holds.
-    Errors: INVALID_ARGUMENT (empty name), NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+    """Tells an agent to take no new work and to finish what it holds. The drain is durable:
+    the agent stays drained across its restarts and the server's until UndrainAgent.
+    Draining an agent that is drained already changes nothing.
+    Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
+    since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    UndrainAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.UndrainAgentRequest, _agent_service_pb2.UndrainAgentResponse]  # type: ignore[assignment]
+    """Ends an agent's drain: it takes new work again at once if it is connected, or when it
+    next connects. Undraining an agent that is not drained changes nothing.
+    Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no such agent is known or drained),
+    UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -141,8 +159,23 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.DrainAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.DrainAgentResponse, _abc.Awaitable[_agent_service_pb2.DrainAgentResponse]]:
-        """Tells an agent to take no new work and to finish what it holds.
-        Errors: INVALID_ARGUMENT (empty name), NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+        """Tells an agent to take no new work and to finish what it holds. The drain is durable:
+        the agent stays drained across its restarts and the server's until UndrainAgent.
+        Draining an agent that is drained already changes nothing.
+        Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no agent of that name has connected
+        since the server started, nor is drained), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def UndrainAgent(
+        self,
+        request: _agent_service_pb2.UndrainAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.UndrainAgentResponse, _abc.Awaitable[_agent_service_pb2.UndrainAgentResponse]]:
+        """Ends an agent's drain: it takes new work again at once if it is connected, or when it
+        next connects. Undraining an agent that is not drained changes nothing.
+        Errors: INVALID_ARGUMENT (empty name), NOT_FOUND (no such agent is known or drained),
+        UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

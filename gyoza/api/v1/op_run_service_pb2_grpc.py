@@ -90,6 +90,11 @@ class OpRunServiceStub:
                 request_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsRequest.SerializeToString,
                 response_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsResponse.FromString,
                 _registered_method=True)
+        self.DeleteOpRun = channel.unary_unary(
+                '/gyoza.api.v1.OpRunService/DeleteOpRun',
+                request_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunRequest.SerializeToString,
+                response_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunResponse.FromString,
+                _registered_method=True)
 
 
 class OpRunServiceServicer:
@@ -184,8 +189,11 @@ class OpRunServiceServicer:
 
     def SubscribeEvents(self, request, context):
         """Streams every event of every run whose event delivery names the topic, in commit
-        order, from a durable log; resumable from an offset. The stream stays open; its
-        response headers are sent once the subscription is in place. Errors:
+        order, from a durable log; resumable from an offset. Offsets are never reused; the
+        records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+        so resuming from an offset whose records were deleted continues with the records
+        that remain after it. The stream stays open; its response headers are sent once the
+        subscription is in place. Errors:
         INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
         server is shutting down; resume from the last offset).
         """
@@ -196,6 +204,18 @@ class OpRunServiceServicer:
     def GetOpRunLogs(self, request, context):
         """Streams an attempt's log lines; with follow, keeps streaming new lines until the
         attempt ends. Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteOpRun(self, request, context):
+        """Deletes a finished run (COMPLETED, FAILED or CANCELLED, and not waiting for an
+        automatic retry) with its attempts, events, log lines and topic records, in one
+        transaction. Topic subscribers do not receive the deleted records any more: one
+        resuming from an offset before them gets the records that remain after it, in order.
+        Errors: INVALID_ARGUMENT (empty id), NOT_FOUND, FAILED_PRECONDITION (the run may still
+        change; reason RUN_NOT_FINISHED), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +278,11 @@ def add_OpRunServiceServicer_to_server(servicer, server):
                     servicer.GetOpRunLogs,
                     request_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsRequest.FromString,
                     response_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsResponse.SerializeToString,
+            ),
+            'DeleteOpRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOpRun,
+                    request_deserializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunRequest.FromString,
+                    response_serializer=gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -558,6 +583,33 @@ class OpRunService:
             '/gyoza.api.v1.OpRunService/GetOpRunLogs',
             gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsRequest.SerializeToString,
             gyoza_dot_api_dot_v1_dot_op__run__service__pb2.GetOpRunLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOpRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gyoza.api.v1.OpRunService/DeleteOpRun',
+            gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunRequest.SerializeToString,
+            gyoza_dot_api_dot_v1_dot_op__run__service__pb2.DeleteOpRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,14 +85,25 @@ class OpRunServiceStub:
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_op_run_service_pb2.SubscribeEventsRequest, _op_run_service_pb2.SubscribeEventsResponse]
     """Streams every event of every run whose event delivery names the topic, in commit
-    order, from a durable log; resumable from an offset. The stream stays open; its
-    response headers are sent once the subscription is in place. Errors:
+    order, from a durable log; resumable from an offset. Offsets are never reused; the
+    records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+    so resuming from an offset whose records were deleted continues with the records
+    that remain after it. The stream stays open; its response headers are sent once the
+    subscription is in place. Errors:
     INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
     server is shutting down; resume from the last offset).
     """
     GetOpRunLogs: _grpc.UnaryStreamMultiCallable[_op_run_service_pb2.GetOpRunLogsRequest, _op_run_service_pb2.GetOpRunLogsResponse]
     """Streams an attempt's log lines; with follow, keeps streaming new lines until the
     attempt ends. Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    DeleteOpRun: _grpc.UnaryUnaryMultiCallable[_op_run_service_pb2.DeleteOpRunRequest, _op_run_service_pb2.DeleteOpRunResponse]
+    """Deletes a finished run (COMPLETED, FAILED or CANCELLED, and not waiting for an
+    automatic retry) with its attempts, events, log lines and topic records, in one
+    transaction. Topic subscribers do not receive the deleted records any more: one
+    resuming from an offset before them gets the records that remain after it, in order.
+    Errors: INVALID_ARGUMENT (empty id), NOT_FOUND, FAILED_PRECONDITION (the run may still
+    change; reason RUN_NOT_FINISHED), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 @_typing.type_check_only
@@ -152,14 +163,25 @@ class OpRunServiceAsyncStub(OpRunServiceStub):
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_op_run_service_pb2.SubscribeEventsRequest, _op_run_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """Streams every event of every run whose event delivery names the topic, in commit
-    order, from a durable log; resumable from an offset. The stream stays open; its
-    response headers are sent once the subscription is in place. Errors:
+    order, from a durable log; resumable from an offset. Offsets are never reused; the
+    records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+    so resuming from an offset whose records were deleted continues with the records
+    that remain after it. The stream stays open; its response headers are sent once the
+    subscription is in place. Errors:
     INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
     server is shutting down; resume from the last offset).
     """
     GetOpRunLogs: _aio.UnaryStreamMultiCallable[_op_run_service_pb2.GetOpRunLogsRequest, _op_run_service_pb2.GetOpRunLogsResponse]  # type: ignore[assignment]
     """Streams an attempt's log lines; with follow, keeps streaming new lines until the
     attempt ends. Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    DeleteOpRun: _aio.UnaryUnaryMultiCallable[_op_run_service_pb2.DeleteOpRunRequest, _op_run_service_pb2.DeleteOpRunResponse]  # type: ignore[assignment]
+    """Deletes a finished run (COMPLETED, FAILED or CANCELLED, and not waiting for an
+    automatic retry) with its attempts, events, log lines and topic records, in one
+    transaction. Topic subscribers do not receive the deleted records any more: one
+    resuming from an offset before them gets the records that remain after it, in order.
+    Errors: INVALID_ARGUMENT (empty id), NOT_FOUND, FAILED_PRECONDITION (the run may still
+    change; reason RUN_NOT_FINISHED), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class OpRunServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -276,8 +298,11 @@ class OpRunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_op_run_service_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_op_run_service_pb2.SubscribeEventsResponse]]:
         """Streams every event of every run whose event delivery names the topic, in commit
-        order, from a durable log; resumable from an offset. The stream stays open; its
-        response headers are sent once the subscription is in place. Errors:
+        order, from a durable log; resumable from an offset. Offsets are never reused; the
+        records of runs deleted since (DeleteOpRun, the server's retention) are not sent,
+        so resuming from an offset whose records were deleted continues with the records
+        that remain after it. The stream stays open; its response headers are sent once the
+        subscription is in place. Errors:
         INVALID_ARGUMENT (empty topic), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (the
         server is shutting down; resume from the last offset).
         """
@@ -290,6 +315,20 @@ class OpRunServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_op_run_service_pb2.GetOpRunLogsResponse], _abc.AsyncIterator[_op_run_service_pb2.GetOpRunLogsResponse]]:
         """Streams an attempt's log lines; with follow, keeps streaming new lines until the
         attempt ends. Errors: NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteOpRun(
+        self,
+        request: _op_run_service_pb2.DeleteOpRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_op_run_service_pb2.DeleteOpRunResponse, _abc.Awaitable[_op_run_service_pb2.DeleteOpRunResponse]]:
+        """Deletes a finished run (COMPLETED, FAILED or CANCELLED, and not waiting for an
+        automatic retry) with its attempts, events, log lines and topic records, in one
+        transaction. Topic subscribers do not receive the deleted records any more: one
+        resuming from an offset before them gets the records that remain after it, in order.
+        Errors: INVALID_ARGUMENT (empty id), NOT_FOUND, FAILED_PRECONDITION (the run may still
+        change; reason RUN_NOT_FINISHED), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_OpRunServiceServicer_to_server(servicer: OpRunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -88,6 +88,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             capacity=hello.capacity,
             state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
             identity=identity,
+            draining_itself=hello.draining,
         )
         session.touch(loop.time())
         if self.leases is not None:
@@ -326,21 +327,20 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
         listing = "all" if request.include_disconnected else "live"
         after = paging.name_position(paging.decode_token(request.page_token, "agents", listing))
-        names = [
-            name
-            for name in sorted(self.sessions.known)
-            if (after is None or name > after)
-            and (request.include_disconnected or name in self.sessions.sessions)
+        listed = [
+            session
+            for session in self.sessions.listed(request.include_disconnected)
+            if after is None or session.name > after
         ]
         response = agent_service_pb2.ListAgentsResponse()
         total = 0
-        for index, name in enumerate(names[:size]):
-            agent = self.sessions.describe(self.sessions.known[name])
+        for index, session in enumerate(listed[:size]):
+            agent = self.sessions.describe(session)
             total += agent.ByteSize() + 8
             if index and total > request_checks.MAX_PAGE_BYTES:
                 break
             response.agents.append(agent)
-        if len(names) > len(response.agents):
+        if len(listed) > len(response.agents):
             last = response.agents[-1].name
             response.next_page_token = paging.encode_token("agents", listing, [last])
         return response
@@ -351,11 +351,26 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_service_pb2.DrainAgentResponse:
         """Tell an agent to take no new work."""
-        violations = hello_checks.agent_name_violations(request.name, "name")
-        if violations:
-            raise InvalidInput(violations)
-        session = self.sessions.drain(request.name)
+        session = await self.sessions.drain(_agent_name(request.name))
         return agent_service_pb2.DrainAgentResponse(agent=self.sessions.describe(session))
+
+    async def UndrainAgent(
+        self,
+        request: agent_service_pb2.UndrainAgentRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_service_pb2.UndrainAgentResponse:
+        """End an agent's drain; placement considers it again at once."""
+        session = await self.sessions.undrain(_agent_name(request.name))
+        self.controller.agent_ready()
+        return agent_service_pb2.UndrainAgentResponse(agent=self.sessions.describe(session))
+
+
+def _agent_name(name: str) -> str:
+    """*name* as an agent name a call may ask for; INVALID_ARGUMENT when it cannot be one."""
+    violations = hello_checks.agent_name_violations(name, "name")
+    if violations:
+        raise InvalidInput(violations)
+    return name
 
 
 def _ack(ack: AckOut) -> agent_service_pb2.Ack:

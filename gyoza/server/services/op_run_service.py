@@ -281,6 +281,14 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         run = await self.controller.cancel_run(run_id, request.reason)
         return pb.CancelOpRunResponse(op_run=mapping.run_to_proto(run))
 
+    async def DeleteOpRun(
+        self, request: pb.DeleteOpRunRequest, context: Context
+    ) -> pb.DeleteOpRunResponse:
+        """Delete a finished run with its events, logs and topic records."""
+        run_id = request_checks.required(request.run_id, "run_id")
+        await self.controller.delete_run(run_id)
+        return pb.DeleteOpRunResponse(run_id=run_id)
+
     async def RetryOpRun(
         self, request: pb.RetryOpRunRequest, context: Context
     ) -> pb.RetryOpRunResponse:

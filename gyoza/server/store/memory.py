@@ -11,17 +11,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from gyoza.models.errors import AlreadyExists, NotFound
+from gyoza.models.errors import AlreadyExists, NotFound, RunNotFinished
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import LIVE_STATES, EventEntry, OpRunState
+from gyoza.models.resources import LIVE_STATES, TERMINAL_STATES, EventEntry, OpRunState
 from gyoza.models.timestamps import utc_now
 from gyoza.server.store import paging
-from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
+from gyoza.server.store.records import (
+    LOG_RETENTION,
+    AgentDrain,
+    LogRecord,
+    RunFilter,
+    TopicRecord,
+)
 from gyoza.server.store.rows import (
     ATTEMPT_COLUMNS,
     EVENT_COLUMNS,
@@ -95,9 +101,11 @@ class InMemoryStore:
         self._events: dict[str, dict[tuple[int, int], Row]] = {}
         self._log_lines: dict[tuple[str, int], int] = {}
         self._logs: dict[tuple[str, int], deque[LogRecord]] = {}
-        self._topic_log: list[TopicRecord] = []
+        # Indexed by offset - 1; a deleted run's records leave None (offsets stay).
+        self._topic_log: list[TopicRecord | None] = []
         self._agents_seen: dict[str, datetime] = {}
         self._windows: dict[str, datetime] = {}
+        self._drains: dict[str, AgentDrain] = {}
 
     @property
     def url(self) -> str:
@@ -342,6 +350,50 @@ class InMemoryStore:
         keys = sorted(k for k in events if k > after and attempt in (None, k[0]))[:limit]
         return [(key[0], event_from_row(events[key])) for key in keys]
 
+    async def delete_run(self, run_id: str) -> None:
+        await self._enter()
+        row = self._runs.get(run_id)
+        if row is None:
+            raise NotFound(f"run {run_id} does not exist")
+        if not _finished(row):
+            waits = row["next_retry_at"] is not None
+            raise RunNotFinished(
+                f"run {run_id} is FAILED and waits for an automatic retry; only finished "
+                "runs can be deleted"
+                if waits
+                else f"run {run_id} is {row['state']}; only COMPLETED, FAILED or CANCELLED "
+                "runs can be deleted"
+            )
+        self._delete(run_id)
+
+    async def delete_finished_before(
+        self, before: datetime, *, limit: int = 100, exclude: Collection[str] = ()
+    ) -> list[str]:
+        await self._enter()
+        old = sorted(
+            (
+                r
+                for r in self._runs.values()
+                if _finished(r) and r["updated_at"] < before and r["id"] not in exclude
+            ),
+            key=lambda r: r["updated_at"],
+        )[:limit]
+        for row in old:
+            self._delete(row["id"])
+        return [row["id"] for row in old]
+
+    def _delete(self, run_id: str) -> None:
+        row = self._runs.pop(run_id)
+        if row["request_id"] is not None:
+            self._request_ids.pop(row["request_id"], None)
+        for attempt in self._attempts.pop(run_id, {}):
+            self._log_lines.pop((run_id, attempt), None)
+            self._logs.pop((run_id, attempt), None)
+        self._events.pop(run_id, None)
+        for index, record in enumerate(self._topic_log):
+            if record is not None and record.run_id == run_id:
+                self._topic_log[index] = None
+
     def _save(self, undo: _Undo, write: RunWrite) -> list[TopicRecord]:
         run_id = write.run_id
         owner = None if write.request_id is None else self._request_ids.get(write.request_id)
@@ -437,13 +489,35 @@ class InMemoryStore:
     ) -> list[TopicRecord]:
         await self._enter()
         found = [
-            _copy_record(r) for r in self._topic_log[max(after_offset, 0) :] if r.topic == topic
+            _copy_record(r)
+            for r in self._topic_log[max(after_offset, 0) :]
+            if r is not None and r.topic == topic
         ]
         return found[:limit]
 
     async def latest_offset(self) -> int:
         await self._enter()
         return len(self._topic_log)
+
+    # ------------------------------------------------------------------
+    # Agent drains
+    # ------------------------------------------------------------------
+
+    async def list_drains(self) -> list[AgentDrain]:
+        await self._enter()
+        return [self._drains[name] for name in sorted(self._drains)]
+
+    async def set_drain(self, drain: AgentDrain) -> None:
+        await self._enter()
+        self._drains[drain.name] = drain
+
+    async def clear_drain(self, name: str) -> bool:
+        await self._enter()
+        return self._drains.pop(name, None) is not None
+
+
+def _finished(row: Row) -> bool:
+    return row["state"] in {s.value for s in TERMINAL_STATES} and row["next_retry_at"] is None
 
 
 def _copy_record(record: TopicRecord) -> TopicRecord:

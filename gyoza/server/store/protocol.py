@@ -9,14 +9,14 @@ the streams) takes a ``RunStore``, so its unit tests run on the in-memory store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventEntry
-from gyoza.server.store.records import LogRecord, RunFilter, TopicRecord
+from gyoza.server.store.records import AgentDrain, LogRecord, RunFilter, TopicRecord
 
 
 class RunStore(Protocol):
@@ -134,6 +134,31 @@ class RunStore(Protocol):
         limit: int = 500,
     ) -> list[tuple[int, EventEntry]]:
         """(attempt, event) pairs by (attempt, seq), strictly after *after*."""
+        ...
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a finished run with its attempts, events, log lines and topic records,
+        all or nothing; NotFound, RunNotFinished (active or waiting for a retry)."""
+        ...
+
+    async def delete_finished_before(
+        self, before: datetime, *, limit: int = 100, exclude: Collection[str] = ()
+    ) -> list[str]:
+        """Delete up to *limit* finished runs last changed before *before*, oldest first,
+        except those in *exclude*, in one transaction; their ids."""
+        ...
+
+    # -- agent drains ---------------------------------------------------
+    async def list_drains(self) -> list[AgentDrain]:
+        """Every agent an operator drained and did not undrain, by name."""
+        ...
+
+    async def set_drain(self, drain: AgentDrain) -> None:
+        """Record that an agent is drained."""
+        ...
+
+    async def clear_drain(self, name: str) -> bool:
+        """Forget an agent's drain; False when it was not drained."""
         ...
 
     # -- logs and the topic log -----------------------------------------

@@ -96,3 +96,22 @@ class LogRecord:
     text: str
     stream: str
     t: datetime
+
+
+@dataclass(frozen=True)
+class AgentDrain:
+    """An operator's drain of an agent, kept until the agent is undrained.
+
+    Parameters
+    ----------
+    name : str
+        The agent's name.
+    reason : str
+        Why it was drained.
+    drained_at : datetime
+        When (aware, UTC).
+    """
+
+    name: str
+    reason: str
+    drained_at: datetime

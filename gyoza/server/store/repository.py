@@ -27,11 +27,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gyoza.models.errors import AlreadyExists, NotFound
+from gyoza.models.errors import AlreadyExists, NotFound, RunNotFinished
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import LIVE_STATES, EventEntry, OpRunState
-from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
+from gyoza.models.resources import LIVE_STATES, TERMINAL_STATES, EventEntry, OpRunState
+from gyoza.server.store.records import (
+    LOG_RETENTION,
+    AgentDrain,
+    LogRecord,
+    RunFilter,
+    TopicRecord,
+)
 from gyoza.server.store.rows import (
     ATTEMPT_COLUMNS,
     EVENT_COLUMNS,
@@ -54,6 +60,7 @@ from gyoza.server.store.rows import (
 )
 from gyoza.server.store.tables import (
     UTCDateTime,
+    agent_drains,
     agent_leases,
     op_attempts,
     op_definition_versions,
@@ -87,6 +94,13 @@ def _active_condition() -> ColumnElement[bool]:
     return or_(
         op_runs.c.state.in_([s.value for s in LIVE_STATES]),
         and_(op_runs.c.next_retry_at.is_not(None), op_runs.c.state == OpRunState.FAILED.value),
+    )
+
+
+def _finished_condition() -> ColumnElement[bool]:
+    """Runs that can no longer change: final, and not waiting for an automatic retry."""
+    return and_(
+        op_runs.c.state.in_([s.value for s in TERMINAL_STATES]), op_runs.c.next_retry_at.is_(None)
     )
 
 
@@ -641,6 +655,97 @@ class Repository:
             query = query.where(tuple_(op_events.c.attempt, op_events.c.seq) > tuple_(*after))
         query = query.order_by(op_events.c.attempt, op_events.c.seq).limit(limit)
         return [(int(r["attempt"]), event_from_row(r)) for r in conn.execute(query).mappings()]
+
+    # ------------------------------------------------------------------
+    # Runs: deletes
+    # ------------------------------------------------------------------
+
+    def delete_run(self, conn: Connection, run_id: str) -> None:
+        """Delete a finished run with its attempts, events, logs and topic records.
+
+        Raises
+        ------
+        NotFound
+            When there is no such run.
+        RunNotFinished
+            When the run is not final, or waits for an automatic retry.
+        """
+        if self._delete_finished(conn, [run_id]):
+            return
+        state = conn.execute(
+            select(op_runs.c.state, op_runs.c.next_retry_at).where(op_runs.c.id == run_id)
+        ).first()
+        if state is None:
+            raise NotFound(f"run {run_id} does not exist")
+        if state.next_retry_at is not None:
+            raise RunNotFinished(
+                f"run {run_id} is FAILED and waits for an automatic retry; only finished "
+                "runs can be deleted"
+            )
+        raise RunNotFinished(
+            f"run {run_id} is {state.state}; only COMPLETED, FAILED or CANCELLED runs can "
+            "be deleted"
+        )
+
+    def delete_finished_before(
+        self,
+        conn: Connection,
+        before: datetime,
+        limit: int,
+        exclude: Iterable[str] = (),
+    ) -> list[str]:
+        """Delete up to *limit* finished runs last changed before *before*, oldest first,
+        with everything that belongs to them, except those in *exclude*; returns their
+        ids."""
+        skip = set(exclude)
+        found = conn.execute(
+            select(op_runs.c.id)
+            .where(_finished_condition(), op_runs.c.updated_at < before)
+            .order_by(op_runs.c.updated_at)
+            .limit(limit + len(skip))
+        ).scalars()
+        ids = [run_id for run_id in found if run_id not in skip][:limit]
+        return self._delete_finished(conn, ids) if ids else []
+
+    def _delete_finished(self, conn: Connection, run_ids: Sequence[str]) -> list[str]:
+        finished = set(
+            conn.execute(
+                select(op_runs.c.id).where(op_runs.c.id.in_(run_ids), _finished_condition())
+            ).scalars()
+        )
+        ids = [run_id for run_id in run_ids if run_id in finished]
+        if not ids:
+            return []
+        conn.execute(delete(topic_log).where(topic_log.c.run_id.in_(ids)))
+        # Attempts, events and log lines go by ON DELETE CASCADE.
+        conn.execute(delete(op_runs).where(op_runs.c.id.in_(ids)))
+        gone = set(ids)
+        for cache in (self._attempt_rows, self._log_lines):
+            for key in [k for k in cache if k[0] in gone]:
+                del cache[key]
+        return ids
+
+    # ------------------------------------------------------------------
+    # Agent drains
+    # ------------------------------------------------------------------
+
+    def list_drains(self, conn: Connection) -> list[AgentDrain]:
+        """Every drained agent, by name."""
+        rows = conn.execute(select(agent_drains).order_by(agent_drains.c.name)).mappings()
+        return [AgentDrain(r["name"], r["reason"], r["drained_at"]) for r in rows]
+
+    def set_drain(self, conn: Connection, drain: AgentDrain) -> None:
+        """Record a drain (again: the reason and time are replaced)."""
+        conn.execute(delete(agent_drains).where(agent_drains.c.name == drain.name))
+        conn.execute(
+            agent_drains.insert().values(
+                name=drain.name, reason=drain.reason, drained_at=drain.drained_at
+            )
+        )
+
+    def clear_drain(self, conn: Connection, name: str) -> bool:
+        """Forget an agent's drain; False when it was not drained."""
+        return bool(conn.execute(delete(agent_drains).where(agent_drains.c.name == name)).rowcount)
 
     # ------------------------------------------------------------------
     # Logs

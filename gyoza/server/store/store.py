@@ -10,7 +10,7 @@ race with the writer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from types import TracebackType
@@ -25,7 +25,13 @@ from gyoza.models.resources import EventEntry
 from gyoza.models.timestamps import utc_now
 from gyoza.server.store import paging
 from gyoza.server.store.engines import create_engines, normalize_url
-from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
+from gyoza.server.store.records import (
+    LOG_RETENTION,
+    AgentDrain,
+    LogRecord,
+    RunFilter,
+    TopicRecord,
+)
 from gyoza.server.store.repository import Repository
 from gyoza.server.store.rows import definition_payload, log_rows
 from gyoza.server.store.schema import upgrade
@@ -358,6 +364,31 @@ class Store:
             lambda c: self._repo.list_events(c, run_id, attempt=attempt, after=after, limit=limit)
         )
 
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a finished run with its attempts, events, log lines and topic records,
+        in one transaction.
+
+        Raises
+        ------
+        NotFound
+            When there is no such run.
+        RunNotFinished
+            When the run is not COMPLETED, FAILED or CANCELLED, or waits for an
+            automatic retry.
+        """
+        repo = self._repo
+        await self._write(lambda c: repo.delete_run(c, run_id))
+
+    async def delete_finished_before(
+        self, before: datetime, *, limit: int = 100, exclude: Collection[str] = ()
+    ) -> list[str]:
+        """Delete up to *limit* finished runs (as :meth:`delete_run` deletes them) whose
+        last change is older than *before*, oldest first, in one transaction; returns
+        their ids. Runs in *exclude* are kept. Call again until it returns fewer than
+        *limit*."""
+        repo = self._repo
+        return await self._write(lambda c: repo.delete_finished_before(c, before, limit, exclude))
+
     # ------------------------------------------------------------------
     # Logs
     # ------------------------------------------------------------------
@@ -403,3 +434,21 @@ class Store:
     async def latest_offset(self) -> int:
         """The newest offset of the topic log (all topics); 0 when it is empty."""
         return await self._read(self._repo.latest_offset)
+
+    # ------------------------------------------------------------------
+    # Agent drains
+    # ------------------------------------------------------------------
+
+    async def list_drains(self) -> list[AgentDrain]:
+        """Every agent an operator drained and did not undrain, by name."""
+        return await self._read(self._repo.list_drains)
+
+    async def set_drain(self, drain: AgentDrain) -> None:
+        """Record that an agent is drained (durable once this returns)."""
+        repo = self._repo
+        await self._write(lambda c: repo.set_drain(c, drain))
+
+    async def clear_drain(self, name: str) -> bool:
+        """Forget an agent's drain; False when it was not drained."""
+        repo = self._repo
+        return await self._write(lambda c: repo.clear_drain(c, name))

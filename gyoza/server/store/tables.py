@@ -115,6 +115,8 @@ op_runs = Table(
     Index("ix_op_runs_state", "state", "created_at", "id"),
     Index("ix_op_runs_op_definition", "op_definition", "created_at", "id"),
     Index("ix_op_runs_image", "image", "created_at", "id"),
+    # Finished runs by age, for retention: one range scan per final state.
+    Index("ix_op_runs_updated", "state", "updated_at"),
     # Failed runs waiting for an automatic retry, for load_active_runs; few of them.
     Index(
         "ix_op_runs_retry",
@@ -203,6 +205,8 @@ topic_log = Table(
     Column("t", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("offset", name="pk_topic_log"),
     Index("ix_topic_log_topic", "topic", "offset"),
+    # A deleted run's records go with it.
+    Index("ix_topic_log_run", "run_id"),
     # AUTOINCREMENT: offsets are never reused, even once the newest rows are gone.
     sqlite_autoincrement=True,
 )
@@ -217,4 +221,15 @@ agent_leases = Table(
     # When the server, restarted, began to wait for it to reconnect since then.
     Column("window_from", UTCDateTime, nullable=True),
     PrimaryKeyConstraint("name", name="pk_agent_leases"),
+)
+
+# Agents an operator drained: they stay drained across their restarts and the server's,
+# until undrained.
+agent_drains = Table(
+    "agent_drains",
+    metadata,
+    Column("name", String(200), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("drained_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("name", name="pk_agent_drains"),
 )

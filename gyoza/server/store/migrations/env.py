@@ -6,7 +6,7 @@ To write a new revision, from a Python shell::
 
     from alembic import command
     from gyoza.server.store.schema import alembic_config
-    command.revision(alembic_config(), message="what changes", rev_id="0002")
+    command.revision(alembic_config(), message="what changes", rev_id="0005")
 
 and write its ``upgrade()`` by hand (SQLite needs ``op.batch_alter_table`` to alter).
 """

@@ -1,6 +1,6 @@
 """Agent leases: when each agent was last heard from, kept across server restarts.
 
-Revision ID: 0002_agent_leases
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-02
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_agent_leases"
+revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | None = None
 depends_on: str | None = None
