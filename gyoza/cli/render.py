@@ -401,6 +401,18 @@ def definition_detail(definition: OpDefinition) -> Table:
                 spec.description,
             )
         rows.append(("inputs", inputs))
+    if definition.outputs:
+        outputs = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("OUTPUT", "TYPE", "REQUIRED", "DESCRIPTION"):
+            outputs.add_column(column)
+        for output in definition.outputs:
+            outputs.add_row(
+                output.name,
+                output.type.value.lower(),
+                "yes" if output.required else "no",
+                output.description,
+            )
+        rows.append(("outputs", outputs))
     for label, value in rows:
         grid.add_row(label, value)
     return grid

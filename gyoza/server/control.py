@@ -585,7 +585,14 @@ class RunController:
                     continue
                 msg, payload = _event_args(agent, run, report)
                 try:
-                    run.apply_report(attempt_no, report.seq, report.event_type.value, msg, payload)
+                    run.apply_report(
+                        attempt_no,
+                        report.seq,
+                        report.event_type.value,
+                        msg,
+                        payload,
+                        at=report.time,  # when it happened on the agent
+                    )
                 except GyozaError as exc:
                     # Refused reports are consumed, not retried forever: the stream goes on.
                     current.reported_seq = report.seq

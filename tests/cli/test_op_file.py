@@ -109,7 +109,7 @@ def test_missing_name_and_image_are_both_reported() -> None:
 def test_unknown_keys_are_refused() -> None:
     assert problems("name: a\nimgae: b\nimage: c\n") == [
         "op.yaml: imgae: unknown key (expected one of name, version, image, description, "
-        "inputs, constraints, retry_policy, event_delivery)"
+        "inputs, outputs, constraints, retry_policy, event_delivery)"
     ]
     assert problems("name: a\nimage: c\ninputs: {x: {type: int, defualt: 1}}\n") == [
         "op.yaml: inputs.x.defualt: unknown key (expected one of type, required, default, "
@@ -184,11 +184,11 @@ def test_sections_of_the_wrong_shape() -> None:
 
 def test_document_that_is_not_a_mapping() -> None:
     assert problems("- a\n- b\n") == [
-        "op.yaml: expected a mapping of name, version, image, description, inputs, "
+        "op.yaml: expected a mapping of name, version, image, description, inputs, outputs, "
         "constraints, retry_policy, event_delivery, got a list"
     ]
     assert problems("") == [
-        "op.yaml: expected a mapping of name, version, image, description, inputs, "
+        "op.yaml: expected a mapping of name, version, image, description, inputs, outputs, "
         "constraints, retry_policy, event_delivery, got nothing"
     ]
 

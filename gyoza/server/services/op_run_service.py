@@ -122,10 +122,13 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
                 # has changed or gone since, as long as the request is the same.
                 _check_same_request(first, request, inputs)
                 current = await self.controller.get_run(first.id)
-                return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(current))
+                return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(current), existing=True)
         run = await self._new_run(request, inputs)
         created = await self.controller.create_run(run)
-        return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(created))
+        # A concurrent create with the same request_id may have won the race.
+        return pb.CreateOpRunResponse(
+            op_run=mapping.run_to_proto(created), existing=created.id != run.id
+        )
 
     async def _new_run(self, request: pb.CreateOpRunRequest, inputs: dict[str, Any]) -> OpRun:
         """The run the request asks for, or one InvalidInput naming every problem."""
