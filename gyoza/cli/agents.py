@@ -6,6 +6,7 @@ import click
 
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, output_option, pass_state
+from gyoza.client.agents import agent_from_proto
 
 __all__ = ["agents"]
 
@@ -22,10 +23,12 @@ def agents() -> None:
 @pass_state
 def list_agents(state: CliState, include_all: bool, output: str) -> None:
     """List agents with their capacity, GPUs (VRAM free for new runs) and runs."""
-    found = state.client().list_agents(include_disconnected=include_all)
+    response = state.client().api.list_agents(include_disconnected=include_all)
     if output == "json":
-        render.print_json([a.to_dict() for a in found])
-    elif not found:
+        render.print_message(response)
+        return
+    found = [agent_from_proto(a) for a in response.agents]
+    if not found:
         click.echo("no agents", err=True)
     else:
         render.show(render.agents_table(found))
@@ -38,8 +41,9 @@ def list_agents(state: CliState, include_all: bool, output: str) -> None:
 @pass_state
 def drain(state: CliState, name: str, output: str) -> None:
     """Tell an agent to take no new work and finish what it holds."""
-    agent = state.client().drain_agent(name)
+    response = state.client().api.drain_agent(name)
+    agent = agent_from_proto(response.agent)
     if output == "json":
-        render.print_json(agent.to_dict())
+        render.print_message(response)
     else:
         click.echo(f"draining {agent.name}: {len(agent.runs)} run(s) to finish")

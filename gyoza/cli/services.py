@@ -170,6 +170,10 @@ def agent(
     help="Executor of the local agent (default docker).",
 )
 def dev(**options: Any) -> None:
-    """Run a server and a local agent in one process, for trying gyoza out."""
+    """Run a server and a local agent in one process, for trying gyoza out.
+
+    Their logs go to server.log and agent.log in the state directory (./.gyoza-dev by
+    default), not to the terminal.
+    """
     module = _load("gyoza.dev", "gyoza dev")
     module.main_dev(**options)
