@@ -1,9 +1,9 @@
 """How the ``gyoza`` command shows things: rich tables for people, JSON for programs.
 
 JSON output is the API's response messages in protobuf's canonical JSON mapping, exactly
-as ``grpcurl`` prints them (lowerCamelCase keys, enum names, 64-bit integers as strings,
-fields at their default value left out), so ``gyoza runs get ID -o json | jq -r
-.opRun.state`` reads ``OP_RUN_STATE_COMPLETED``.
+as ``grpcurl`` prints them (the proto's snake_case field names, enum names, 64-bit
+integers as strings, fields at their default value left out), so ``gyoza runs get ID -o
+json | jq -r .op_run.state`` reads ``OP_RUN_STATE_COMPLETED``.
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def message_json(message: Message) -> dict[str, Any]:
     A whole number held in a double (a Struct value, ``cpu``) is written as an integer,
     as grpcurl writes it (``42``, not ``42.0``).
     """
-    data: dict[str, Any] = _whole_numbers(json_format.MessageToDict(message))
+    data: dict[str, Any] = _whole_numbers(
+        json_format.MessageToDict(message, preserving_proto_field_name=True)
+    )
     return data
 
 

@@ -201,7 +201,7 @@ def list_runs(
     """List runs, newest first.
 
     When more runs match than --limit shows, the token of the next page is printed
-    (on stderr; in the JSON as nextPageToken): give it to --page-token to go on.
+    (on stderr; in the JSON as next_page_token): give it to --page-token to go on.
     """
     filters = RunFilter(
         states=tuple(OpRunState(s.upper()) for s in states),

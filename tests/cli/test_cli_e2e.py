@@ -35,6 +35,8 @@ GYOZA = (
     else [sys.executable, "-c", "from gyoza.cli.main import main; main()"]
 )
 
+GRPCURL = Path(sys.executable).with_name("grpcurl")
+
 SLEEPER_YAML = """
 name: {name}
 image: gyoza-test/busybox:latest
@@ -143,21 +145,30 @@ class Stack:
         assert result.code == 0, result.explain()
         return result
 
+    def grpcurl(self, method: str, body: dict[str, Any]) -> Any:
+        proc = subprocess.run(
+            [str(GRPCURL), "-plaintext", "-H", f"authorization: Bearer {API_KEY}",
+             "-d", json.dumps(body), self.address, f"gyoza.api.v1.{method}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads(proc.stdout)
+
     def json(self, *args: str) -> Any:
         return json.loads(self.ok(*args, "--output", "json").stdout)
 
     def deploy(self, name: str) -> dict[str, Any]:
         path = self.tmp / f"{name}.yaml"
         path.write_text(SLEEPER_YAML.format(name=name))
-        data: dict[str, Any] = self.json("definitions", "deploy", "-f", str(path))["opDefinition"]
+        data: dict[str, Any] = self.json("definitions", "deploy", "-f", str(path))["op_definition"]
         return data
 
     def create(self, *args: str) -> str:
-        run_id: str = self.json("runs", "create", *args)["opRun"]["id"]
+        run_id: str = self.json("runs", "create", *args)["op_run"]["id"]
         return run_id
 
     def run(self, run_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = self.json("runs", "get", run_id)["opRun"]
+        data: dict[str, Any] = self.json("runs", "get", run_id)["op_run"]
         return data
 
     def wait_state(self, run_id: str, *states: str, timeout: float = 30) -> None:
@@ -257,19 +268,19 @@ def test_deploy_list_get_delete(stack: Stack) -> None:
     path.write_text(SLEEPER_YAML.format(name="e2e-defs"))
     first = stack.ok("definitions", "deploy", "-f", str(path))
     assert first.stdout == "deployed e2e-defs version 1 (gyoza-test/busybox:latest)\n"
-    deployed = stack.json("definitions", "deploy", "-f", str(path))["opDefinition"]
+    deployed = stack.json("definitions", "deploy", "-f", str(path))["op_definition"]
     assert deployed["version"] == "2"  # int64: a string in protobuf's JSON, as grpcurl says
 
-    listed = stack.json("definitions", "list")["opDefinitions"]
+    listed = stack.json("definitions", "list")["op_definitions"]
     assert {"name": "e2e-defs", "version": "2"} in [
         {"name": d["name"], "version": d["version"]} for d in listed
     ]
-    versions = stack.json("definitions", "list", "--name", "e2e-defs")["opDefinitions"]
+    versions = stack.json("definitions", "list", "--name", "e2e-defs")["op_definitions"]
     assert [d["version"] for d in versions] == ["2", "1"]
     table = stack.ok("definitions", "list").stdout
     assert "e2e-defs" in table and "NAME" in table
 
-    got = stack.json("definitions", "get", "e2e-defs", "--version", "1")["opDefinition"]
+    got = stack.json("definitions", "get", "e2e-defs", "--version", "1")["op_definition"]
     assert got["version"] == "1"
     assert [i["name"] for i in got["inputs"]] == [
         "sleep_ms",
@@ -278,7 +289,7 @@ def test_deploy_list_get_delete(stack: Stack) -> None:
         "outputs",
         "label",
     ]
-    assert got["eventDelivery"] == {"topic": "e2e-defs-events", "attributes": {"suite": "e2e"}}
+    assert got["event_delivery"] == {"topic": "e2e-defs-events", "attributes": {"suite": "e2e"}}
     assert "sleep_ms" in stack.ok("definitions", "get", "e2e-defs").stdout
 
     assert stack.ok("definitions", "delete", "e2e-defs", "--version", "1").stdout == (
@@ -339,7 +350,7 @@ def test_create_with_inputs_and_watch_to_completion(stack: Stack) -> None:
     assert result.code == 0, result.explain()
     lines = result.json_lines()
     # The snapshot comes first, with the whole run; then one line per change.
-    snapshot = lines[0]["opRun"]
+    snapshot = lines[0]["op_run"]
     assert "event" not in lines[0]
     assert all(set(line) == {"sequence", "event"} for line in lines[1:])
     final = stack.run(snapshot["id"])
@@ -354,7 +365,7 @@ def test_create_with_inputs_and_watch_to_completion(stack: Stack) -> None:
         "label": "007",  # a string input keeps the text as typed
     }
     assert final["priority"] == 3
-    assert final["opDefinition"] == "e2e-watch"
+    assert final["op_definition"] == "e2e-watch"
     types = [line["event"]["type"] for line in lines[1:]]
     assert types[0] == "EVENT_TYPE_ASSIGNED"
     assert types.count("EVENT_TYPE_PROGRESS") == 3
@@ -386,15 +397,15 @@ def test_create_prints_the_run_and_takes_resources(stack: Stack) -> None:
     run = stack.run(run_id)
     # Overrides start from the definition's settings (cpu 0.5, ram 64 there).
     assert run["constraints"]["cpu"] == 1
-    assert run["constraints"]["ramMb"] == "256"
-    assert run["eventDelivery"] == {"topic": "other-topic", "attributes": {"suite": "e2e"}}
-    assert run["requestId"] == "req-e2e-1"
+    assert run["constraints"]["ram_mb"] == "256"
+    assert run["event_delivery"] == {"topic": "other-topic", "attributes": {"suite": "e2e"}}
+    assert run["request_id"] == "req-e2e-1"
     same = (
         "runs", "create", "--definition", "e2e-create", "--cpu", "1", "--ram-mb", "256",
         "--topic", "other-topic", "--request-id", "req-e2e-1",
     )  # fmt: skip
     again = stack.json(*same)
-    assert again["opRun"]["id"] == run_id  # the same request_id: the same run
+    assert again["op_run"]["id"] == run_id  # the same request_id: the same run
     assert again["existing"] is True
     said = stack.ok(*same).stdout
     assert said.startswith(f"exists {run_id} (")
@@ -421,9 +432,9 @@ def test_watch_follows_automatic_retries(stack: Stack) -> None:
     )  # fmt: skip
     assert result.code == 1, result.explain()
     lines = result.json_lines()
-    final = stack.run(lines[0]["opRun"]["id"])
+    final = stack.run(lines[0]["op_run"]["id"])
     assert final["state"] == "OP_RUN_STATE_FAILED"
-    assert final["currentAttempt"] == 3
+    assert final["current_attempt"] == 3
     assert [line["event"]["attempt"] for line in lines[1:]][-1] == 3
     attempts = stack.json("runs", "attempts", final["id"])["attempts"]
     assert [a["state"] for a in attempts] == ["OP_RUN_STATE_FAILED"] * 3
@@ -453,38 +464,38 @@ def test_list_with_filters(stack: Stack) -> None:
     stack.ok("runs", "create", "--image", "e2e/list-image", "--watch")
 
     listed = stack.json("runs", "list", "--definition", "e2e-list")
-    assert "nextPageToken" not in listed
-    by_definition = listed["opRuns"]
+    assert "next_page_token" not in listed
+    by_definition = listed["op_runs"]
     assert len(by_definition) == 3
-    assert {r["opDefinition"] for r in by_definition} == {"e2e-list"}
-    created = [r["createTime"] for r in by_definition]
+    assert {r["op_definition"] for r in by_definition} == {"e2e-list"}
+    created = [r["create_time"] for r in by_definition]
     assert created == sorted(created, reverse=True)  # newest first
 
     by_image = stack.json("runs", "list", "--image", "e2e/list-image", "--state", "completed")
-    assert [r["image"] for r in by_image["opRuns"]] == ["e2e/list-image"]
+    assert [r["image"] for r in by_image["op_runs"]] == ["e2e/list-image"]
     assert stack.json("runs", "list", "--image", "e2e/list-image", "--state", "FAILED") == {}
-    oldest = stack.json("runs", "list", "--definition", "e2e-list", "--oldest-first")["opRuns"]
+    oldest = stack.json("runs", "list", "--definition", "e2e-list", "--oldest-first")["op_runs"]
     assert [r["id"] for r in oldest] == [r["id"] for r in reversed(by_definition)]
 
     # Paging: --limit stops with a token that goes on exactly after the last run shown.
     first = stack.json("runs", "list", "--definition", "e2e-list", "--limit", "2")
-    assert [r["id"] for r in first["opRuns"]] == [r["id"] for r in by_definition[:2]]
+    assert [r["id"] for r in first["op_runs"]] == [r["id"] for r in by_definition[:2]]
     rest = stack.json(
-        "runs", "list", "--definition", "e2e-list", "--page-token", first["nextPageToken"]
+        "runs", "list", "--definition", "e2e-list", "--page-token", first["next_page_token"]
     )
-    assert [r["id"] for r in rest["opRuns"]] == [by_definition[2]["id"]]
+    assert [r["id"] for r in rest["op_runs"]] == [by_definition[2]["id"]]
     paged = stack.ok("runs", "list", "--definition", "e2e-list", "--limit", "1")
     assert paged.stderr.startswith("more runs: --page-token ")
     assert paged.stdout.count("COMPLETED") == 1
 
     # Times: ISO 8601 (an offset, or local time) or a duration ago.
-    middle = by_definition[1]["createTime"]
+    middle = by_definition[1]["create_time"]
     after = stack.json("runs", "list", "--definition", "e2e-list", "--created-after", middle)
-    assert [r["id"] for r in after["opRuns"]] == [r["id"] for r in by_definition[:2]]
+    assert [r["id"] for r in after["op_runs"]] == [r["id"] for r in by_definition[:2]]
     before = stack.json("runs", "list", "--definition", "e2e-list", "--created-before", middle)
-    assert [r["id"] for r in before["opRuns"]] == [by_definition[2]["id"]]
+    assert [r["id"] for r in before["op_runs"]] == [by_definition[2]["id"]]
     recent = stack.json("runs", "list", "--definition", "e2e-list", "--created-after", "1h")
-    assert len(recent["opRuns"]) == 3
+    assert len(recent["op_runs"]) == 3
     assert stack.json("runs", "list", "--created-before", "2000-01-01") == {}
     bad = stack.gyoza("runs", "list", "--created-after", "yesterday")
     assert bad.code == 2
@@ -503,14 +514,26 @@ def test_get_events_and_attempts(stack: Stack) -> None:
     stack.ok("runs", "watch", run_id)
     run = stack.run(run_id)
     assert run["id"] == run_id
-    assert run["executionSummary"]["workerId"] == AGENT
+    assert run["execution_summary"]["worker_id"] == AGENT
     assert [e["type"] for e in run["events"]][-1] == "EVENT_TYPE_COMPLETED"
     events = stack.json("runs", "events", run_id)["events"]
     assert [e["seq"] for e in events] == [str(n) for n in range(1, len(events) + 1)]
     assert {e["attempt"] for e in events} == {1}
-    assert all(e["time"] <= e["applyTime"] for e in events)
+    assert all(e["time"] <= e["apply_time"] for e in events)
     attempts = stack.json("runs", "attempts", run_id)["attempts"]
     assert attempts[0]["state"] == "OP_RUN_STATE_COMPLETED"
+    # The JSON is the API's message exactly as grpcurl prints it.
+    for method, body, command in (
+        ("OpRunService/GetOpRun", {"run_id": run_id}, ("runs", "get", run_id)),
+        ("OpRunService/ListOpRunEvents", {"run_id": run_id}, ("runs", "events", run_id)),
+        ("OpRunService/ListOpRunAttempts", {"run_id": run_id}, ("runs", "attempts", run_id)),
+        (
+            "DefinitionService/GetOpDefinition",
+            {"name": "e2e-get"},
+            ("definitions", "get", "e2e-get"),
+        ),
+    ):
+        assert stack.grpcurl(method, body) == stack.json(*command), method
     detail = stack.ok("runs", "get", run_id).stdout
     assert run_id in detail and "COMPLETED" in detail and AGENT in detail
     assert "ASSIGNED" in stack.ok("runs", "events", run_id).stdout
@@ -632,7 +655,7 @@ class Restartable:
     def create(self, inputs: dict[str, Any]) -> str:
         created = ("runs", "create", "--image", "scripted", "--inputs-json", json.dumps(inputs))
         data = json.loads(self.ok(*created, "-o", "json"))
-        run_id: str = data["opRun"]["id"]
+        run_id: str = data["op_run"]["id"]
         return run_id
 
     def wait_state(self, run_id: str, state: str) -> None:
@@ -670,7 +693,7 @@ def test_watch_follows_the_run_across_a_server_restart(restartable: Restartable)
     watch = restartable.run("runs", "watch", run_id, "-o", "json")
     assert watch.stdout is not None
     first = json.loads(watch.stdout.readline())  # the snapshot: the watch is on
-    assert first["opRun"]["id"] == run_id
+    assert first["op_run"]["id"] == run_id
 
     restartable.server.process.send_signal(signal.SIGKILL)
     restartable.server.process.wait(10)
@@ -807,8 +830,8 @@ def test_agents_list(stack: Stack) -> None:
     mine = next(a for a in agents if a["name"] == AGENT)
     assert mine["state"] == "AGENT_STATE_CONNECTED"
     assert mine["capacity"]["cpu"] == 4
-    assert mine["capacity"]["ramMb"] == "8192"
-    assert [g["vramTotalMb"] for g in mine["capacity"]["gpus"]] == ["24576"]
+    assert mine["capacity"]["ram_mb"] == "8192"
+    assert [g["vram_total_mb"] for g in mine["capacity"]["gpus"]] == ["24576"]
     table = stack.ok("agents", "list").stdout
     assert AGENT in table
     assert "24576/24576 MiB free" in table
@@ -945,7 +968,7 @@ def test_events_subscribe_follows_a_topic(stack: Stack) -> None:
     # ASSIGNED, STARTED, PROGRESS x2, COMPLETED: the backlog, then --limit ends the stream.
     result = stack.ok("events", "subscribe", "e2e-topic", "--limit", "5", "--output", "json")
     lines = result.json_lines()
-    assert [line["runId"] for line in lines] == [run_id] * 5
+    assert [line["run_id"] for line in lines] == [run_id] * 5
     assert [line["event"]["type"].removeprefix("EVENT_TYPE_") for line in lines] == [
         "ASSIGNED", "STARTED", "PROGRESS", "PROGRESS", "COMPLETED",
     ]  # fmt: skip
