@@ -99,6 +99,8 @@ def create(
         fail("give either --definition NAME or --image IMAGE")
     if definition_version is not None and definition is None:
         fail("--definition-version needs --definition")
+    if logs and not watch:
+        fail("--logs needs --watch")
     overrides = {k: v for k, v in resources.items() if v is not None}
     client = state.client()
     # The definition is read only when the command needs it: to type --input values and
