@@ -190,12 +190,20 @@ class _Follower:
                 self._client, self._run_id, self._after_sequence, notify=self._notify
             ):
                 self.items.put(_Item("change", response))
-        except GyozaClientError as error:
+        except Exception as error:  # handed to the printing thread, which raises it
             self.items.put(_Item("error", error))
         finally:
             self.items.put(_Item("end"))
 
     def _follow_logs(self) -> None:
+        try:
+            self._follow_attempts()
+        except Exception as error:
+            # Raised by the printing thread if it is still reading (else the command is
+            # ending, its channel closed under this thread: nothing to say).
+            self.items.put(_Item("error", error))
+
+    def _follow_attempts(self) -> None:
         followed = 0
         while True:
             with self._changed:

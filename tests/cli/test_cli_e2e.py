@@ -687,6 +687,17 @@ def restartable(tmp_path: Path) -> Iterator[Restartable]:
         stack.server.stop()
 
 
+def _rest_of(proc: subprocess.Popen[str], timeout: float = 90) -> tuple[str, str]:
+    """What a process still prints until it exits, once some of its stdout was read with
+    readline (communicate() would skip what that read buffered)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+    proc.wait(timeout)
+    return out, err
+
+
 def test_watch_follows_the_run_across_a_server_restart(restartable: Restartable) -> None:
     run_id = restartable.create({"sleep_ms": 4000, "progress_steps": 8})
     restartable.wait_state(run_id, "RUNNING")
@@ -700,7 +711,7 @@ def test_watch_follows_the_run_across_a_server_restart(restartable: Restartable)
     restartable.server.stop()
     restartable.start_server()
 
-    out, err = watch.communicate(timeout=90)
+    out, err = _rest_of(watch)
     assert watch.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     events = [line["event"] for line in lines]
@@ -722,7 +733,7 @@ def test_watch_with_logs_shows_the_lines_as_they_come(restartable: Restartable) 
     assert lines[-1]["lines"][0]["text"] == "step 1/3"
     with Client(restartable.address, timeout=5) as client:
         assert client.get_run(run_id).state.value == "RUNNING"  # printed as it came
-    out, err = watch.communicate(timeout=60)
+    out, err = _rest_of(watch)
     assert watch.returncode == 0, err
     lines += [json.loads(line) for line in out.splitlines()]
     logged = [line["lines"][0] for line in lines if "lines" in line]
@@ -770,7 +781,11 @@ def test_a_closed_pipe_ends_every_command_quietly(restartable: Restartable) -> N
             os.close(write)
         _, err = proc.communicate(timeout=60)
         said = "created run_" if command[1] == "create" else ""  # its notice, on stderr
-        assert (proc.returncode, err[: len(said)], err.count("\n")) == (141, said, len(said) > 0)
+        assert (proc.returncode, err[: len(said)], err.count("\n")) == (
+            141,
+            said,
+            len(said) > 0,
+        ), f"{command}: {err}"
 
 
 def test_global_options_are_taken_after_the_command_too(restartable: Restartable) -> None:
