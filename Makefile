@@ -33,11 +33,19 @@ proto-check: $(STAMP)
 	diff -r -x __init__.py -x __pycache__ -x '*.pyc' $$tmp/gyoza/api/v1 gyoza/api/v1 && \
 	rm -rf $$tmp && echo "generated code is up to date"
 
+# The wire contract is checked against the main branch (`buf breaking`): on main itself
+# it compares with itself and passes. BUF_AGAINST names another baseline (a buf input,
+# relative to protos/). The import rules of docs/architecture.md are import-linter
+# contracts in pyproject.toml.
+BUF_AGAINST ?= ../.git\#branch=main,subdir=protos
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gyoza tests bench
 	$(VENV)/bin/ruff format --check gyoza tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	cd protos && ../$(VENV)/bin/buf lint
+	cd protos && ../$(VENV)/bin/buf breaking --against '$(BUF_AGAINST)'
 
 # Start what the tests need: the Docker engine, a throwaway PostgreSQL on
 # 127.0.0.1 (port GYOZA_PG_PORT, default 54329) and the test image gyoza-test/busybox:latest.

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from gyoza.agent.fleet import simulated_config
 from gyoza.agent.scripted import ScriptedExecutor
 from gyoza.agent.session import Session
 from gyoza.api.v1 import agent_service_pb2 as pb
-from gyoza.models.resources import EventType, FailureClass
+from gyoza.models.reports import ReportedEvent
+from gyoza.models.resources import EventType
 
 
 class Recorder:
@@ -71,35 +73,11 @@ class StampingSink:
         """The inner sink's start time."""
         return self._inner.started_at
 
-    async def event(
-        self,
-        type: EventType,
-        message: str = "",
-        *,
-        progress: int = 0,
-        payload: dict[str, Any] | None = None,
-        outputs: dict[str, Any] | None = None,
-        failure_class: FailureClass | None = None,
-        exit_code: int | None = None,
-        error_message: str | None = None,
-        duration_ms: int | None = None,
-        cursor: int | None = None,
-    ) -> None:
+    async def event(self, event: ReportedEvent, *, cursor: int | None = None) -> None:
         """Record the event; a PROGRESS one carries ``bench_sent_ns``."""
-        if type is EventType.PROGRESS:
-            payload = {**(payload or {}), SENT_NS_KEY: str(time.time_ns())}
-        await self._inner.event(
-            type,
-            message,
-            progress=progress,
-            payload=payload,
-            outputs=outputs,
-            failure_class=failure_class,
-            exit_code=exit_code,
-            error_message=error_message,
-            duration_ms=duration_ms,
-            cursor=cursor,
-        )
+        if event.type is EventType.PROGRESS:
+            event = replace(event, payload={**event.payload, SENT_NS_KEY: str(time.time_ns())})
+        await self._inner.event(event, cursor=cursor)
 
     async def logs(self, lines: Sequence[tuple[str, str]], *, cursor: int | None = None) -> None:
         """Record log lines."""

@@ -50,6 +50,7 @@ from gyoza.agent.sink import OutboxSink
 from gyoza.api.v1 import agent_pb2
 from gyoza.api.v1 import agent_service_pb2 as pb
 from gyoza.api.v1 import agent_service_pb2_grpc as pb_grpc
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 
 log = logging.getLogger(__name__)
@@ -407,10 +408,12 @@ class Agent:
                 log.info("agent: adopted %s/%d", *assignment.key)
             elif not sink.finished:
                 await sink.event(
-                    EventType.FAILED,
-                    NOT_ADOPTED,
-                    failure_class=FailureClass.EXECUTOR_ERROR,
-                    error_message=NOT_ADOPTED,
+                    ReportedEvent(
+                        EventType.FAILED,
+                        NOT_ADOPTED,
+                        failure_class=FailureClass.EXECUTOR_ERROR,
+                        error_message=NOT_ADOPTED,
+                    )
                 )
 
         await asyncio.gather(*(adopt(a) for a in outbox.unfinished()))
@@ -607,10 +610,12 @@ class Agent:
             if not sink.finished:
                 message = f"the executor failed to start the attempt: {exc}"
                 await sink.event(
-                    EventType.FAILED,
-                    message,
-                    failure_class=FailureClass.EXECUTOR_ERROR,
-                    error_message=message,
+                    ReportedEvent(
+                        EventType.FAILED,
+                        message,
+                        failure_class=FailureClass.EXECUTOR_ERROR,
+                        error_message=message,
+                    )
                 )
 
     def on_cancel(self, cancel: pb.Cancel) -> None:
@@ -637,7 +642,9 @@ class Agent:
             reason = f"{reason} (the executor failed to stop it: {exc})"
         # An attempt the executor does not know (or failed to stop) must still end.
         if not sink.finished:
-            await sink.event(EventType.CANCELLED, reason, failure_class=FailureClass.CANCELLED)
+            await sink.event(
+                ReportedEvent(EventType.CANCELLED, reason, failure_class=FailureClass.CANCELLED)
+            )
 
     def on_nack(self, nack: pb.Nack) -> None:
         """A refused message; with ``drop_attempt`` the attempt is no longer ours."""

@@ -55,6 +55,7 @@ from gyoza.agent.docker.follow import LogReader, ReadItem
 from gyoza.agent.docker.images import ImageUnavailable, ensure_image
 from gyoza.agent.docker.reporting import STARTED_CURSOR, OutputReporter
 from gyoza.agent.executor import Assignment, Executor, ReportSink
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,11 @@ class DockerExecutor(Executor):
             cursor = sink.cursor
             if cursor < STARTED_CURSOR:
                 await sink.event(
-                    EventType.STARTED,
-                    "container started",
-                    payload=self._started_payload(attempt, pulled=False),
+                    ReportedEvent(
+                        EventType.STARTED,
+                        "container started",
+                        payload=self._started_payload(attempt, pulled=False),
+                    ),
                     cursor=STARTED_CURSOR,
                 )
                 cursor = STARTED_CURSOR
@@ -360,9 +363,11 @@ class DockerExecutor(Executor):
         attempt.started = True
         try:
             await attempt.sink.event(
-                EventType.STARTED,
-                "container started",
-                payload=self._started_payload(attempt, pulled=pulled),
+                ReportedEvent(
+                    EventType.STARTED,
+                    "container started",
+                    payload=self._started_payload(attempt, pulled=pulled),
+                ),
                 cursor=STARTED_CURSOR,
             )
         except Exception:
@@ -590,13 +595,15 @@ class DockerExecutor(Executor):
 
     async def _report_end(self, attempt: _Attempt, outcome: _Outcome, cursor: int | None) -> None:
         await attempt.sink.event(
-            outcome.type,
-            outcome.message,
-            outputs=outcome.outputs,
-            failure_class=outcome.failure_class,
-            exit_code=outcome.exit_code,
-            error_message=None if outcome.type is EventType.COMPLETED else outcome.message,
-            duration_ms=outcome.duration_ms,
+            ReportedEvent(
+                outcome.type,
+                outcome.message,
+                outputs=outcome.outputs,
+                failure_class=outcome.failure_class,
+                exit_code=outcome.exit_code,
+                error_message="" if outcome.type is EventType.COMPLETED else outcome.message,
+                duration_ms=outcome.duration_ms or 0,
+            ),
             cursor=cursor,
         )
         log.info(

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from gyoza.models.resources import Constraints, EventType, FailureClass
+from gyoza.models.reports import ReportedEvent
+from gyoza.models.resources import Constraints
 
 
 @dataclass(frozen=True)
@@ -81,20 +82,7 @@ class ReportSink(Protocol):
         (for ``duration_ms``, or to replay a script on the wall clock)."""
         ...
 
-    async def event(
-        self,
-        type: EventType,
-        message: str = "",
-        *,
-        progress: int = 0,
-        payload: dict[str, Any] | None = None,
-        outputs: dict[str, Any] | None = None,
-        failure_class: FailureClass | None = None,
-        exit_code: int | None = None,
-        error_message: str | None = None,
-        duration_ms: int | None = None,
-        cursor: int | None = None,
-    ) -> None:
+    async def event(self, event: ReportedEvent, *, cursor: int | None = None) -> None:
         """Record an event of the attempt."""
         ...
 

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from gyoza.agent.executor import Assignment, Executor, ReportSink
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 from gyoza.models.timestamps import elapsed_ms, utc_now
 
@@ -162,16 +163,18 @@ class ScriptedExecutor(Executor):
             script = Script.from_inputs(assignment.inputs)
         except ScriptError as exc:
             await sink.event(
-                EventType.FAILED,
-                str(exc),
-                failure_class=FailureClass.EXECUTOR_ERROR,
-                error_message=str(exc),
-                duration_ms=0,
+                ReportedEvent(
+                    EventType.FAILED,
+                    str(exc),
+                    failure_class=FailureClass.EXECUTOR_ERROR,
+                    error_message=str(exc),
+                    duration_ms=0,
+                )
             )
             return
         play = self._register(assignment, sink, script, utc_now())
         play.next_step = 1
-        await sink.event(EventType.STARTED, "scripted op started", cursor=1)
+        await sink.event(ReportedEvent(EventType.STARTED, "scripted op started"), cursor=1)
         self._spawn(play)
 
     async def adopt(self, assignment: Assignment, sink: ReportSink) -> bool:
@@ -205,10 +208,12 @@ class ScriptedExecutor(Executor):
             await asyncio.gather(play.task, return_exceptions=True)
         self._plays.pop((run_id, attempt), None)
         await play.sink.event(
-            EventType.CANCELLED,
-            reason or "cancelled",
-            failure_class=FailureClass.CANCELLED,
-            duration_ms=elapsed_ms(play.started_at, utc_now()),
+            ReportedEvent(
+                EventType.CANCELLED,
+                reason or "cancelled",
+                failure_class=FailureClass.CANCELLED,
+                duration_ms=elapsed_ms(play.started_at, utc_now()),
+            ),
             cursor=play.script.step_count,
         )
 
@@ -264,7 +269,7 @@ class ScriptedExecutor(Executor):
         script, sink, cursor = play.script, play.sink, step + 1
         last = script.step_count - 1
         if step == 0:
-            await sink.event(EventType.STARTED, "scripted op started", cursor=cursor)
+            await sink.event(ReportedEvent(EventType.STARTED, "scripted op started"), cursor=cursor)
         elif step < last:
             progress_step = (step + 1) // 2
             n = script.progress_steps
@@ -273,9 +278,9 @@ class ScriptedExecutor(Executor):
             else:
                 progress = round(100 * progress_step / n)
                 await sink.event(
-                    EventType.PROGRESS,
-                    f"step {progress_step}/{n}",
-                    progress=progress,
+                    ReportedEvent(
+                        EventType.PROGRESS, f"step {progress_step}/{n}", progress=progress
+                    ),
                     cursor=cursor,
                 )
         else:
@@ -283,21 +288,25 @@ class ScriptedExecutor(Executor):
             duration_ms = elapsed_ms(play.started_at, utc_now())
             if script.exit_code == 0:
                 await sink.event(
-                    EventType.COMPLETED,
-                    "scripted op completed",
-                    outputs=script.outputs,
-                    exit_code=0,
-                    duration_ms=duration_ms,
+                    ReportedEvent(
+                        EventType.COMPLETED,
+                        "scripted op completed",
+                        outputs=script.outputs,
+                        exit_code=0,
+                        duration_ms=duration_ms,
+                    ),
                     cursor=cursor,
                 )
             else:
                 message = f"scripted op exited with code {script.exit_code}"
                 await sink.event(
-                    EventType.FAILED,
-                    message,
-                    failure_class=FailureClass.EXIT_CODE,
-                    exit_code=script.exit_code,
-                    error_message=message,
-                    duration_ms=duration_ms,
+                    ReportedEvent(
+                        EventType.FAILED,
+                        message,
+                        failure_class=FailureClass.EXIT_CODE,
+                        exit_code=script.exit_code,
+                        error_message=message,
+                        duration_ms=duration_ms,
+                    ),
                     cursor=cursor,
                 )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
+from gyoza import mapping
 from gyoza.api.v1 import definition_service_pb2, op_definition_pb2
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, fail, output_option, pass_state
 from gyoza.cli.op_file import OpFileError, load_op_file
-from gyoza.server import mapping
 
 __all__ = ["definitions"]
 

@@ -6,9 +6,9 @@ import sys
 
 import click
 
+from gyoza import mapping
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, output_option, pass_state
-from gyoza.server import mapping
 
 __all__ = ["events"]
 

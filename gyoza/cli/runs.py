@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2, op_run_service_pb2
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, fail, output_option, pass_state
@@ -19,7 +20,6 @@ from gyoza.cli.watch import follow_run, log_line_messages
 from gyoza.client import AttemptEvent, RunFilter
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.resources import Constraints, EventDelivery, OpRunState
-from gyoza.server import mapping
 
 __all__ = ["runs"]
 

@@ -29,12 +29,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2, op_run_service_pb2
 from gyoza.cli import render
 from gyoza.cli.exit_codes import ExitCode, exit_code_for_run
 from gyoza.client import Client, GyozaClientError
 from gyoza.models.op_run import OpRun
-from gyoza.server import mapping
 
 __all__ = ["follow_run", "log_line_messages", "run_changes"]
 

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from gyoza.api.v1 import agent_pb2
-from gyoza.server.mapping import optional_timestamp_from_proto
+from gyoza.mapping import optional_timestamp_from_proto
 
 __all__ = ["Agent", "AgentGpu", "AgentRun", "AgentState", "agent_from_proto"]
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
@@ -26,7 +27,6 @@ from gyoza.api.v1 import (
 from gyoza.client.errors import error_from_rpc
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.resources import Constraints, EventDelivery, OpRunState, RetryPolicy
-from gyoza.server import mapping
 
 __all__ = ["ApiCalls", "RunFilter"]
 

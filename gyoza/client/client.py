@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2
 from gyoza.client.agents import Agent, agent_from_proto
 from gyoza.client.calls import ApiCalls, RunFilter
@@ -32,7 +33,6 @@ from gyoza.models.op_attempt import OpAttempt
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import Constraints, EventDelivery, RetryPolicy
-from gyoza.server import mapping
 
 __all__ = ["DEFAULT_SERVER", "ApiCalls", "Client", "Page", "RunFilter", "open_channel"]
 
@@ -48,11 +48,6 @@ CHANNEL_OPTIONS = (
 )
 
 T = TypeVar("T")
-
-_LOG_STREAMS = {
-    op_run_pb2.LOG_STREAM_STDOUT: "stdout",
-    op_run_pb2.LOG_STREAM_STDERR: "stderr",
-}
 
 
 @dataclass(frozen=True)
@@ -457,7 +452,7 @@ def log_line_from_proto(line: op_run_pb2.LogLine, attempt: int) -> LogLine:
         attempt=attempt,
         number=line.number,
         text=line.text,
-        stream=_LOG_STREAMS.get(line.stream, ""),
+        stream=mapping.log_stream_from_proto(line.stream, ""),
         time=mapping.optional_timestamp_from_proto(line, "time"),
     )
 

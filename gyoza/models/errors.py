@@ -135,3 +135,21 @@ class AlreadyExists(GyozaError):
     """
 
     reason: ClassVar[str] = "ALREADY_EXISTS"
+
+
+class MalformedReport(GyozaError, ValueError):
+    """A well-addressed report of an agent that cannot be applied as sent."""
+
+    reason: ClassVar[str] = "MALFORMED_REPORT"
+
+
+class NotAssignedToAgent(GyozaError):
+    """A report or reply for an attempt that is assigned to another agent (or none)."""
+
+    reason: ClassVar[str] = "NOT_ASSIGNED_TO_AGENT"
+
+
+class ReportGap(GyozaError):
+    """A report past the next expected seq: the agent resends from the acknowledged one."""
+
+    reason: ClassVar[str] = "REPORT_GAP"

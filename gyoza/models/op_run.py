@@ -14,12 +14,16 @@ from gyoza.models.errors import (
     FieldViolation,
     InvalidInput,
     InvalidTransition,
+    MalformedReport,
     MaxAttemptsReached,
+    NotAssignedToAgent,
     OpRunLockedException,
+    ReportGap,
     StaleAttempt,
 )
 from gyoza.models.op_attempt import OpAttempt, number_events
 from gyoza.models.outputs import OutputSpec, output_violations
+from gyoza.models.reports import AgentReport
 from gyoza.models.resources import (
     Constraints,
     EventDelivery,
@@ -38,10 +42,41 @@ from gyoza.models.timestamps import (
     utc_now,
 )
 
-__all__ = ["OpRun", "OpRunLockedException"]
+__all__ = ["OpRun", "OpRunLockedException", "RunRequest"]
 
-_ACTIVE_STATES = frozenset({OpRunState.ASSIGNED, OpRunState.RUNNING})
 _RETRYABLE_STATES = frozenset({OpRunState.FAILED, OpRunState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a create asked for, as :meth:`OpRun.answers` compares it.
+
+    Parameters
+    ----------
+    op_definition : str
+        Definition name; empty for an ad-hoc run.
+    op_definition_version : int | None
+        Version asked for; ``None``: the latest.
+    image : str
+        Image, for an ad-hoc run.
+    inputs : Mapping[str, Any]
+        Inputs as sent (before defaults are filled in).
+    """
+
+    op_definition: str = ""
+    op_definition_version: int | None = None
+    image: str = ""
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run: OpRun) -> RunRequest:
+        """The request *run* answers."""
+        return cls(
+            op_definition=run.op_definition or "",
+            op_definition_version=run.op_definition_version,
+            image="" if run.op_definition else run.image,
+            inputs=run.inputs,
+        )
 
 
 @dataclass
@@ -336,6 +371,19 @@ class OpRun:
         """True when the run is in a terminal state."""
         return self.state.is_terminal
 
+    @property
+    def is_active(self) -> bool:
+        """True while the run can still change by itself: not terminal, or FAILED with an
+        automatic retry scheduled. The server keeps the active runs in memory."""
+        return not self.state.is_terminal or (
+            self.state is OpRunState.FAILED and self.next_retry_at is not None
+        )
+
+    @property
+    def on_agent(self) -> bool:
+        """True when an agent holds the current attempt (ASSIGNED or RUNNING)."""
+        return self.state.on_agent
+
     # ------------------------------------------------------------------
     # Direct updates
     # ------------------------------------------------------------------
@@ -370,6 +418,47 @@ class OpRun:
             raise InvalidInput(violations)
         self.priority = priority
         self.updated_at = utc_now()
+
+    def change_priority(self, priority: int) -> EventEntry:
+        """Change the priority of a run that is not terminal, and say so in its timeline
+        (an INFO event carrying ``{"priority": priority}``).
+
+        Raises
+        ------
+        InvalidInput
+            If *priority* is not an integer >= 0 (checked first).
+        OpRunLockedException
+            If the run is terminal.
+        """
+        violations = event_rules.priority_violations(priority)
+        if violations:
+            raise InvalidInput(violations)
+        if self.is_locked:
+            raise OpRunLockedException(
+                f"OpRun {self.id} is in terminal state {self.state.value}; "
+                "its priority cannot change"
+            )
+        self.set_priority(priority)
+        return self.add_event(
+            EventType.INFO.value, f"priority set to {priority}", {"priority": priority}
+        )
+
+    def answers(self, request: RunRequest) -> bool:
+        """Whether this run is what *request* asks for: the idempotency rule of a create
+        that reuses this run's ``request_id``.
+
+        The run keeps what its first request led to (inputs with defaults filled in, the
+        definition version that was latest then), so a repeat matches when everything
+        it asks for is there. The priority is not compared: it may have changed since.
+        """
+        if (self.op_definition or "") != request.op_definition:
+            return False
+        if request.op_definition:
+            if request.op_definition_version not in (None, self.op_definition_version):
+                return False
+        elif self.image != request.image:
+            return False
+        return all(self.inputs.get(key) == value for key, value in request.inputs.items())
 
     def set_outputs(self, outputs: dict[str, Any]) -> None:
         """Replace the outputs of the current attempt.
@@ -586,6 +675,70 @@ class OpRun:
         current.reported_seq = seq
         return entry
 
+    def fence(self, attempt: int, worker_id: str) -> None:
+        """Refuse an agent's message unless it is for the current attempt and that
+        attempt is assigned to *worker_id* (the ``(run_id, attempt)`` fencing token).
+
+        Raises
+        ------
+        StaleAttempt
+            If *attempt* is not the current attempt.
+        NotAssignedToAgent
+            If the current attempt is not assigned to *worker_id*.
+        """
+        self.ensure_current_attempt(attempt)
+        if self.execution_summary.worker_id != worker_id:
+            raise NotAssignedToAgent(
+                f"run {self.id} attempt {attempt} is not assigned to agent {worker_id}"
+            )
+
+    def consume_report(self, report: AgentReport, *, max_outputs_bytes: int) -> bool:
+        """Consume an agent's numbered report exactly once, in seq order.
+
+        This is the only writer of the attempt's ``reported_seq`` watermark. A report at
+        or below it was consumed before: nothing changes and False is returned (the
+        caller acknowledges it again). The next one is consumed: its event is applied
+        (held to *max_outputs_bytes*, see :meth:`ReportedEvent.held_to`), log lines
+        change nothing here, and the watermark moves to its seq. A report the run
+        refuses is consumed too, so that the attempt's later reports still apply: the
+        watermark moves and the refusal is raised.
+
+        The caller fences the report first (:meth:`fence`).
+
+        Returns
+        -------
+        bool
+            True when the report was consumed now.
+
+        Raises
+        ------
+        ReportGap
+            If the report is past the next seq; nothing changes.
+        MalformedReport
+            If the report was malformed (``report.refusal``); consumed.
+        OpRunLockedException, InvalidTransition, InvalidInput
+            If the run refuses the event; consumed.
+        """
+        current = self._current()
+        if report.seq <= current.reported_seq:
+            return False
+        if report.seq != current.reported_seq + 1:
+            raise ReportGap(
+                f"report {report.seq} of run {self.id} attempt {report.attempt} follows "
+                f"{current.reported_seq}"
+            )
+        current.reported_seq = report.seq
+        if report.refusal:
+            raise MalformedReport(report.refusal)
+        if report.event is not None:
+            event = report.event.held_to(max_outputs_bytes)
+            msg, payload = event.timeline_entry(
+                self.execution_summary.worker_id or "", list(self.execution_summary.gpu_ids)
+            )
+            # The event's time is when it happened on the agent (its report time).
+            self.add_event(event.type.value, msg, payload, at=report.time)
+        return True
+
     def ensure_current_attempt(self, attempt: int) -> None:
         """Refuse a message addressed to an attempt other than the current one.
 
@@ -667,7 +820,7 @@ class OpRun:
         InvalidTransition
             If the run is not ASSIGNED or RUNNING.
         """
-        if self.state not in _ACTIVE_STATES:
+        if not self.state.on_agent:
             raise InvalidTransition(
                 f"only ASSIGNED or RUNNING runs can be released; run {self.id} is "
                 f"{self.state.value}"

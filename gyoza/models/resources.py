@@ -31,10 +31,23 @@ class OpRunState(StrEnum):
     @property
     def is_terminal(self) -> bool:
         """True for COMPLETED, FAILED and CANCELLED."""
-        return self in _TERMINAL_STATES
+        return self in TERMINAL_STATES
+
+    @property
+    def on_agent(self) -> bool:
+        """True for ASSIGNED and RUNNING: an agent holds the run's current attempt."""
+        return self in ON_AGENT_STATES
 
 
-_TERMINAL_STATES = frozenset({OpRunState.COMPLETED, OpRunState.FAILED, OpRunState.CANCELLED})
+TERMINAL_STATES = frozenset({OpRunState.COMPLETED, OpRunState.FAILED, OpRunState.CANCELLED})
+"""The states that end a run and lock it."""
+
+ON_AGENT_STATES = frozenset({OpRunState.ASSIGNED, OpRunState.RUNNING})
+"""The states in which an agent holds the run's current attempt."""
+
+LIVE_STATES = (OpRunState.PENDING, OpRunState.ASSIGNED, OpRunState.RUNNING)
+"""The states that are not terminal. An *active* run is in one of them, or FAILED and
+waiting for an automatic retry (:attr:`OpRun.is_active <gyoza.models.op_run.OpRun.is_active>`)."""
 
 
 class EventType(StrEnum):

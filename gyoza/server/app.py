@@ -3,12 +3,11 @@
 The wiring, in order::
 
     Store.open(url)            applies migrations
-    Hub()                      fan-out of committed changes
-    RunController(store, hub)  the only code that changes runs; start() rebuilds the queue
-    SessionRegistry(scheduler) agent sessions
+    build_core(store)          hub, scheduler, sessions, controller (gyoza.server.bootstrap);
+                               controller.start() rebuilds the queue
     servicers                  DefinitionService, OpRunService, AgentService (+ health,
-                               reflection), behind the interceptors: call context
-                               (request id, access log, latency), errors, auth
+                               reflection v1 and v1alpha), behind the interceptors: call
+                               context (request id, access log, latency), errors, auth
 
 On SIGTERM (or SIGINT) the server reports NOT_SERVING, stops taking calls, ends the
 watch and subscription streams, lets in-flight calls finish within the shutdown grace,
@@ -29,7 +28,6 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gyoza.api.v1 import (
     agent_service_pb2,
@@ -41,6 +39,7 @@ from gyoza.api.v1 import (
 )
 from gyoza.server import metrics
 from gyoza.server.auth import AuthInterceptor, AuthPolicy
+from gyoza.server.bootstrap import build_core
 from gyoza.server.calls import CallInterceptor
 from gyoza.server.config import ConfigError, ServerConfig, split_listen
 from gyoza.server.control import RunController
@@ -48,11 +47,13 @@ from gyoza.server.errors import ErrorInterceptor
 from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
 from gyoza.server.metrics import MetricsEndpoint
+from gyoza.server.reflection import enable_reflection
 from gyoza.server.run_gauge import RunStateGauge
 from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
 from gyoza.server.services.op_run_service import OpRunServiceServicer
 from gyoza.server.sessions import SessionRegistry
+from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.store import Store
 
 log = logging.getLogger("gyoza.server")
@@ -112,7 +113,7 @@ class Built:
 def build_server(
     config: ServerConfig,
     *,
-    store: Store,
+    store: RunStore,
     controller: RunController,
     hub: Hub,
     sessions: SessionRegistry,
@@ -140,13 +141,14 @@ def build_server(
         server,
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentServiceServicer(controller, sessions, max_json_bytes=config.max_json_bytes), server
+        AgentServiceServicer(
+            controller, sessions, settings=config.control, max_json_bytes=config.max_json_bytes
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
     credentials = server_credentials(config)
     try:
         if credentials is None:
@@ -193,14 +195,18 @@ class ControlPlane:
         # Opening applies the migrations: blocking work, off the event loop.
         self._store = store = await asyncio.to_thread(Store.open, config.database_url)
         try:
-            self._hub = hub = Hub()
+            core = build_core(
+                store, settings=config.control, max_outputs_bytes=config.max_json_bytes
+            )
+            self._hub = hub = core.hub
             gauge = RunStateGauge(hub)
-            self._controller = controller = RunController(store, hub, settings=config.control)
-            self._sessions = sessions = SessionRegistry(controller.scheduler)
+            self._controller = controller = core.controller
+            self._sessions = sessions = core.sessions
+            scheduler = core.scheduler
             await controller.start()
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
-            metrics.QUEUE_DEPTH.set_function(lambda: controller.scheduler.queue_depth)
+            metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queue_depth)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             self._built = built = build_server(
                 config, store=store, controller=controller, hub=hub, sessions=sessions

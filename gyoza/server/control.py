@@ -1,13 +1,20 @@
 """The run controller: the only code that changes runs.
 
-It keeps the active runs (not terminal, or failed and waiting for an automatic retry) in
-memory, applies one domain operation at a time per run, persists the run and the events
-the operation added in one transaction (group-committed with every other write), and only
+It keeps the active runs in memory (:class:`~gyoza.server.active_runs.ActiveRuns`),
+applies one domain operation at a time per run, persists the run and the events the
+operation added in one transaction (group-committed with every other write), and only
 then publishes the change (watchers, topic subscribers) and updates the scheduler. A
 caller that gets a result knows it is durable.
 
-Transport-neutral: the gRPC servicers and agent sessions call it with domain values; it
-reaches agents through the :class:`AgentLink` the session registry implements.
+Its parts, each in its own module and built in one place (:mod:`gyoza.server.bootstrap`):
+the agent protocol's rules (:mod:`gyoza.server.agent_protocol`: reconciliation, report
+fencing and consumption, as functions over the domain that return acks and nacks), its
+timers for automatic retries and lost agents (:mod:`gyoza.server.timers`), placement
+passes (:mod:`gyoza.server.placement`) and the scheduler. It is typed against the
+:class:`~gyoza.server.store.protocol.RunStore` protocol and reaches agents through an
+:class:`AgentLink` (the session registry), both passed in.
+
+Transport-neutral: the gRPC servicers and agent sessions call it with domain values.
 """
 
 from __future__ import annotations
@@ -16,33 +23,48 @@ import asyncio
 import logging
 import os
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-from gyoza.models.errors import (
-    AlreadyExists,
-    FieldViolation,
-    GyozaError,
-    InvalidInput,
-    NotFound,
-    OpRunLockedException,
-    StaleAttempt,
-)
-from gyoza.models.op_run import OpRun
+from gyoza.models.errors import AlreadyExists, NotFound
+from gyoza.models.op_run import OpRun, RunRequest
+from gyoza.models.reports import AgentReport
 from gyoza.models.resources import EventEntry, EventType, FailureClass, OpRunState
 from gyoza.server import metrics
+from gyoza.server.active_runs import ActiveRuns
+from gyoza.server.agent_protocol import (
+    AckOut,
+    HeldIn,
+    NackOut,
+    Reconciliation,
+    consume_reports,
+    fence_reports,
+    reconcile_held,
+)
 from gyoza.server.hub import Hub
+from gyoza.server.placement import PlacementPass
 from gyoza.server.scheduler import Placement, Scheduler
-from gyoza.server.store import Store
+from gyoza.server.store.protocol import RunStore
+from gyoza.server.timers import Background, Timers
 
 log = logging.getLogger("gyoza.control")
 
 T = TypeVar("T")
 
-_ACTIVE = (OpRunState.ASSIGNED, OpRunState.RUNNING)
+#: Largest outputs document an attempt may report, by default (its encoded size).
+MAX_OUTPUTS_BYTES = 1 << 20
+
+__all__ = [
+    "AckOut",
+    "AgentLink",
+    "ControlSettings",
+    "HeldIn",
+    "NackOut",
+    "Reconciliation",
+    "RunController",
+]
 
 
 @dataclass(frozen=True)
@@ -95,84 +117,6 @@ class AgentLink(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ReportIn:
-    """One numbered report of an agent, transport-neutral.
-
-    ``event_type`` is set for an event, ``lines`` (``(text, stream)``) for log output.
-    """
-
-    run_id: str
-    attempt: int
-    seq: int
-    time: datetime
-    event_type: EventType | None = None
-    message: str = ""
-    progress: int = 0
-    payload: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, Any] | None = None
-    failure_class: FailureClass | None = None
-    exit_code: int | None = None
-    error_message: str = ""
-    duration_ms: int = 0
-    lines: tuple[tuple[str, str], ...] = ()
-    #: Set when the report is well addressed but malformed: it is refused, and its seq
-    #: is consumed so that the attempt's later reports still apply.
-    refusal: str = ""
-
-
-@dataclass(frozen=True)
-class AckOut:
-    """Every report of the attempt up to ``seq`` is durably recorded."""
-
-    run_id: str
-    attempt: int
-    seq: int
-
-
-@dataclass(frozen=True)
-class NackOut:
-    """A refused message. ``code`` names a gRPC status code (e.g. ``"ABORTED"``)."""
-
-    run_id: str
-    attempt: int
-    seq: int
-    code: str
-    reason: str
-    message: str
-    drop_attempt: bool = False
-
-
-@dataclass(frozen=True)
-class HeldIn:
-    """An attempt an agent says it holds when it (re)connects."""
-
-    run_id: str
-    attempt: int
-    last_seq: int
-    finished: bool = False
-
-
-@dataclass
-class Reconciliation:
-    """What the server answers to an agent's list of held attempts."""
-
-    resume: list[AckOut] = field(default_factory=list)
-    drop: list[NackOut] = field(default_factory=list)
-    cancel: list[tuple[str, int, str]] = field(default_factory=list)
-
-
-class _NullLink:
-    def is_connected(self, agent: str) -> bool:
-        return False
-
-    def send_assignment(self, agent: str, run: OpRun, placement: Placement) -> bool:
-        return False
-
-    def send_cancel(self, agent: str, run_id: str, attempt: int, reason: str) -> bool:
-        return False
-
-
 def _marks(run: OpRun) -> dict[int, int]:
     return {a.attempt: len(a.events) for a in run.attempts}
 
@@ -185,34 +129,54 @@ def _new_events(run: OpRun, marks: dict[int, int]) -> list[tuple[int, EventEntry
     return new
 
 
+class _Skip(Exception):
+    """An operation found nothing to do once it held the run's lock."""
+
+
 class RunController:
     """Applies every change to runs, durably, then publishes it.
 
     Parameters
     ----------
-    store : Store
+    store : RunStore
         The durable store.
     hub : Hub
         Fan-out of committed changes.
-    settings : ControlSettings | None
+    scheduler : Scheduler
+        The queue and the agents' free resources.
+    link : AgentLink
+        How assignments and cancels reach agents.
+    settings : ControlSettings
         Agent protocol timing.
+    max_outputs_bytes : int
+        Largest outputs an attempt may report; larger ones fail it as OUTPUT_INVALID.
     """
 
-    def __init__(self, store: Store, hub: Hub, *, settings: ControlSettings | None = None):
+    def __init__(
+        self,
+        store: RunStore,
+        hub: Hub,
+        scheduler: Scheduler,
+        link: AgentLink,
+        *,
+        settings: ControlSettings,
+        max_outputs_bytes: int = MAX_OUTPUTS_BYTES,
+    ) -> None:
         self.store = store
         self.hub = hub
-        self.settings = settings or ControlSettings()
-        self.scheduler = Scheduler()
-        self.link: AgentLink = _NullLink()
-        self._runs: dict[str, OpRun] = {}
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._retry_timers: dict[str, asyncio.TimerHandle] = {}
-        self._lost_timers: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.scheduler = scheduler
+        self.settings = settings
+        self._link = link
+        self._max_outputs_bytes = max_outputs_bytes
+        self._runs = ActiveRuns(store)
+        self._background = Background()
+        self._retry_timers: Timers[str] = Timers(self._background)
+        self._lost_timers: Timers[str] = Timers(self._background)
+        self._placement = PlacementPass(
+            scheduler, lambda p: self._background.spawn(self._assign(p))
+        )
         # Agents a run must not go back to (they refused its current attempt).
         self._avoid: dict[str, frozenset[str]] = {}
-        self._place_scheduled = False
-        self._stopped = False
 
     # ------------------------------------------------------------------
     # Life cycle
@@ -224,20 +188,14 @@ class RunController:
         loop = asyncio.get_running_loop()
         holders: set[str] = set()
         for run in runs:
-            self._runs[run.id] = run
+            self._runs.keep(run)
             if run.state is OpRunState.PENDING:
                 self._enqueue(run)
-            elif run.state in _ACTIVE:
+            elif run.on_agent:
                 agent = run.execution_summary.worker_id or ""
-                self.scheduler.reserve(
-                    agent,
-                    run.id,
-                    run.current_attempt,
-                    run.constraints,
-                    tuple(run.execution_summary.gpu_ids),
-                )
+                self._reserve(agent, run)
                 holders.add(agent)
-            elif run.state is OpRunState.FAILED and run.next_retry_at is not None:
+            elif run.is_active:
                 self._arm_retry(run)
         # Agents that held runs when the server stopped get a lease and a grace period
         # to reconnect, as if they had just gone silent.
@@ -247,62 +205,64 @@ class RunController:
             "controller started",
             extra={"active_runs": len(runs), "queued": self.scheduler.queue_depth},
         )
-        self._request_place()
+        self._placement.request()
 
     async def stop(self) -> None:
         """Stop timers and wait for background work to finish."""
-        self._stopped = True
-        for handle in [*self._retry_timers.values(), *self._lost_timers.values()]:
-            handle.cancel()
+        self._placement.stop()
         self._retry_timers.clear()
         self._lost_timers.clear()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.stop()
 
     # ------------------------------------------------------------------
     # Client operations
     # ------------------------------------------------------------------
-    async def create_run(self, run: OpRun) -> OpRun:
-        """Store a new run and queue it. Idempotent on ``run.request_id``.
+    async def find_request(self, request_id: str, request: RunRequest) -> OpRun | None:
+        """The run an earlier create with *request_id* made, if any (idempotent create).
+
+        Raises
+        ------
+        AlreadyExists
+            When that run does not answer *request* (:meth:`OpRun.answers`).
+        """
+        existing = await self.store.get_run_by_request_id(request_id)
+        if existing is None:
+            return None
+        if not existing.answers(request):
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used by run {existing.id} "
+                "for a different request"
+            )
+        return self._runs.cached(existing.id) or existing
+
+    async def create_run(self, run: OpRun, request: RunRequest | None = None) -> OpRun:
+        """Store a new run and queue it. Idempotent on ``run.request_id``: a create that
+        reuses it answers with the first run when that run answers *request* (by
+        default, the request *run* answers).
 
         Raises
         ------
         AlreadyExists
             When the request id was used for a different request.
         """
+        asked = request or RunRequest.of(run)
         if run.request_id:
-            existing = await self.store.get_run_by_request_id(run.request_id)
+            existing = await self.find_request(run.request_id, asked)
             if existing is not None:
-                return self._same_request(existing, run)
+                return existing
         try:
             await self.store.create_run(run)
         except AlreadyExists:
-            existing = (
-                await self.store.get_run_by_request_id(run.request_id) if run.request_id else None
-            )
+            # Another create with the same request id committed first.
+            existing = await self.find_request(run.request_id, asked) if run.request_id else None
             if existing is None:
                 raise
-            return self._same_request(existing, run)
-        self._runs[run.id] = run
+            return existing
+        self._runs.keep(run)
         self.hub.publish_run(run, _new_events(run, {}))
         self._enqueue(run)
-        self._request_place()
+        self._placement.request()
         return run
-
-    def _same_request(self, existing: OpRun, run: OpRun) -> OpRun:
-        live = self._runs.get(existing.id, existing)
-        same = (
-            existing.image == run.image
-            and existing.inputs == run.inputs
-            and existing.op_definition == run.op_definition
-            and existing.priority == run.priority
-        )
-        if not same:
-            raise AlreadyExists(
-                f"request_id {run.request_id!r} was already used by run {existing.id} "
-                "for a different request"
-            )
-        return live
 
     async def get_run(self, run_id: str) -> OpRun:
         """The run: active runs from memory, the others from the store.
@@ -312,10 +272,7 @@ class RunController:
         NotFound
             When there is no such run.
         """
-        run = self._runs.get(run_id)
-        if run is not None:
-            return run
-        return await self.store.get_run(run_id)
+        return await self._runs.get(run_id)
 
     async def cancel_run(self, run_id: str, reason: str = "") -> OpRun:
         """Cancel a run: a PENDING one at once; an assigned one through its agent.
@@ -330,9 +287,9 @@ class RunController:
             return run.request_cancel(reason)
 
         run, done = await self._mutate(run_id, op)
-        if not done and run.state in _ACTIVE:
+        if not done and run.on_agent:
             agent = run.execution_summary.worker_id or ""
-            self.link.send_cancel(agent, run.id, run.current_attempt, reason or "cancelled")
+            self._link.send_cancel(agent, run.id, run.current_attempt, reason or "cancelled")
         return run
 
     async def retry_run(self, run_id: str) -> OpRun:
@@ -360,23 +317,9 @@ class RunController:
         OpRunLockedException
             When the run is terminal.
         """
-
-        def op(run: OpRun) -> None:
-            if run.is_locked:
-                raise OpRunLockedException(
-                    f"OpRun {run.id} is in terminal state {run.state.value}; "
-                    "its priority cannot change"
-                )
-            if priority < 0:
-                raise InvalidInput([FieldViolation("priority", "must be >= 0")])
-            run.set_priority(priority)
-            run.add_event(
-                EventType.INFO.value, f"priority set to {priority}", {"priority": priority}
-            )
-
-        run, _ = await self._mutate(run_id, op)
+        run, _ = await self._mutate(run_id, lambda run: run.change_priority(priority))
         self.scheduler.reprioritize(run.id, priority)
-        self._request_place()
+        self._placement.request()
         return run
 
     # ------------------------------------------------------------------
@@ -385,71 +328,27 @@ class RunController:
     async def agent_connected(self, agent: str, held: Sequence[HeldIn]) -> Reconciliation:
         """An agent (re)connected: keep what both sides agree it holds, drop what the
         server no longer wants it to run, release what it lost."""
-        timer = self._lost_timers.pop(agent, None)
-        if timer is not None:
-            timer.cancel()
+        self._lost_timers.cancel(agent)
         result = Reconciliation()
         held_keys = set()
         for item in held:
             held_keys.add(item.run_id)
             try:
-                run = await self.get_run(item.run_id)
+                run: OpRun | None = await self.get_run(item.run_id)
             except NotFound:
                 run = None
-            ours = (
-                run is not None
-                and run.current_attempt == item.attempt
-                and run.execution_summary.worker_id == agent
-            )
-            if run is None or not ours:
-                result.drop.append(
-                    NackOut(
-                        item.run_id,
-                        item.attempt,
-                        0,
-                        "ABORTED",
-                        StaleAttempt.reason,
-                        "the server no longer wants this attempt run",
-                        drop_attempt=True,
-                    )
-                )
+            answer = reconcile_held(run, item, agent)
+            if isinstance(answer, NackOut):
+                result.drop.append(answer)
                 continue
-            watermark = run.current_op_attempt.reported_seq
-            if run.is_locked and item.last_seq > watermark:
-                # The server ended this attempt (e.g. lost past its grace) while the
-                # agent still had reports: they can no longer be applied.
-                result.drop.append(
-                    NackOut(
-                        run.id,
-                        item.attempt,
-                        0,
-                        "FAILED_PRECONDITION",
-                        OpRunLockedException.reason,
-                        f"run is already {run.state.value}",
-                        drop_attempt=True,
-                    )
-                )
-                continue
-            result.resume.append(AckOut(run.id, item.attempt, watermark))
-            if run.state in _ACTIVE:
+            result.resume.append(answer)
+            if run is not None and run.on_agent:
                 if self.scheduler.holder(run.id) != agent:
-                    self.scheduler.reserve(
-                        agent,
-                        run.id,
-                        run.current_attempt,
-                        run.constraints,
-                        tuple(run.execution_summary.gpu_ids),
-                    )
+                    self._reserve(agent, run)
                 if run.cancel_requested:
                     result.cancel.append((run.id, run.current_attempt, "cancel requested"))
         # Runs the server thinks this agent holds but it does not report: released.
-        lost = [
-            run.id
-            for run in list(self._runs.values())
-            if run.state in _ACTIVE
-            and run.execution_summary.worker_id == agent
-            and run.id not in held_keys
-        ]
+        lost = [run.id for run in self._held_by(agent) if run.id not in held_keys]
         for run_id in lost:
             await self._release(
                 run_id,
@@ -462,7 +361,7 @@ class RunController:
 
     def agent_ready(self) -> None:
         """An agent joined, reported capacity or finished draining: try placement."""
-        self._request_place()
+        self._placement.request()
 
     def agent_disconnected(self, agent: str, last_seen: float) -> None:
         """An agent's session ended or went silent (``last_seen`` in loop time): its
@@ -486,7 +385,7 @@ class RunController:
         )
 
     async def apply_reports(
-        self, agent: str, reports: Sequence[ReportIn]
+        self, agent: str, reports: Sequence[AgentReport]
     ) -> tuple[list[AckOut], list[NackOut]]:
         """Apply an agent's reports exactly once, in order, and say what is durable.
 
@@ -495,7 +394,7 @@ class RunController:
         watermark was applied before and is acknowledged again without effect.
         """
         started = time.perf_counter()
-        groups: dict[tuple[str, int], list[ReportIn]] = {}
+        groups: dict[tuple[str, int], list[AgentReport]] = {}
         for report in reports:
             groups.setdefault((report.run_id, report.attempt), []).append(report)
         results = await asyncio.gather(
@@ -511,116 +410,35 @@ class RunController:
         return acks, nacks
 
     async def _apply_group(
-        self, agent: str, key: tuple[str, int], group: list[ReportIn]
+        self, agent: str, key: tuple[str, int], group: list[AgentReport]
     ) -> tuple[AckOut | None, list[NackOut]]:
         run_id, attempt_no = key
-        first = group[0]
-        async with self._lock(run_id):
+        async with self._runs.lock(run_id):
             try:
-                run = await self.get_run(run_id)
+                run: OpRun | None = await self.get_run(run_id)
             except NotFound:
-                return None, [
-                    NackOut(
-                        run_id,
-                        attempt_no,
-                        first.seq,
-                        "NOT_FOUND",
-                        NotFound.reason,
-                        f"no run {run_id}",
-                        drop_attempt=True,
-                    )
-                ]
-            if run.current_attempt != attempt_no:
-                return None, [
-                    NackOut(
-                        run_id,
-                        attempt_no,
-                        first.seq,
-                        "ABORTED",
-                        StaleAttempt.reason,
-                        f"attempt {attempt_no} is not the current attempt "
-                        f"({run.current_attempt}) of run {run_id}",
-                        drop_attempt=True,
-                    )
-                ]
-            if run.execution_summary.worker_id != agent:
-                return None, [
-                    NackOut(
-                        run_id,
-                        attempt_no,
-                        first.seq,
-                        "PERMISSION_DENIED",
-                        "NOT_ASSIGNED_TO_AGENT",
-                        f"run {run_id} attempt {attempt_no} is not assigned to agent {agent}",
-                        drop_attempt=True,
-                    )
-                ]
-            current = run.current_op_attempt
+                run = None
+            refused = fence_reports(run, run_id, attempt_no, agent, group[0].seq)
+            if refused is not None or run is None:
+                return None, [refused] if refused is not None else []
             marks = _marks(run)
             before = run.state
-            watermark_before = current.reported_seq
-            nacks: list[NackOut] = []
-            lines: list[tuple[str, str, datetime]] = []
-            for report in group:
-                if report.seq <= current.reported_seq:
-                    continue  # applied before: acknowledged again below
-                if report.seq != current.reported_seq + 1:
-                    break  # a gap: the agent resends from the acknowledged seq
-                if report.refusal:
-                    current.reported_seq = report.seq
-                    nacks.append(
-                        NackOut(
-                            run_id,
-                            attempt_no,
-                            report.seq,
-                            "INVALID_ARGUMENT",
-                            "MALFORMED_REPORT",
-                            report.refusal,
-                        )
-                    )
-                    continue
-                if report.event_type is None:
-                    lines.extend((text, stream, report.time) for text, stream in report.lines)
-                    current.reported_seq = report.seq
-                    continue
-                msg, payload = _event_args(agent, run, report)
-                try:
-                    run.apply_report(
-                        attempt_no,
-                        report.seq,
-                        report.event_type.value,
-                        msg,
-                        payload,
-                        at=report.time,  # when it happened on the agent
-                    )
-                except GyozaError as exc:
-                    # Refused reports are consumed, not retried forever: the stream goes on.
-                    current.reported_seq = report.seq
-                    nacks.append(
-                        NackOut(
-                            run_id,
-                            attempt_no,
-                            report.seq,
-                            "FAILED_PRECONDITION"
-                            if isinstance(exc, OpRunLockedException)
-                            else "INVALID_ARGUMENT",
-                            exc.reason,
-                            str(exc),
-                        )
-                    )
-            if current.reported_seq == watermark_before:
-                return AckOut(run_id, attempt_no, current.reported_seq), nacks
+            consumed = consume_reports(
+                run, attempt_no, group, max_outputs_bytes=self._max_outputs_bytes
+            )
+            if not consumed.changed:
+                return consumed.ack, consumed.nacks
             try:
                 # Both writes are queued before either is awaited, so they normally share
                 # one group commit.
                 writes = [self._commit(run, marks, before)]
-                if lines:
-                    writes.append(self._append_logs(run_id, attempt_no, lines))
+                if consumed.lines:
+                    writes.append(self._append_logs(run_id, attempt_no, consumed.lines))
                 await asyncio.gather(*writes)
             except BaseException:
-                self._forget(run_id)
+                self._runs.forget(run_id)
                 raise
-            return AckOut(run_id, attempt_no, current.reported_seq), nacks
+            return consumed.ack, consumed.nacks
 
     async def _append_logs(
         self, run_id: str, attempt: int, lines: list[tuple[str, str, datetime]]
@@ -628,33 +446,26 @@ class RunController:
         last = await self.store.append_logs(run_id, attempt, lines)
         self.hub.publish_logs(run_id, attempt, last)
 
+    def _held_by(self, agent: str) -> list[OpRun]:
+        return [
+            run for run in self._runs if run.on_agent and run.execution_summary.worker_id == agent
+        ]
+
     # ------------------------------------------------------------------
     # Internals: mutation and commit
     # ------------------------------------------------------------------
-    def _lock(self, run_id: str) -> asyncio.Lock:
-        lock = self._locks.get(run_id)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[run_id] = lock
-        return lock
-
-    def _forget(self, run_id: str) -> None:
-        """Drop a run's in-memory state after a failed write; the store is the truth
-        and the next access reloads it."""
-        self._runs.pop(run_id, None)
-
     async def _mutate(self, run_id: str, op: Callable[[OpRun], T]) -> tuple[OpRun, T]:
-        async with self._lock(run_id):
+        async with self._runs.lock(run_id):
             run = await self.get_run(run_id)
             marks = _marks(run)
             before = run.state
             before_retry = run.next_retry_at
             result = op(run)  # the domain refuses before it changes anything
-            self._runs[run.id] = run
+            self._runs.keep(run)
             try:
                 await self._commit(run, marks, before, before_retry)
             except BaseException:
-                self._forget(run_id)
+                self._runs.forget(run_id)
                 raise
             return run, result
 
@@ -673,35 +484,29 @@ class RunController:
             run.schedule_auto_retry()
         new = _new_events(run, marks)
         records = await self.store.save_run(run, new)
-        self._after_commit(run, new, before, before_retry)
+        self._after_commit(run, before, before_retry)
         self.hub.publish_run(run, new)
         if records:
             self.hub.publish_topic(records)
 
-    def _after_commit(
-        self,
-        run: OpRun,
-        new: Sequence[tuple[int, EventEntry]],
-        before: OpRunState,
-        before_retry: datetime | None,
-    ) -> None:
+    def _after_commit(self, run: OpRun, before: OpRunState, before_retry: datetime | None) -> None:
         state = run.state
         if state is OpRunState.PENDING:
             if before is not OpRunState.PENDING:
                 self.scheduler.release(run.id)
                 self._enqueue(run)
-                self._request_place()
+                self._placement.request()
         elif state.is_terminal:
             self.scheduler.dequeue(run.id)
             freed = self.scheduler.release(run.id) is not None
-            if state is OpRunState.FAILED and run.next_retry_at is not None:
+            if run.is_active:  # failed, an automatic retry scheduled
                 if run.next_retry_at != before_retry or run.id not in self._retry_timers:
                     self._arm_retry(run)
             else:
-                self._cancel_retry(run.id)
-                self._runs.pop(run.id, None)
+                self._retry_timers.cancel(run.id)
+                self._runs.forget(run.id)
             if freed:
-                self._request_place()
+                self._placement.request()
 
     def _enqueue(self, run: OpRun) -> None:
         self.scheduler.enqueue(
@@ -713,39 +518,26 @@ class RunController:
             self._avoid.pop(run.id, frozenset()),
         )
 
+    def _reserve(self, agent: str, run: OpRun) -> None:
+        self.scheduler.reserve(
+            agent,
+            run.id,
+            run.current_attempt,
+            run.constraints,
+            tuple(run.execution_summary.gpu_ids),
+        )
+
     # ------------------------------------------------------------------
-    # Internals: placement
+    # Internals: assignment and release
     # ------------------------------------------------------------------
-    def _request_place(self) -> None:
-        """Coalesce placement requests of one loop iteration into one pass."""
-        if self._place_scheduled or self._stopped:
-            return
-        self._place_scheduled = True
-        asyncio.get_running_loop().call_soon(self._place)
-
-    def _place(self) -> None:
-        self._place_scheduled = False
-        for placement in self.scheduler.place():
-            self._spawn(self._assign(placement))
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-
     async def _assign(self, placement: Placement) -> None:
-        async with self._lock(placement.run_id):
-            run = self._runs.get(placement.run_id)
+        async with self._runs.lock(placement.run_id):
+            run = self._runs.cached(placement.run_id)
             if (
                 run is None
                 or run.state is not OpRunState.PENDING
                 or run.current_attempt != placement.attempt
-                or not self.link.is_connected(placement.agent)
+                or not self._link.is_connected(placement.agent)
             ):
                 self.scheduler.release(placement.run_id)
                 if run is not None and run.state is OpRunState.PENDING:
@@ -757,9 +549,9 @@ class RunController:
                 await self._commit(run, marks, OpRunState.PENDING)
             except BaseException:
                 self.scheduler.release(run.id)
-                self._forget(run.id)
+                self._runs.forget(run.id)
                 raise
-            sent = self.link.send_assignment(placement.agent, run, placement)
+            sent = self._link.send_assignment(placement.agent, run, placement)
         if not sent:
             await self._release(
                 placement.run_id,
@@ -778,11 +570,11 @@ class RunController:
         failure_class: FailureClass,
         avoid: str | None = None,
     ) -> None:
-        async with self._lock(run_id):
-            run = self._runs.get(run_id)
+        async with self._runs.lock(run_id):
+            run = self._runs.cached(run_id)
             if (
                 run is None
-                or run.state not in _ACTIVE
+                or not run.on_agent
                 or (attempt is not None and run.current_attempt != attempt)
                 or run.execution_summary.worker_id != agent
             ):
@@ -796,30 +588,21 @@ class RunController:
             try:
                 await self._commit(run, marks, before)
             except BaseException:
-                self._forget(run_id)
+                self._runs.forget(run_id)
                 raise
 
     # ------------------------------------------------------------------
     # Internals: timers
     # ------------------------------------------------------------------
     def _arm_retry(self, run: OpRun) -> None:
-        self._cancel_retry(run.id)
         if run.next_retry_at is None:
+            self._retry_timers.cancel(run.id)
             return
-        delay = max((run.next_retry_at - datetime.now(run.next_retry_at.tzinfo)).total_seconds(), 0)
-        loop = asyncio.get_running_loop()
-        self._retry_timers[run.id] = loop.call_later(
-            delay, lambda: self._spawn(self._auto_retry(run.id))
-        )
-
-    def _cancel_retry(self, run_id: str) -> None:
-        handle = self._retry_timers.pop(run_id, None)
-        if handle is not None:
-            handle.cancel()
+        delay = (run.next_retry_at - datetime.now(run.next_retry_at.tzinfo)).total_seconds()
+        run_id = run.id
+        self._retry_timers.arm_in(run_id, delay, lambda: self._auto_retry(run_id))
 
     async def _auto_retry(self, run_id: str) -> None:
-        self._retry_timers.pop(run_id, None)
-
         def op(run: OpRun) -> None:
             if run.state is not OpRunState.FAILED or run.next_retry_at is None:
                 raise _Skip()
@@ -836,30 +619,19 @@ class RunController:
             return
 
     def _arm_lost(self, agent: str, last_seen: float) -> None:
-        old = self._lost_timers.pop(agent, None)
-        if old is not None:
-            old.cancel()
-        loop = asyncio.get_running_loop()
         deadline = last_seen + self.settings.lease_timeout_s + self.settings.grace_s
-        self._lost_timers[agent] = loop.call_at(
-            deadline, lambda: self._spawn(self._agent_lost(agent))
-        )
+        self._lost_timers.arm_at(agent, deadline, lambda: self._agent_lost(agent))
 
     async def _agent_lost(self, agent: str) -> None:
         """Past lease and grace: the agent's attempts fail as AGENT_LOST (and are retried
         by their policy), or end CANCELLED when a cancel was requested."""
-        self._lost_timers.pop(agent, None)
-        if self.link.is_connected(agent):
+        if self._link.is_connected(agent):
             return
-        held = [
-            run.id
-            for run in list(self._runs.values())
-            if run.state in _ACTIVE and run.execution_summary.worker_id == agent
-        ]
+        held = [run.id for run in self._held_by(agent)]
         for run_id in held:
 
             def op(run: OpRun) -> None:
-                if run.state not in _ACTIVE or run.execution_summary.worker_id != agent:
+                if not run.on_agent or run.execution_summary.worker_id != agent:
                     raise _Skip()
                 message = f"agent {agent} was lost"
                 if run.cancel_requested:
@@ -879,30 +651,3 @@ class RunController:
             except (_Skip, NotFound):
                 continue
         log.warning("agent lost", extra={"agent": agent, "runs": len(held)})
-
-
-class _Skip(Exception):
-    """An operation found nothing to do once it held the run's lock."""
-
-
-def _event_args(agent: str, run: OpRun, report: ReportIn) -> tuple[str | int, dict[str, Any]]:
-    """Turn an agent's report into the domain's ``(msg, payload)``."""
-    kind = report.event_type
-    payload: dict[str, Any] = dict(report.payload)
-    if kind is EventType.PROGRESS:
-        if report.message:
-            payload.setdefault("message", report.message)
-        return report.progress, payload
-    if kind is EventType.STARTED:
-        payload.setdefault("worker_id", agent)
-        payload.setdefault("gpu_ids", list(run.execution_summary.gpu_ids))
-    if kind in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED) and report.duration_ms:
-        payload["duration_ms"] = report.duration_ms
-    if kind is EventType.COMPLETED:
-        payload["outputs"] = dict(report.outputs or {})
-    if kind is EventType.FAILED:
-        payload["failure_class"] = (report.failure_class or FailureClass.EXIT_CODE).value
-        if report.exit_code is not None:
-            payload["exit_code"] = report.exit_code
-        payload["error_message"] = report.error_message or report.message
-    return report.message, payload

@@ -28,7 +28,9 @@ from gyoza.models.errors import (
     GyozaError,
     InvalidInput,
     InvalidTransition,
+    MalformedReport,
     MaxAttemptsReached,
+    NotAssignedToAgent,
     NotFound,
     OpRunLockedException,
     StaleAttempt,
@@ -84,6 +86,8 @@ CATALOG: dict[type[BaseException], grpc.StatusCode] = {
     InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
     MaxAttemptsReached: grpc.StatusCode.FAILED_PRECONDITION,
     StaleAttempt: grpc.StatusCode.ABORTED,
+    NotAssignedToAgent: grpc.StatusCode.PERMISSION_DENIED,
+    MalformedReport: grpc.StatusCode.INVALID_ARGUMENT,
     GyozaError: grpc.StatusCode.FAILED_PRECONDITION,
     # A ValueError from the domain is a value it refused.
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,

@@ -14,24 +14,26 @@ change committed in between is missed and none is sent twice.
 What subscribers send is converted to its message once per publish, on first use, and
 shared by every subscriber (:class:`TopicEntry`, :class:`RunChange`): a published change
 costs one conversion however many streams follow it. The hub also remembers which topic
-offsets it was given (:class:`PublishedOffsets`), so that a topic stream can tell when the
-records it holds follow the last one it sent with nothing missing in between.
+offsets it was given (:class:`~gyoza.server.topic_order.PublishedOffsets`), so that a
+topic stream can tell when the records it holds follow the last one it sent with nothing
+missing in between (:mod:`gyoza.server.topic_order`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2
 from gyoza.api.v1 import op_run_service_pb2 as service_pb
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventEntry
-from gyoza.server import mapping, metrics
+from gyoza.server import metrics
+from gyoza.server.topic_order import PublishedOffsets
 
 if TYPE_CHECKING:
     from gyoza.server.store.records import TopicRecord
@@ -150,58 +152,6 @@ def topic_response(record: TopicRecord) -> service_pb.SubscribeEventsResponse:
     if record.attributes:
         message.attributes.update(record.attributes)
     return message
-
-
-class PublishedOffsets:
-    """The topic offsets (of every topic) the hub was given, as disjoint ranges.
-
-    Offsets are given in commit order but not always published in it (two runs of one
-    group commit resume in either order), and some committed records are never published
-    here (written by another process, or by a call that did not publish them). A topic
-    stream that has sent everything of its topic up to offset ``a`` may send a record at
-    offset ``b`` straight away when every offset between them was published: a record of
-    its topic among them would have reached it.
-
-    Only the newest ``max_ranges`` ranges are kept: forgetting older ones is safe (a
-    stream then reads the store instead).
-    """
-
-    def __init__(self, max_ranges: int = 256) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        self._max_ranges = max_ranges
-
-    def add(self, offset: int) -> None:
-        """Offset *offset* was published."""
-        starts, ends = self._starts, self._ends
-        if ends and offset == ends[-1] + 1:
-            ends[-1] = offset  # the usual case: the next offset
-            return
-        index = bisect_right(starts, offset)
-        if index and offset <= ends[index - 1]:
-            return  # known already
-        joins_left = index > 0 and ends[index - 1] == offset - 1
-        joins_right = index < len(starts) and starts[index] == offset + 1
-        if joins_left and joins_right:
-            ends[index - 1] = ends[index]
-            del starts[index], ends[index]
-        elif joins_left:
-            ends[index - 1] = offset
-        elif joins_right:
-            starts[index] = offset
-        else:
-            starts.insert(index, offset)
-            ends.insert(index, offset)
-            if len(starts) > self._max_ranges:
-                del starts[0], ends[0]
-
-    def contiguous_end(self, after: int) -> int:
-        """The highest offset ``b >= after`` such that every offset in ``(after, b]`` was
-        published; *after* itself when ``after + 1`` was not."""
-        index = bisect_right(self._starts, after + 1)
-        if index and self._ends[index - 1] > after:
-            return self._ends[index - 1]
-        return after
 
 
 class Subscription(Generic[T]):

@@ -15,7 +15,7 @@ from gyoza.models.op_run import OpRun
 from gyoza.models.resources import OpRunState
 from gyoza.server import metrics
 from gyoza.server.hub import Hub
-from gyoza.server.store.store import Store
+from gyoza.server.store.protocol import RunStore
 
 ACTIVE_STATES = (
     OpRunState.PENDING,
@@ -24,12 +24,6 @@ ACTIVE_STATES = (
     OpRunState.FAILED,
 )
 """The states ``gyoza_runs`` reports (FAILED: waiting for an automatic retry)."""
-
-
-def _is_active(run: OpRun) -> bool:
-    return not run.state.is_terminal or (
-        run.state is OpRunState.FAILED and run.next_retry_at is not None
-    )
 
 
 class RunStateGauge:
@@ -54,11 +48,11 @@ class RunStateGauge:
         self._finished: dict[OpRunState, Any] = {}  # a series appears once counted
         hub.add_run_listener(self._on_change)
 
-    async def seed(self, store: Store) -> None:
+    async def seed(self, store: RunStore) -> None:
         """Count the active runs in the store that no change has reported yet."""
         touched = self._touched or set()
         for run in await store.load_active_runs():
-            if run.id not in touched and _is_active(run):
+            if run.id not in touched and run.is_active:
                 self._set(run.id, run.state)
         self._touched = None
 
@@ -66,7 +60,7 @@ class RunStateGauge:
         """O(1): one dict update, and the two series whose count moved."""
         if self._touched is not None:
             self._touched.add(run.id)
-        if _is_active(run):
+        if run.is_active:
             self._set(run.id, run.state)
         else:
             self._set(run.id, None)

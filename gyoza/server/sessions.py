@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from gyoza import mapping
 from gyoza.api.v1 import agent_pb2, agent_service_pb2
 from gyoza.models.errors import NotFound
 from gyoza.models.op_run import OpRun
-from gyoza.server import mapping
 from gyoza.server.scheduler import GpuSlot, Placement, Scheduler
 
 log = logging.getLogger("gyoza.sessions")

@@ -23,11 +23,11 @@ import pytest
 from gyoza.agent.config import AgentConfig
 from gyoza.agent.daemon import NOT_ADOPTED, Agent, AgentError, ConnectionState
 from gyoza.agent.fleet import SimulatedFleet
-from gyoza.agent.mapping import event_type_from_proto
 from gyoza.agent.scripted import ScriptedExecutor
 from gyoza.api.v1 import agent_service_pb2 as pb
 from gyoza.api.v1 import agent_service_pb2_grpc as pb_grpc
 from gyoza.api.v1 import resources_pb2
+from gyoza.mapping import event_type_from_proto
 from gyoza.models.resources import EventType
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,6 +15,7 @@ from gyoza.agent.outbox import HeldRecord, Outbox, OutboxError
 from gyoza.agent.sink import OutboxSink
 from gyoza.api.v1 import agent_service_pb2 as pb
 from gyoza.api.v1 import resources_pb2
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 
 pytestmark = pytest.mark.timeout(30)
@@ -50,11 +51,11 @@ def test_store_numbers_reports_per_attempt_and_keeps_store_order(tmp_path: Path)
         await outbox.hold(assignment("run_b"))
         a = OutboxSink(outbox, "run_a", 1)
         b = OutboxSink(outbox, "run_b", 1)
-        await a.event(EventType.STARTED)
-        await b.event(EventType.STARTED)
+        await a.event(ReportedEvent(EventType.STARTED))
+        await b.event(ReportedEvent(EventType.STARTED))
         await a.logs([("hello\n", "stdout")])
-        await a.event(EventType.PROGRESS, progress=50)
-        await b.event(EventType.PROGRESS, progress=10)
+        await a.event(ReportedEvent(EventType.PROGRESS, progress=50))
+        await b.event(ReportedEvent(EventType.PROGRESS, progress=10))
         assert keys(outbox.pending()) == [
             ("run_a", 1, 1),
             ("run_b", 1, 1),
@@ -84,7 +85,9 @@ def test_concurrent_stores_are_group_committed_in_call_order(
         sink = OutboxSink(outbox, "run_a", 1)
         seen: list[int] = []
         outbox.subscribe(lambda report: seen.append(report.seq))
-        await asyncio.gather(*(sink.event(EventType.INFO, f"{i}") for i in range(50)))
+        await asyncio.gather(
+            *(sink.event(ReportedEvent(EventType.INFO, f"{i}")) for i in range(50))
+        )
         assert seen == list(range(1, 51))
         assert [r.event.message for r in outbox.pending()] == [str(i) for i in range(50)]
         await outbox.close()
@@ -98,7 +101,7 @@ def test_ack_is_cumulative_and_resend_starts_after_it(tmp_path: Path) -> None:
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
         for i in range(5):
-            await sink.event(EventType.INFO, f"{i}")
+            await sink.event(ReportedEvent(EventType.INFO, f"{i}"))
         outbox.ack("run_a", 1, 3)
         assert keys(outbox.pending()) == [("run_a", 1, 4), ("run_a", 1, 5)]
         outbox.ack("run_a", 1, 2)  # older: no effect
@@ -117,8 +120,8 @@ def test_survives_reopen_with_seq_cursor_and_start_time(tmp_path: Path, synchron
         outbox = await open_outbox(tmp_path, synchronous=synchronous)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
-        await sink.event(EventType.STARTED, cursor=1)
-        await sink.event(EventType.PROGRESS, progress=30, cursor=2)
+        await sink.event(ReportedEvent(EventType.STARTED), cursor=1)
+        await sink.event(ReportedEvent(EventType.PROGRESS, progress=30), cursor=2)
         await sink.logs([("line", "stderr")], cursor=3)
         outbox.ack("run_a", 1, 1)
         await outbox.close()
@@ -134,7 +137,7 @@ def test_survives_reopen_with_seq_cursor_and_start_time(tmp_path: Path, synchron
         started = sink.started_at
         assert started is not None and started.tzinfo is not None
         assert (datetime.now(UTC) - started).total_seconds() < 30
-        await sink.event(EventType.COMPLETED, outputs={"x": 1}, cursor=4)
+        await sink.event(ReportedEvent(EventType.COMPLETED, outputs={"x": 1}), cursor=4)
         assert [r.seq for r in outbox.pending()] == [2, 3, 4]
         assert outbox.held() == [HeldRecord("run_a", 1, 4, True)]
         assert outbox.unfinished() == []
@@ -149,15 +152,15 @@ def test_seq_continues_after_everything_was_acknowledged_and_reopened(tmp_path: 
         outbox = await open_outbox(tmp_path)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
-        await sink.event(EventType.STARTED)
-        await sink.event(EventType.INFO)
+        await sink.event(ReportedEvent(EventType.STARTED))
+        await sink.event(ReportedEvent(EventType.INFO))
         outbox.ack("run_a", 1, 2)
         assert outbox.pending() == []
         await outbox.close()
 
     async def second() -> None:
         outbox = await open_outbox(tmp_path)
-        await OutboxSink(outbox, "run_a", 1).event(EventType.INFO)
+        await OutboxSink(outbox, "run_a", 1).event(ReportedEvent(EventType.INFO))
         assert [r.seq for r in outbox.pending()] == [3]
         await outbox.close()
 
@@ -171,11 +174,16 @@ def test_attempt_is_forgotten_once_its_terminal_event_is_acknowledged(tmp_path: 
         await outbox.hold(assignment("run_a"))
         await outbox.hold(assignment("run_b"))
         sink = OutboxSink(outbox, "run_a", 1)
-        await sink.event(EventType.STARTED)
+        await sink.event(ReportedEvent(EventType.STARTED))
         await sink.event(
-            EventType.FAILED, failure_class=FailureClass.EXIT_CODE, exit_code=3, error_message="x"
+            ReportedEvent(
+                EventType.FAILED,
+                failure_class=FailureClass.EXIT_CODE,
+                exit_code=3,
+                error_message="x",
+            )
         )
-        await sink.event(EventType.INFO, "after the end")  # dropped
+        await sink.event(ReportedEvent(EventType.INFO, "after the end"))  # dropped
         assert [r.seq for r in outbox.pending()] == [1, 2]
         assert outbox.pending()[1].event.failure_class == resources_pb2.FAILURE_CLASS_EXIT_CODE
         assert outbox.pending()[1].event.exit_code == 3
@@ -185,7 +193,9 @@ def test_attempt_is_forgotten_once_its_terminal_event_is_acknowledged(tmp_path: 
         assert not outbox.holds("run_a", 1)
         assert outbox.pending() == []
         assert not outbox.empty  # run_b is still held
-        await OutboxSink(outbox, "run_a", 1).event(EventType.INFO)  # not held: dropped
+        await OutboxSink(outbox, "run_a", 1).event(
+            ReportedEvent(EventType.INFO)
+        )  # not held: dropped
         assert outbox.pending() == []
         await outbox.close()
 
@@ -228,9 +238,9 @@ def test_an_ack_beyond_what_was_written_moves_the_numbering_past_it(tmp_path: Pa
         outbox = await open_outbox(tmp_path)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
-        await sink.event(EventType.STARTED)
+        await sink.event(ReportedEvent(EventType.STARTED))
         outbox.ack("run_a", 1, 7)
-        await sink.event(EventType.INFO)
+        await sink.event(ReportedEvent(EventType.INFO))
         assert [r.seq for r in outbox.pending()] == [8]
         await outbox.close()
 
@@ -253,11 +263,11 @@ def test_a_cancelled_store_keeps_its_seq(tmp_path: Path) -> None:
         outbox = await open_outbox(tmp_path)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
-        task = asyncio.create_task(sink.event(EventType.STARTED))
+        task = asyncio.create_task(sink.event(ReportedEvent(EventType.STARTED)))
         await asyncio.sleep(0)  # the store is queued, its commit not awaited yet
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await sink.event(EventType.INFO)
+        await sink.event(ReportedEvent(EventType.INFO))
         await outbox.flush()
         assert [r.seq for r in outbox.pending()] == [1, 2]
         await outbox.close()
@@ -270,10 +280,10 @@ def test_reports_stored_while_closing_are_dropped(tmp_path: Path) -> None:
         outbox = await open_outbox(tmp_path)
         await outbox.hold(assignment())
         sink = OutboxSink(outbox, "run_a", 1)
-        await sink.event(EventType.STARTED, cursor=1)
+        await sink.event(ReportedEvent(EventType.STARTED), cursor=1)
         closing = asyncio.create_task(outbox.close())
         await asyncio.sleep(0)  # let close() begin
-        await sink.event(EventType.INFO, cursor=2)  # the executor was still running
+        await sink.event(ReportedEvent(EventType.INFO), cursor=2)  # the executor was still running
         await closing
         reopened = await open_outbox(tmp_path)
         assert [r.seq for r in reopened.pending()] == [1]

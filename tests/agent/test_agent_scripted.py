@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from gyoza.agent.executor import Assignment
-from gyoza.agent.mapping import event_type_from_proto
 from gyoza.agent.outbox import Outbox
 from gyoza.agent.scripted import Script, ScriptedExecutor, ScriptError
 from gyoza.agent.sink import OutboxSink
 from gyoza.api.v1 import agent_service_pb2 as pb
 from gyoza.api.v1 import resources_pb2
+from gyoza.mapping import event_type_from_proto
 from gyoza.models.resources import EventType
 
 pytestmark = pytest.mark.timeout(30)

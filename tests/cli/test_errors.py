@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_service_pb2, op_run_service_pb2_grpc
 from gyoza.cli.context import describe_client_error
 from gyoza.cli.exit_codes import ExitCode, exit_code_for_run, exit_code_for_status
@@ -37,7 +38,6 @@ from gyoza.client import (
 from gyoza.models.errors import FieldViolation
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import OpRunState
-from gyoza.server import mapping
 
 API_KEY = "good-key"
 RUN = OpRun.create(image="busybox", inputs={"n": 1})

@@ -13,6 +13,7 @@ import pytest
 
 from gyoza.agent.docker.contract import LABEL_AGENT
 from gyoza.agent.docker_executor import DockerExecutor
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 
 HERE = Path(__file__).resolve().parent
@@ -70,30 +71,17 @@ class RecordingSink:
         ends = [e for e in self.events if e.type in TERMINAL]
         return ends[-1] if ends else None
 
-    async def event(
-        self,
-        type: EventType,
-        message: str = "",
-        *,
-        progress: int = 0,
-        payload: dict[str, Any] | None = None,
-        outputs: dict[str, Any] | None = None,
-        failure_class: FailureClass | None = None,
-        exit_code: int | None = None,
-        error_message: str | None = None,
-        duration_ms: int | None = None,
-        cursor: int | None = None,
-    ) -> None:
+    async def event(self, event: ReportedEvent, *, cursor: int | None = None) -> None:
         record = Event(
-            type,
-            message,
-            progress,
-            payload,
-            outputs,
-            failure_class,
-            exit_code,
-            error_message,
-            duration_ms,
+            event.type,
+            event.message,
+            event.progress,
+            dict(event.payload) if event.payload else None,
+            event.outputs,
+            event.failure_class,
+            event.exit_code,
+            event.error_message or None,
+            event.duration_ms,
             cursor,
         )
         await self._store(record, cursor)

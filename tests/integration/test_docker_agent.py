@@ -135,6 +135,38 @@ def test_agent_start_removes_containers_of_attempts_it_no_longer_holds(
             container.remove(force=True)
 
 
+BIG_INT_IMAGE = "gyoza-test/big-int:latest"
+
+
+@pytest.fixture(scope="module")
+def big_int_image(docker_client: Any, test_image: str, tmp_path_factory: Any) -> str:
+    context: Path = tmp_path_factory.mktemp("big-int-op")
+    # 2**53 + 1: a double (what a JSON number in a Struct is) cannot hold it.
+    (context / "op.sh").write_text(
+        "#!/bin/sh\nprintf '{\"big\":9007199254740993}' >/gyoza/outputs/outputs.json\n"
+    )
+    (context / "Dockerfile").write_text(
+        f'FROM {test_image}\nCOPY op.sh /op.sh\nENTRYPOINT ["/bin/sh", "/op.sh"]\n'
+    )
+    docker_client.images.build(path=str(context), tag=BIG_INT_IMAGE, rm=True, network_mode="none")
+    return BIG_INT_IMAGE
+
+
+def test_an_integer_output_a_double_cannot_hold_fails_the_run_clearly(
+    cluster: Any, big_int_image: str
+) -> None:
+    # The agent converts values as the server does: it never rounds 2**53 + 1 to
+    # 2**53 silently; the run fails OUTPUT_INVALID and says which output and why.
+    cluster.add_agent("d1", executor="docker")
+    request = op_run_service_pb2.CreateOpRunRequest(image=big_int_image)
+    run_id = str(cluster.runs.CreateOpRun(request, timeout=10).op_run.id)
+    done = cluster.watch_until(run_id, _ended, timeout=60)
+    assert done.state == S.OP_RUN_STATE_FAILED, done
+    summary = done.execution_summary
+    assert summary.failure_class == S.FAILURE_CLASS_OUTPUT_INVALID
+    assert "outputs.big" in summary.error_message and "2**53" in summary.error_message
+
+
 def test_the_readme_run_completes_with_empty_outputs(
     cluster: Any, docker_client: Any, test_image: str
 ) -> None:

@@ -94,3 +94,37 @@ def test_with_and_without_an_api_key(server_factory: Callable[..., Any]) -> None
     run = created["op_run"]
     got = call(address, "gyoza.api.v1.OpRunService/GetOpRun", {"run_id": run["id"]}, key="k-123")
     assert got["op_run"]["id"] == run["id"]
+
+
+def test_reflection_is_served_as_v1_and_v1alpha(sqlite_server: Any) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    listed = grpcurl(sqlite_server.address, "list").stdout.split()
+    assert "grpc.reflection.v1.ServerReflection" in listed
+    assert "grpc.reflection.v1alpha.ServerReflection" in listed
+    described = grpcurl(sqlite_server.address, "describe", "grpc.reflection.v1.ServerReflection")
+    assert described.returncode == 0, described.stderr
+    # A v1-only client: the same messages under the v1 method name.
+    with grpc.insecure_channel(sqlite_server.address) as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        answers = list(
+            info(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="gyoza.api.v1.OpRunService"
+                        ),
+                    ]
+                ),
+                timeout=30,
+            )
+        )
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert "gyoza.api.v1.OpRunService" in names
+    assert answers[1].file_descriptor_response.file_descriptor_proto

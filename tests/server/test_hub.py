@@ -18,11 +18,12 @@ import pytest
 from gyoza.models.op_run import OpRun
 from gyoza.models.resources import EventDelivery, EventEntry
 from gyoza.models.timestamps import utc_now
-from gyoza.server.control import RunController
-from gyoza.server.hub import Hub, HubClosed, PublishedOffsets, SubscriptionDropped
+from gyoza.server.bootstrap import build_core
+from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
 from gyoza.server.services import run_streams
 from gyoza.server.store.records import TopicRecord
 from gyoza.server.store.store import Store
+from gyoza.server.topic_order import PublishedOffsets, TopicFollower
 
 T = TypeVar("T")
 
@@ -64,7 +65,7 @@ def test_a_full_queue_drops_the_subscriber() -> None:
 def test_a_dropped_watch_catches_up_from_the_store(tmp_path: Path) -> None:
     async def main(store: Store) -> None:
         hub = Hub(queue_size=2)
-        controller = RunController(store, hub)
+        controller = build_core(store, hub=hub).controller
         await controller.start()
         try:
             run = await controller.create_run(OpRun.create(image="busybox"))
@@ -88,7 +89,7 @@ def test_a_dropped_watch_catches_up_from_the_store(tmp_path: Path) -> None:
 def test_a_dropped_topic_subscriber_catches_up_from_the_store(tmp_path: Path) -> None:
     async def main(store: Store) -> None:
         hub = Hub(queue_size=1)
-        controller = RunController(store, hub)
+        controller = build_core(store, hub=hub).controller
         await controller.start()
 
         async def ready() -> None:
@@ -346,5 +347,24 @@ def test_a_topic_stream_sends_every_record_once_in_order_whatever_the_publish_or
             await consumer
         await stream.aclose()
         assert received == expected
+
+    asyncio.run(main())
+
+
+def test_a_topic_follower_ends_when_the_hub_closes() -> None:
+    # HubClosed is a SubscriptionDropped: the follower must not resubscribe to it.
+    async def main() -> None:
+        hub = Hub()
+        store = FakeTopicStore()
+        hub.publish_topic(store.commit("t"))
+        follower = TopicFollower(store, hub, "t", 0)  # type: ignore[arg-type]
+        stream = follower.follow(from_latest=False, ready=_ready)
+        assert (await anext(stream)).offset == 1
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        hub.close()
+        with pytest.raises(HubClosed):
+            await waiting
+        assert follower.position == 1
 
     asyncio.run(main())

@@ -1,4 +1,4 @@
-"""Round trips through gyoza.server.mapping: domain -> proto -> domain is exact."""
+"""Round trips through gyoza.mapping: domain -> proto -> domain is exact."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from gyoza import mapping
 from gyoza.api.v1 import op_definition_pb2, op_run_pb2, resources_pb2
 from gyoza.models.errors import InvalidInput
 from gyoza.models.op_attempt import OpAttempt
@@ -24,7 +25,6 @@ from gyoza.models.resources import (
     OpRunState,
     RetryPolicy,
 )
-from gyoza.server import mapping
 
 T0 = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
 

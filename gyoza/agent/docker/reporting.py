@@ -21,6 +21,7 @@ from collections import deque
 from gyoza.agent.docker.follow import Frame
 from gyoza.agent.docker.output import STDOUT, LineSplitter, parse_event_line
 from gyoza.agent.executor import ReportSink
+from gyoza.models.reports import ReportedEvent
 from gyoza.op import EVENT_MARKER
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,9 @@ class OutputReporter:
             await self.flush()  # the lines before it go first
             self._consumed = index + 1
             await self._sink.event(
-                event.type,
-                event.message,
-                progress=event.progress,
-                payload=event.payload,
+                ReportedEvent(
+                    event.type, event.message, progress=event.progress, payload=event.payload or {}
+                ),
                 cursor=self.cursor,
             )
             return

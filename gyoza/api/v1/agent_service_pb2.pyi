@@ -678,8 +678,10 @@ class Nack(_message.Message):
     seq: _builtins.int
     """Seq of the refused report, if it was one."""
     code: _builtins.int
-    """gRPC status code number (ABORTED for a stale attempt, PERMISSION_DENIED for a run
-    not assigned to this agent, INVALID_ARGUMENT for a malformed report).
+    """gRPC status code number, from the server's error catalog as for every RPC: ABORTED
+    for a stale attempt, PERMISSION_DENIED for a run not assigned to this agent,
+    INVALID_ARGUMENT for a malformed report, FAILED_PRECONDITION for an event the run's
+    state machine refuses (an invalid transition, a terminal run).
     """
     reason: _builtins.str
     """UPPER_SNAKE reason, as in google.rpc.ErrorInfo."""

@@ -11,55 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 
-from gyoza.api.v1 import (
-    agent_service_pb2,
-    agent_service_pb2_grpc,
-    op_run_pb2,
-    resources_pb2,
-)
-from gyoza.models.errors import NotFound
-from gyoza.models.resources import EventType, FailureClass
-from gyoza.server.control import AckOut, HeldIn, NackOut, ReportIn, RunController
-from gyoza.server.mapping import struct_from_proto
+from gyoza import mapping
+from gyoza.api.v1 import agent_service_pb2, agent_service_pb2_grpc
+from gyoza.models.errors import MalformedReport, NotFound
+from gyoza.models.reports import AgentReport
+from gyoza.server.control import AckOut, ControlSettings, HeldIn, NackOut, RunController
+from gyoza.server.errors import status_for
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 
 log = logging.getLogger("gyoza.agents")
 
 #: How long a new stream may take to send its Hello.
 HELLO_TIMEOUT_S = 30.0
-
-_EVENT_TYPES = {
-    resources_pb2.EVENT_TYPE_STARTED: EventType.STARTED,
-    resources_pb2.EVENT_TYPE_INFO: EventType.INFO,
-    resources_pb2.EVENT_TYPE_PROGRESS: EventType.PROGRESS,
-    resources_pb2.EVENT_TYPE_ERROR: EventType.ERROR,
-    resources_pb2.EVENT_TYPE_COMPLETED: EventType.COMPLETED,
-    resources_pb2.EVENT_TYPE_FAILED: EventType.FAILED,
-    resources_pb2.EVENT_TYPE_CANCELLED: EventType.CANCELLED,
-}
-
-_ALL_TYPES = set(resources_pb2.EventType.values())
-
-_FAILURE_CLASSES = {
-    value: FailureClass(name.removeprefix("FAILURE_CLASS_"))
-    for name, value in resources_pb2.FailureClass.items()
-    if value != resources_pb2.FAILURE_CLASS_UNSPECIFIED
-}
-
-_STREAMS = {
-    op_run_pb2.LOG_STREAM_STDOUT: "stdout",
-    op_run_pb2.LOG_STREAM_STDERR: "stderr",
-}
-
-
-class _Refused(Exception):
-    """A malformed report; answered with a Nack, the stream goes on."""
 
 
 class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
@@ -70,12 +38,13 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         controller: RunController,
         sessions: SessionRegistry,
         *,
+        settings: ControlSettings,
         max_json_bytes: int = 1 << 20,
     ) -> None:
         self.controller = controller
         self.sessions = sessions
+        self.settings = settings
         self.max_json_bytes = max_json_bytes
-        controller.link = sessions
 
     async def Connect(
         self,
@@ -110,7 +79,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         session.touch(loop.time())
         held = [HeldIn(h.run_id, h.attempt, h.last_seq, h.finished) for h in hello.held]
         reconciliation = await self.controller.agent_connected(session.name, held)
-        settings = self.controller.settings
+        settings = self.settings
         welcome = agent_service_pb2.Welcome(
             session_id=session.session_id,
             heartbeat_interval=_duration(settings.heartbeat_interval_s),
@@ -247,22 +216,13 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def _reports(
         self, session: AgentSession, batch: Sequence[agent_service_pb2.Report]
     ) -> None:
-        reports: list[ReportIn] = []
+        reports: list[AgentReport] = []
         nacks: list[NackOut] = []
         for report in batch:
             try:
-                reports.append(_report_in(report, self.max_json_bytes))
-            except _Refused as exc:
-                nacks.append(
-                    NackOut(
-                        report.run_id,
-                        report.attempt,
-                        report.seq,
-                        "INVALID_ARGUMENT",
-                        "MALFORMED_REPORT",
-                        str(exc),
-                    )
-                )
+                reports.append(mapping.report_from_proto(report, self.max_json_bytes))
+            except MalformedReport as error:
+                nacks.append(NackOut(report.run_id, report.attempt, report.seq, error))
         acks, refused = await self.controller.apply_reports(session.name, reports)
         if acks:
             session.send(
@@ -276,7 +236,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def _lease(self, session: AgentSession) -> None:
         """Return when the agent has been silent past its lease."""
         loop = asyncio.get_running_loop()
-        lease = self.controller.settings.lease_timeout_s
+        lease = self.settings.lease_timeout_s
         while True:
             remaining = session.last_seen + lease - loop.time()
             if remaining <= 0:
@@ -313,72 +273,20 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         return agent_service_pb2.DrainAgentResponse(agent=self.sessions.describe(session))
 
 
-def _report_in(report: agent_service_pb2.Report, limit: int) -> ReportIn:
-    """A transport-neutral report, held to the server's size limit on JSON documents:
-    outputs over it fail the attempt (OUTPUT_INVALID) rather than leave it running
-    forever; any other oversized payload is refused. (The encoded size of a Struct is a
-    close, cheap stand-in for its JSON size.)"""
-    if not report.run_id or report.attempt < 1 or report.seq < 1:
-        raise _Refused("a report needs run_id, attempt >= 1 and seq >= 1")
-    when = report.time.ToDatetime(tzinfo=UTC) if report.HasField("time") else datetime.now(UTC)
-    run_id, attempt, seq = report.run_id, report.attempt, report.seq
-    body = report.WhichOneof("body")
-    if body == "logs":
-        lines = tuple(
-            (line.text, _STREAMS.get(line.stream, "stdout")) for line in report.logs.lines
-        )
-        return ReportIn(run_id, attempt, seq, when, lines=lines)
-    if body != "event":
-        refusal = "the report carries neither an event nor log lines"
-        return ReportIn(run_id, attempt, seq, when, refusal=refusal)
-    event = report.event
-    kind = _EVENT_TYPES.get(event.type)
-    if kind is None:
-        name = resources_pb2.EventType.Name(event.type) if event.type in _ALL_TYPES else event.type
-        refusal = f"agents cannot report events of type {name}"
-        return ReportIn(run_id, attempt, seq, when, refusal=refusal)
-    if event.payload.ByteSize() > limit:
-        refusal = f"the event payload is larger than the server's limit of {limit} bytes"
-        return ReportIn(run_id, attempt, seq, when, refusal=refusal)
-    outputs = None
-    failure_class = _FAILURE_CLASSES.get(event.failure_class)
-    error_message = event.error_message
-    if event.HasField("outputs"):
-        if kind is EventType.COMPLETED and event.outputs.ByteSize() > limit:
-            kind = EventType.FAILED
-            failure_class = FailureClass.OUTPUT_INVALID
-            error_message = f"the outputs are larger than the server's limit of {limit} bytes"
-        else:
-            outputs = struct_from_proto(event.outputs)
-    return ReportIn(
-        run_id,
-        attempt,
-        seq,
-        when,
-        event_type=kind,
-        message=event.message,
-        progress=event.progress,
-        payload=struct_from_proto(event.payload) if event.payload.fields else {},
-        outputs=outputs,
-        failure_class=failure_class,
-        exit_code=event.exit_code if event.HasField("exit_code") else None,
-        error_message=error_message,
-        duration_ms=event.duration_ms,
-    )
-
-
 def _ack(ack: AckOut) -> agent_service_pb2.Ack:
     return agent_service_pb2.Ack(run_id=ack.run_id, attempt=ack.attempt, seq=ack.seq)
 
 
 def _nack(nack: NackOut) -> agent_service_pb2.Nack:
+    """The refusal on the wire, its code and reason from the error catalog."""
+    status = status_for(nack.error)
     return agent_service_pb2.Nack(
         run_id=nack.run_id,
         attempt=nack.attempt,
         seq=nack.seq,
-        code=grpc.StatusCode[nack.code].value[0],
-        reason=nack.reason,
-        message=nack.message,
+        code=status.code.value[0],
+        reason=status.reason,
+        message=nack.text,
         drop_attempt=nack.drop_attempt,
     )
 

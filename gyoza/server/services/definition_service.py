@@ -10,13 +10,13 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import definition_service_pb2 as pb
 from gyoza.api.v1 import definition_service_pb2_grpc
 from gyoza.models.errors import FieldViolation, InvalidInput
 from gyoza.models.op_definition import OpDefinition
-from gyoza.server import mapping
 from gyoza.server.services import request_checks
-from gyoza.server.store.store import Store
+from gyoza.server.store.protocol import RunStore
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -29,11 +29,11 @@ class DefinitionServiceServicer(definition_service_pb2_grpc.DefinitionServiceSer
 
     Parameters
     ----------
-    store : Store
+    store : RunStore
         Where definitions live.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: RunStore) -> None:
         self.store = store
 
     async def CreateOpDefinition(

@@ -13,20 +13,20 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_service_pb2 as pb
 from gyoza.api.v1 import op_run_service_pb2_grpc
-from gyoza.models.errors import AlreadyExists, FieldViolation, InvalidInput, NotFound
-from gyoza.models.op_run import OpRun
+from gyoza.models.errors import FieldViolation, InvalidInput, NotFound
+from gyoza.models.op_run import OpRun, RunRequest
 from gyoza.models.resources import Constraints, EventDelivery, RetryPolicy
-from gyoza.server import mapping
 from gyoza.server.config import MAX_JSON_BYTES
 from gyoza.server.control import RunController
 from gyoza.server.hub import Hub
 from gyoza.server.limits import check_json_size
 from gyoza.server.services import request_checks, run_streams
 from gyoza.server.store import paging
+from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.records import RunFilter
-from gyoza.server.store.store import Store
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -49,36 +49,6 @@ def _request_field(violation: FieldViolation) -> FieldViolation:
     return FieldViolation(name, violation.description)
 
 
-def _check_same_request(
-    first: OpRun, request: pb.CreateOpRunRequest, inputs: dict[str, Any]
-) -> None:
-    """Refuse a request_id reused for a different request.
-
-    The run keeps what the first request led to (inputs with defaults filled, the version
-    that was latest), so a retry matches when everything it asked for is there. The
-    priority is not compared: it may have been changed since.
-
-    Raises
-    ------
-    AlreadyExists
-        When the request differs from the one the run was created with.
-    """
-    same = (
-        (first.op_definition or "") == request.op_definition.strip()
-        and (
-            request.op_definition_version in (0, first.op_definition_version)
-            if request.op_definition
-            else first.image == request.image.strip()
-        )
-        and all(first.inputs.get(key) == value for key, value in inputs.items())
-    )
-    if not same:
-        raise AlreadyExists(
-            f"request_id {request.request_id!r} was already used by run {first.id} "
-            "for a different request"
-        )
-
-
 class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     """Serves runs to clients.
 
@@ -86,7 +56,7 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     ----------
     controller : RunController
         Applies every change to runs.
-    store : Store
+    store : RunStore
         Reads of definitions, listings, events, logs and the topic log.
     hub : Hub
         Live changes for the streams.
@@ -97,7 +67,7 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     def __init__(
         self,
         controller: RunController,
-        store: Store,
+        store: RunStore,
         hub: Hub,
         *,
         max_json_bytes: int = MAX_JSON_BYTES,
@@ -115,16 +85,20 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         """Create a run from a definition (inputs checked, defaults filled) or an image."""
         inputs = mapping.struct_from_proto(request.inputs)
         check_json_size("inputs", inputs, self.max_json_bytes)
+        asked = RunRequest(
+            op_definition=request.op_definition.strip(),
+            op_definition_version=request.op_definition_version or None,
+            image=request.image.strip(),
+            inputs=inputs,
+        )
         if request.request_id:
-            first = await self.store.get_run_by_request_id(request.request_id)
+            # A retried create: answer with the first run even if the definition has
+            # changed or gone since, as long as the request is the same.
+            first = await self.controller.find_request(request.request_id, asked)
             if first is not None:
-                # A retried create: answer with the first run even if the definition
-                # has changed or gone since, as long as the request is the same.
-                _check_same_request(first, request, inputs)
-                current = await self.controller.get_run(first.id)
-                return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(current), existing=True)
+                return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(first), existing=True)
         run = await self._new_run(request, inputs)
-        created = await self.controller.create_run(run)
+        created = await self.controller.create_run(run, asked)
         # A concurrent create with the same request_id may have won the race.
         return pb.CreateOpRunResponse(
             op_run=mapping.run_to_proto(created), existing=created.id != run.id
@@ -296,10 +270,6 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     ) -> pb.UpdateOpRunPriorityResponse:
         """A new priority; a pending run moves in the queue at once."""
         run_id = request_checks.required(request.run_id, "run_id")
-        if request.priority < 0:
-            raise InvalidInput(
-                [FieldViolation("priority", f"must be >= 0 (got {request.priority})")]
-            )
         run = await self.controller.set_priority(run_id, request.priority)
         return pb.UpdateOpRunPriorityResponse(op_run=mapping.run_to_proto(run))
 

@@ -11,33 +11,23 @@ UNAVAILABLE and the position to resume from.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from gyoza import mapping
 from gyoza.api.v1 import op_run_pb2, resources_pb2
 from gyoza.api.v1 import op_run_service_pb2 as pb
 from gyoza.models.op_run import OpRun
-from gyoza.server import mapping
 from gyoza.server.control import RunController
 from gyoza.server.errors import ApiError
-from gyoza.server.hub import (
-    Hub,
-    HubClosed,
-    Subscription,
-    SubscriptionDropped,
-    TopicEntry,
-    topic_response,
-)
+from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
+from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.records import LogRecord
-from gyoza.server.store.store import Store
+from gyoza.server.topic_order import TopicFollower
 
 Ready = Callable[[], Awaitable[None]]
 """Awaited by a stream once its subscription is in place."""
-
-TOPIC_READ_LIMIT = 500
-"""Topic records read from the store at once."""
 
 LOG_READ_LIMIT = 1000
 """Log lines read from the store at once."""
@@ -81,7 +71,7 @@ def _history(run: OpRun, after: int) -> list[tuple[int, op_run_pb2.OpRunEvent]]:
 
 
 async def watch_run(
-    store: Store, hub: Hub, run_id: str, after_sequence: int
+    store: RunStore, hub: Hub, run_id: str, after_sequence: int
 ) -> AsyncIterator[pb.WatchOpRunResponse]:
     """WatchOpRun: the snapshot, the events after *after_sequence*, then live changes.
 
@@ -126,93 +116,25 @@ async def watch_run(
 
 
 async def subscribe_topic(
-    store: Store,
+    store: RunStore,
     hub: Hub,
     topic: str,
     after_offset: int,
     from_latest: bool,
     ready: Ready,
 ) -> AsyncIterator[pb.SubscribeEventsResponse]:
-    """SubscribeEvents: the topic's durable log after the offset, then live records.
+    """SubscribeEvents: the topic's durable log after the offset, then live records, in
+    offset (commit) order, each once (:class:`~gyoza.server.topic_order.TopicFollower`).
 
     *ready* is awaited once the subscription is in place (the servicer sends the
     response headers then, so a client can tell that later events will reach it).
-
-    Records go out in offset (commit) order, each once. The stream keeps ``covered``:
-    every record of its topic at or below it was sent. Live records come from the hub,
-    which may publish them out of offset order (two runs committed in one group resume
-    in either order); the stream holds them sorted and sends those below the first
-    offset the hub has not published (:meth:`PublishedOffsets.contiguous_end`): a record
-    of this topic before them would have reached it. When a held record waits on an
-    offset the hub never got (a record another caller did not publish, or one published
-    while this stream was not subscribed), the stream reads the store: every offset below
-    a published one is committed, so that read fills the gap.
-
-    It reads the store at the start, after being dropped for falling behind, and to fill
-    such a gap; never for a record the hub handed it in order.
     """
-    position = after_offset  # the last offset sent (or skipped, with from_latest)
-    first = True
-    while True:
-        try:
-            async with hub.subscribe_topic(topic) as subscription:
-                must_read = True
-                if first:
-                    if from_latest:
-                        position = await store.latest_offset()
-                        must_read = False  # later records reach the subscription
-                    await ready()
-                    first = False
-                covered = position
-                held: list[TopicEntry] = []  # live records not sent yet, a heap by offset
-                while True:
-                    if must_read:
-                        # Every held record is committed, and so is everything before it.
-                        high = max((entry.offset for entry in held), default=position)
-                        while True:
-                            records = await store.read_topic(
-                                topic, after_offset=position, limit=TOPIC_READ_LIMIT
-                            )
-                            for record in records:
-                                yield topic_response(record)
-                                position = record.offset
-                            if len(records) < TOPIC_READ_LIMIT:
-                                break
-                        covered = max(position, high)
-                        held.clear()
-                        must_read = False
-                    _take_queued(subscription, held, covered)
-                    while held:
-                        end = hub.published_offsets.contiguous_end(covered)
-                        if held[0].offset > end:
-                            break  # an offset before it was never published here
-                        while held and held[0].offset <= end:
-                            entry = heapq.heappop(held)
-                            yield entry.response()
-                            position = entry.offset
-                            # What was queued meanwhile is above end: all below was held.
-                            _take_queued(subscription, held, end)
-                        covered = end
-                    if held:
-                        must_read = True
-                        continue
-                    covered = hub.published_offsets.contiguous_end(covered)
-                    entry = await subscription.get()
-                    if entry.offset > covered:
-                        heapq.heappush(held, entry)
-        except HubClosed:
-            raise _shutting_down("after_offset", position) from None
-        except SubscriptionDropped:
-            continue  # resubscribe, then catch up from the store
-
-
-def _take_queued(
-    subscription: Subscription[TopicEntry], held: list[TopicEntry], covered: int
-) -> None:
-    """Move the subscription's queued records above *covered* into the *held* heap."""
-    while (entry := subscription.get_nowait()) is not None:
-        if entry.offset > covered:
-            heapq.heappush(held, entry)
+    follower = TopicFollower(store, hub, topic, after_offset)
+    try:
+        async for entry in follower.follow(from_latest=from_latest, ready=ready):
+            yield entry.response()
+    except HubClosed:
+        raise _shutting_down("after_offset", follower.position) from None
 
 
 def _log_responses(
@@ -231,11 +153,7 @@ def _log_responses(
             op_run_pb2.LogLine(
                 number=record.number,
                 text=record.text,
-                stream=(
-                    op_run_pb2.LOG_STREAM_STDERR
-                    if record.stream == "stderr"
-                    else op_run_pb2.LOG_STREAM_STDOUT
-                ),
+                stream=mapping.log_stream_to_proto(record.stream),
                 time=mapping.timestamp_to_proto(record.t),
             )
         )
@@ -252,7 +170,7 @@ async def _attempt_over(controller: RunController, run_id: str, attempt: int) ->
 
 async def read_logs(
     controller: RunController,
-    store: Store,
+    store: RunStore,
     hub: Hub,
     run_id: str,
     attempt: int,

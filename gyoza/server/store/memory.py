@@ -18,11 +18,10 @@ from typing import Any, TypeVar
 from gyoza.models.errors import AlreadyExists, NotFound
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import EventEntry, OpRunState
+from gyoza.models.resources import LIVE_STATES, EventEntry, OpRunState
 from gyoza.models.timestamps import utc_now
 from gyoza.server.store import paging
 from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
-from gyoza.server.store.repository import ACTIVE_STATES
 from gyoza.server.store.rows import (
     ATTEMPT_COLUMNS,
     EVENT_COLUMNS,
@@ -258,7 +257,7 @@ class InMemoryStore:
 
     async def load_active_runs(self) -> list[OpRun]:
         await self._enter()
-        active = {s.value for s in ACTIVE_STATES}
+        active = {s.value for s in LIVE_STATES}
         rows = [
             r
             for r in self._runs.values()

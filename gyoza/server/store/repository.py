@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gyoza.models.errors import AlreadyExists, NotFound
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import EventEntry, OpRunState
+from gyoza.models.resources import LIVE_STATES, EventEntry, OpRunState
 from gyoza.server.store.records import LOG_RETENTION, LogRecord, RunFilter, TopicRecord
 from gyoza.server.store.rows import (
     ATTEMPT_COLUMNS,
@@ -64,8 +64,6 @@ from gyoza.server.store.tables import (
 )
 from gyoza.server.store.writer import StaleCache
 
-ACTIVE_STATES = (OpRunState.PENDING, OpRunState.ASSIGNED, OpRunState.RUNNING)
-
 # Held (per transaction) by every transaction that appends to the topic log on
 # PostgreSQL, so that offsets, taken from a sequence at insert time, become visible in
 # commit order even with several server replicas: a subscriber resuming after offset N
@@ -86,7 +84,7 @@ _LOG_COUNT_CACHE = 20_000
 
 def _active_condition() -> ColumnElement[bool]:
     return or_(
-        op_runs.c.state.in_([s.value for s in ACTIVE_STATES]),
+        op_runs.c.state.in_([s.value for s in LIVE_STATES]),
         and_(op_runs.c.next_retry_at.is_not(None), op_runs.c.state == OpRunState.FAILED.value),
     )
 

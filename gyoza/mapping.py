@@ -1,7 +1,9 @@
 """Proto <-> domain mapping: one ``x_to_proto`` / ``x_from_proto`` pair per message.
 
 Every message of ``gyoza.api.v1`` that mirrors a domain object is converted here and
-nowhere else, by the server's servicers and by the Python client alike.
+nowhere else: by the server's servicers, by the agent (its reports) and by the Python
+client alike, so that the three agree on every value. It imports only the generated
+code and the domain. Each enum has one table here.
 
 Conventions
 -----------
@@ -24,17 +26,18 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from gyoza.api.v1 import op_definition_pb2, op_run_pb2, resources_pb2
-from gyoza.models.errors import FieldViolation, InvalidInput
+from gyoza.api.v1 import agent_service_pb2, op_definition_pb2, op_run_pb2, resources_pb2
+from gyoza.models.errors import FieldViolation, InvalidInput, MalformedReport
 from gyoza.models.op_attempt import OpAttempt
 from gyoza.models.op_definition import InputSpec, InputType, OpDefinition, OutputSpec
 from gyoza.models.op_run import OpRun
+from gyoza.models.reports import REPORTABLE_EVENTS, AgentReport, LogLine, ReportedEvent
 from gyoza.models.resources import (
     Constraints,
     EventDelivery,
@@ -836,3 +839,144 @@ def definition_from_proto(
             else utc_now()
         ),
     )
+
+
+# --------------------------------------------------------------------------------------
+# Log streams
+# --------------------------------------------------------------------------------------
+
+_LOG_STREAM_NUMBERS: dict[str, op_run_pb2.LogStream.ValueType] = {
+    "stdout": op_run_pb2.LOG_STREAM_STDOUT,
+    "stderr": op_run_pb2.LOG_STREAM_STDERR,
+}
+_LOG_STREAM_NAMES = {number: name for name, number in _LOG_STREAM_NUMBERS.items()}
+
+
+def log_stream_to_proto(stream: str) -> op_run_pb2.LogStream.ValueType:
+    """``"stdout"`` / ``"stderr"`` (any case) to the wire enum; anything else is
+    LOG_STREAM_UNSPECIFIED."""
+    return _LOG_STREAM_NUMBERS.get(stream.lower(), op_run_pb2.LOG_STREAM_UNSPECIFIED)
+
+
+def log_stream_from_proto(value: op_run_pb2.LogStream.ValueType, default: str = "stdout") -> str:
+    """The wire enum to ``"stdout"`` / ``"stderr"``; unspecified or unknown is *default*."""
+    return _LOG_STREAM_NAMES.get(value, default)
+
+
+# --------------------------------------------------------------------------------------
+# Agent reports (the agent writes them, the server reads them)
+# --------------------------------------------------------------------------------------
+
+
+def reported_event_to_proto(event: ReportedEvent) -> agent_service_pb2.ReportedEvent:
+    """An executor's event as the agent reports it.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If the payload or the outputs are not JSON that travels exactly (a big integer,
+        a set); the message names the path.
+    """
+    message = agent_service_pb2.ReportedEvent(
+        type=event_type_to_proto(event.type),
+        message=event.message,
+        progress=event.progress,
+        failure_class=failure_class_to_proto(event.failure_class),
+        error_message=event.error_message,
+        duration_ms=event.duration_ms,
+    )
+    if event.payload:
+        _fill_struct(message.payload, event.payload, "payload")
+    if event.outputs is not None:
+        _fill_struct(message.outputs, event.outputs, "outputs")
+    if event.exit_code is not None:
+        message.exit_code = event.exit_code
+    return message
+
+
+def reported_event_from_proto(message: agent_service_pb2.ReportedEvent) -> ReportedEvent:
+    """The event an agent reported; ``outputs_bytes`` is the outputs' encoded size.
+
+    A failure class this server does not know reads as ``None`` (an agent newer than the
+    server still gets its attempt ended).
+
+    Raises
+    ------
+    InvalidInput
+        If the type is unspecified or unknown.
+    """
+    kind = event_type_from_proto(message.type)
+    try:
+        failure_class = failure_class_from_proto(message.failure_class)
+    except InvalidInput:
+        failure_class = None
+    return ReportedEvent(
+        type=kind,
+        message=message.message,
+        progress=message.progress,
+        payload=struct_from_proto(message.payload) if message.payload.fields else {},
+        outputs=struct_from_proto(message.outputs) if message.HasField("outputs") else None,
+        failure_class=failure_class,
+        exit_code=message.exit_code if message.HasField("exit_code") else None,
+        error_message=message.error_message,
+        duration_ms=message.duration_ms,
+        outputs_bytes=message.outputs.ByteSize() if message.HasField("outputs") else 0,
+    )
+
+
+def log_chunk_to_proto(lines: Sequence[LogLine]) -> agent_service_pb2.LogChunk:
+    """Log lines as a LogChunk (line endings stripped)."""
+    return agent_service_pb2.LogChunk(
+        lines=[
+            agent_service_pb2.LogChunkLine(
+                text=line.text.rstrip("\r\n"), stream=log_stream_to_proto(line.stream)
+            )
+            for line in lines
+        ]
+    )
+
+
+def report_from_proto(message: agent_service_pb2.Report, max_payload_bytes: int) -> AgentReport:
+    """A report as the server reads it off an agent's stream.
+
+    A report that is addressed but malformed (no body, an event type agents may not
+    report, a payload over *max_payload_bytes*) comes back with its ``refusal`` set: it
+    is refused, and its seq consumed. (The encoded size of a Struct is a close, cheap
+    stand-in for its JSON size.)
+
+    Raises
+    ------
+    MalformedReport
+        If the report lacks its address (``run_id``, ``attempt >= 1``, ``seq >= 1``).
+    """
+    if not message.run_id or message.attempt < 1 or message.seq < 1:
+        raise MalformedReport("a report needs run_id, attempt >= 1 and seq >= 1")
+    when = timestamp_from_proto(message.time) if message.HasField("time") else utc_now()
+    address = (message.run_id, message.attempt, message.seq, when)
+    body = message.WhichOneof("body")
+    if body == "logs":
+        lines = tuple(
+            LogLine(line.text, log_stream_from_proto(line.stream)) for line in message.logs.lines
+        )
+        return AgentReport(*address, lines=lines)
+    if body != "event":
+        return AgentReport(*address, refusal="the report carries neither an event nor log lines")
+    wire = message.event
+    try:
+        kind: EventType | None = event_type_from_proto(wire.type)
+    except InvalidInput:
+        kind = None
+    if kind not in REPORTABLE_EVENTS:
+        name = (
+            resources_pb2.EventType.Name(wire.type)
+            if wire.type in resources_pb2.EventType.values()
+            else str(wire.type)
+        )
+        return AgentReport(*address, refusal=f"agents cannot report events of type {name}")
+    if wire.payload.ByteSize() > max_payload_bytes:
+        return AgentReport(
+            *address,
+            refusal=f"the event payload is larger than the server's limit of "
+            f"{max_payload_bytes} bytes",
+        )
+    return AgentReport(*address, event=reported_event_from_proto(wire))
