@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto proto-check lint services test bench serve all clean
+.PHONY: install proto proto-check lint services test bench serve screenshots all clean
 
 all: lint proto-check test
 
@@ -67,6 +67,12 @@ test: $(STAMP) services
 
 bench: $(STAMP)
 	$(PY) -m bench
+	$(PY) -m bench.placement
+
+# A PNG of each page of the web dashboard under docs/ui/ (needs chromium and chromedriver:
+# scripts/install-system.sh installs them).
+screenshots: $(STAMP)
+	$(PY) scripts/screenshots.py
 
 # Start the server on its embedded default: a SQLite file in the working directory.
 serve: $(STAMP)

@@ -2,9 +2,10 @@
 
 The server listens on 127.0.0.1:50051 with a SQLite file in the working directory; the
 agent runs ops in the local Docker engine (or plays them with the scripted executor) and
-keeps its outbox under ``./.gyoza-dev``. Their logs go to ``server.log`` and ``agent.log``
-in that folder (the terminal stays free for typing commands); ``gyoza dev`` says where.
-Ctrl-C stops both.
+keeps its outbox under ``./.gyoza-dev``; the web dashboard (``gyoza ui``) listens on
+127.0.0.1:8080 unless turned off. Their logs go to ``server.log`` and ``agent.log`` in
+that folder (the terminal stays free for typing commands); ``gyoza dev`` says where.
+Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from gyoza.server.logs import JsonFormatter, LogfmtFormatter, configure_logging
 log = logging.getLogger("gyoza.dev")
 
 
-async def run_dev(server: ServerConfig, agent: AgentConfig) -> None:
-    """Serve and run the agent until SIGINT or SIGTERM."""
+async def run_dev(server: ServerConfig, agent: AgentConfig, ui_listen: str | None = None) -> None:
+    """Serve, run the agent and (with *ui_listen*) the dashboard until SIGINT or SIGTERM.
+
+    A dashboard that cannot listen is reported and left out; the rest runs on.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -38,17 +42,45 @@ async def run_dev(server: ServerConfig, agent: AgentConfig) -> None:
         task = asyncio.create_task(runner.run())
         print(
             f"gyoza dev: server on {plane.address} ({server.database_url}), "
-            f"agent {agent.name!r} with the {agent.executor} executor. Ctrl-C stops both.",
+            f"agent {agent.name!r} with the {agent.executor} executor. Ctrl-C stops them all.",
             file=sys.stderr,
         )
+        dashboard = None if ui_listen is None else _start_ui(plane.address, ui_listen)
         waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            waiter.cancel()
-            task.result()  # the agent failed: say why
-            return
-        await runner.shutdown(0.0)
-        await asyncio.gather(task, return_exceptions=True)
+        try:
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                waiter.cancel()
+                task.result()  # the agent failed: say why
+                return
+            await runner.shutdown(0.0)
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            if dashboard is not None:
+                dashboard.cancel()
+                await asyncio.gather(dashboard, return_exceptions=True)
+
+
+def _start_ui(address: str, listen: str) -> asyncio.Task[None] | None:
+    """Start the dashboard over a client of the dev server; ``None`` where the
+    dashboard is not installed."""
+    try:
+        from gyoza.client import Client
+        from gyoza.ui.serve import CHANNEL_OPTIONS, serve_ui
+    except ImportError as error:
+        print(f"gyoza dev: no dashboard ({error})", file=sys.stderr)
+        return None
+
+    def ready(url: str) -> None:
+        print(f"gyoza dev: dashboard on {url}", file=sys.stderr, flush=True)
+
+    async def serve() -> None:
+        try:
+            await serve_ui(Client(address, channel_options=CHANNEL_OPTIONS), listen, on_ready=ready)
+        except (OSError, ValueError) as error:
+            print(f"gyoza dev: no dashboard: cannot listen on {listen}: {error}", file=sys.stderr)
+
+    return asyncio.create_task(serve(), name="gyoza-dev-ui")
 
 
 class _ByLogger(logging.Filter):
@@ -83,8 +115,10 @@ def main_dev(
     listen: str | None = None,
     state_dir: str | None = None,
     executor: str | None = None,
+    ui_listen: str | None = "127.0.0.1:8080",
 ) -> None:
-    """Run ``gyoza dev`` with the given flag values (``None``: the default)."""
+    """Run ``gyoza dev`` with the given flag values (``None``: the default; a
+    *ui_listen* of ``None`` means no dashboard)."""
     try:
         server = ServerConfig.resolve(listen=listen, database=database)
     except ConfigError as error:
@@ -103,4 +137,4 @@ def main_dev(
         executor=executor or "docker",
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_dev(server, agent))
+        asyncio.run(run_dev(server, agent, ui_listen))

@@ -46,6 +46,8 @@ from gyoza.models.resources import (
     ExecutionSummary,
     FailureClass,
     OpRunState,
+    PendingReason,
+    PendingReasonCode,
     RetryPolicy,
 )
 from gyoza.models.timestamps import utc_now
@@ -313,6 +315,8 @@ def constraints_to_proto(constraints: Constraints) -> resources_pb2.Constraints:
         vram_mb=constraints.vram_mb,
         gpu_count=constraints.gpu_count,
         timeout_seconds=constraints.timeout_s or 0.0,
+        selector=constraints.selector,
+        queue_timeout_seconds=constraints.queue_timeout_s or 0.0,
     )
     if constraints.gpu_id is not None:
         message.gpu_id = constraints.gpu_id
@@ -328,6 +332,26 @@ def constraints_from_proto(message: resources_pb2.Constraints) -> Constraints:
         gpu_count=message.gpu_count,
         gpu_id=message.gpu_id if message.HasField("gpu_id") else None,
         timeout_s=message.timeout_seconds or None,
+        selector=message.selector.strip(),
+        queue_timeout_s=message.queue_timeout_seconds or None,
+    )
+
+
+def pending_reason_from_proto(message: resources_pb2.PendingReason) -> PendingReason | None:
+    """Convert a ``PendingReason``; an UNSPECIFIED or unknown code is ``None``."""
+    try:
+        name = resources_pb2.PendingReasonCode.Name(message.code)
+        code = PendingReasonCode(name.removeprefix("PENDING_REASON_CODE_"))
+    except ValueError:  # UNSPECIFIED, or a code newer than this client
+        return None
+    return PendingReason(code, message.message)
+
+
+def pending_reason_to_proto(reason: PendingReason) -> resources_pb2.PendingReason:
+    """Convert a :class:`PendingReason`."""
+    return resources_pb2.PendingReason(
+        code=resources_pb2.PendingReasonCode.Value(f"PENDING_REASON_CODE_{reason.code.value}"),
+        message=reason.message,
     )
 
 
@@ -564,7 +588,11 @@ def attempt_from_proto(
 
 
 def run_to_proto(
-    run: OpRun, *, events: bool = True, event_sequence: int | None = None
+    run: OpRun,
+    *,
+    events: bool = True,
+    event_sequence: int | None = None,
+    pending_reason: PendingReason | None = None,
 ) -> op_run_pb2.OpRun:
     """Convert an :class:`OpRun` to its API view: the run and its current attempt.
 
@@ -577,6 +605,8 @@ def run_to_proto(
     event_sequence : int | None
         The run's event sequence, when the caller knows it better than the attempts
         *run* holds; by default the number of events in all of them.
+    pending_reason : PendingReason | None
+        Why the run waits, when it is pending (the scheduler knows, not the run).
     """
     current = run.current_attempt
     message = op_run_pb2.OpRun(
@@ -611,6 +641,9 @@ def run_to_proto(
             fill_event(added.add(), entry, current)
     if run.next_retry_at is not None:
         _fill_timestamp(message.next_retry_time, run.next_retry_at)
+    pending_reason = pending_reason or run.pending_reason
+    if pending_reason is not None and run.state is OpRunState.PENDING:
+        message.pending_reason.CopyFrom(pending_reason_to_proto(pending_reason))
     return message
 
 
@@ -657,7 +690,7 @@ def run_from_proto(message: op_run_pb2.OpRun) -> OpRun:
             else _event_time(entries, (EventType.RETRIED,)) or created_at
         ),
     )
-    return OpRun.rehydrate(
+    run = OpRun.rehydrate(
         id=message.id,
         state=state,
         priority=message.priority,
@@ -675,6 +708,9 @@ def run_from_proto(message: op_run_pb2.OpRun) -> OpRun:
         created_at=created_at,
         updated_at=timestamp_from_proto(message.update_time),
     )
+    if message.HasField("pending_reason"):
+        run.pending_reason = pending_reason_from_proto(message.pending_reason)
+    return run
 
 
 _TERMINAL_EVENTS = (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages gyoza's tests need on Debian 12: Docker Engine
-# (docker.io), PostgreSQL, a static busybox (the root filesystem of the test image)
+# (docker.io), PostgreSQL, a static busybox (the root filesystem of the test image),
+# Chromium and its driver (the web dashboard's browser tests and `make screenshots`)
 # and, only when missing, Node.js and npm. Idempotent: it asks apt for nothing when
 # everything is already installed. Must run as root.
 set -euo pipefail
@@ -13,7 +14,7 @@ installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
 }
 
-wanted=(docker.io postgresql busybox-static)
+wanted=(docker.io postgresql busybox-static chromium chromium-driver)
 missing=()
 for pkg in "${wanted[@]}"; do
     installed "$pkg" || missing+=("$pkg")

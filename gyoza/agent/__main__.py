@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--state-dir", "state_dir", "directory of the outbox")
     flag("--executor", "executor", "how attempts run (docker)", choices=EXECUTORS)
     flag("--gpus", "gpus", "declared GPU inventory, e.g. 2x80G (overrides NVML)")
-    flag("--labels", "labels", "labels as KEY=VALUE,KEY=VALUE")
+    flag(
+        "--labels",
+        "labels",
+        "labels as KEY=VALUE,KEY=VALUE (runs select agents by them; executor, gpu.model, "
+        "gpu.count and agent.version are added)",
+    )
     flag("--network", "network", "Docker network of the containers (none)")
     flag("--cpu", "cpu", "CPU cores to declare", type=float)
     flag("--ram-mb", "ram_mb", "memory in MiB to declare", type=int)

@@ -42,6 +42,7 @@ from gyoza.agent.backoff import Backoff
 from gyoza.agent.capacity import CapacityInfo, probe_capacity
 from gyoza.agent.config import AgentConfig
 from gyoza.agent.executor import Assignment, Executor
+from gyoza.agent.labels import agent_labels
 from gyoza.agent.mapping import assignment_from_proto, capacity_to_proto
 from gyoza.agent.outbox import OUTBOX_FILE, Outbox
 from gyoza.agent.scripted import ScriptedExecutor
@@ -535,7 +536,12 @@ class Agent:
             agent_name=self.name,
             capacity=capacity,
             held=held,
-            labels=self.config.labels,
+            labels=agent_labels(
+                self.config.labels,
+                executor=self.config.executor,
+                capacity=capacity,
+                version=agent_version(),
+            ),
             version=agent_version(),
             draining=self.draining,
         )

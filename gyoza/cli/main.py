@@ -1,6 +1,6 @@
 """The ``gyoza`` command.
 
-``gyoza server``, ``gyoza agent`` and ``gyoza dev`` run the pieces; ``gyoza definitions``,
+``gyoza server``, ``gyoza agent``, ``gyoza dev`` and ``gyoza ui`` run the pieces; ``gyoza definitions``,
 ``gyoza runs`` and ``gyoza agents`` talk to a server. Exit codes are documented in
 :mod:`gyoza.cli.exit_codes`.
 """
@@ -15,6 +15,7 @@ from gyoza.cli.definitions import definitions
 from gyoza.cli.events import events
 from gyoza.cli.runs import runs
 from gyoza.cli.services import agent, dev, server
+from gyoza.cli.ui import ui
 from gyoza.client import DEFAULT_SERVER
 
 __all__ = ["cli", "main"]
@@ -114,6 +115,7 @@ cli.add_command(definitions)
 cli.add_command(runs)
 cli.add_command(agents)
 cli.add_command(events)
+cli.add_command(ui)
 
 
 def main() -> None:

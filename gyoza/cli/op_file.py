@@ -13,7 +13,8 @@
     outputs:                      # what a completed run's outputs must hold
       image_url: {type: string, required: true, description: Where the picture is}
       seconds: float
-    constraints: {cpu: 2, ram_mb: 4096, vram_mb: 8000, gpu_count: 1, gpu_id: 0, timeout_s: 600}
+    constraints: {cpu: 2, ram_mb: 4096, vram_mb: 8000, gpu_count: 1, gpu_id: 0, timeout_s: 600,
+                  queue_timeout_s: 3600, selector: "executor = docker, zone != eu-1"}
     retry_policy: {max_attempts: 3, initial_delay_s: 1, backoff_multiplier: 2,
                    max_delay_s: 60, retry_on: [EXIT_CODE, OOM]}
     event_delivery: {topic: renders, attributes: {team: vision}}
@@ -353,7 +354,16 @@ class _Reader:
         return value
 
     def constraints(self, value: Any) -> Constraints:
-        keys = ("cpu", "ram_mb", "vram_mb", "gpu_count", "gpu_id", "timeout_s")
+        keys = (
+            "cpu",
+            "ram_mb",
+            "vram_mb",
+            "gpu_count",
+            "gpu_id",
+            "timeout_s",
+            "queue_timeout_s",
+            "selector",
+        )
         data = self.mapping(value, "constraints", keys)
         if data is None:
             return Constraints()
@@ -363,6 +373,10 @@ class _Reader:
         gpu_count = self.number(data, "gpu_count", "constraints.gpu_count", whole=True)
         gpu_id = self.number(data, "gpu_id", "constraints.gpu_id", whole=True)
         timeout_s = self.number(data, "timeout_s", "constraints.timeout_s", whole=False)
+        queue_timeout_s = self.number(
+            data, "queue_timeout_s", "constraints.queue_timeout_s", whole=False
+        )
+        selector = self.text(data, "selector", "constraints.selector", required=False)
         return Constraints(
             cpu=float(cpu or 0),
             ram_mb=int(ram_mb or 0),
@@ -370,6 +384,8 @@ class _Reader:
             gpu_count=int(gpu_count or 0),
             gpu_id=None if gpu_id is None else int(gpu_id),
             timeout_s=None if timeout_s is None else float(timeout_s),
+            queue_timeout_s=None if queue_timeout_s is None else float(queue_timeout_s),
+            selector=(selector or "").strip(),
         )
 
     def retry_policy(self, value: Any) -> RetryPolicy:

@@ -298,6 +298,10 @@ def run_detail(run: OpRun) -> Table:
         rows.append(("exit code", str(summary.exit_code)))
     if summary.error_message:
         rows.append(("error", summary.error_message))
+    if run.pending_reason is not None and run.state is OpRunState.PENDING:
+        rows.append(
+            ("waiting", Text(f"{run.pending_reason.message} ({run.pending_reason.code.value})"))
+        )
     if run.cancel_requested:
         rows.append(("cancel", "requested"))
     if run.next_retry_at is not None:
@@ -333,6 +337,10 @@ def constraints_text(c: Constraints) -> str:
         parts.append(f"gpu id {c.gpu_id}")
     if c.timeout_s is not None:
         parts.append(f"timeout {c.timeout_s:g}s")
+    if c.queue_timeout_s is not None:
+        parts.append(f"queue timeout {c.queue_timeout_s:g}s")
+    if c.selector:
+        parts.append(f"selector {c.selector}")
     return ", ".join(parts)
 
 
@@ -454,8 +462,8 @@ def definition_detail(definition: OpDefinition) -> Table:
 def agents_table(agents: Iterable[Agent]) -> Table:
     """Agents with their capacity, GPUs (VRAM free for new runs) and runs."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN"):
-        table.add_column(column, no_wrap=column != "GPUS")
+    for column in ("NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN", "LABELS"):
+        table.add_column(column, no_wrap=column not in ("GPUS", "LABELS"))
     for agent in agents:
         gpus = "\n".join(
             f"{g.index}: {g.name or 'gpu'} {g.vram_free_mb}/{g.vram_total_mb} MiB free"
@@ -471,6 +479,7 @@ def agents_table(agents: Iterable[Agent]) -> Table:
             gpus or "-",
             str(len(agent.runs)),
             _ago(agent.last_seen_time),
+            "\n".join(f"{k}={v}" for k, v in sorted(agent.labels.items())) or "-",
         )
     return table
 

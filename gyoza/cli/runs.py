@@ -61,11 +61,30 @@ def runs() -> None:
 @click.option("--priority", type=click.IntRange(min=0), help="Higher runs first (default 0).")
 @click.option("--cpu", type=click.FloatRange(min=0), help="CPU cores to reserve.")
 @click.option("--ram-mb", type=click.IntRange(min=0), help="Memory in MiB (also the limit).")
-@click.option("--vram-mb", type=click.IntRange(min=0), help="VRAM in MiB on each GPU.")
-@click.option("--gpu-count", type=click.IntRange(min=0), help="Number of GPUs.")
+@click.option(
+    "--vram-mb",
+    type=click.IntRange(min=0),
+    help="VRAM in MiB on each GPU; runs that state it share a GPU while their VRAM fits.",
+)
+@click.option(
+    "--gpu-count",
+    type=click.IntRange(min=0),
+    help="Number of GPUs. Without --vram-mb each GPU is held whole (no other run on it).",
+)
 @click.option("--gpu-id", type=click.IntRange(min=0), help="Pin to this GPU index.")
 @click.option(
     "--timeout-s", type=click.FloatRange(min=0, min_open=True), help="Time limit per attempt."
+)
+@click.option(
+    "--selector",
+    metavar="SELECTOR",
+    help="Agent labels the run requires, e.g. 'executor=docker, zone notin (eu-1)'; "
+    "see docs/scheduling.md.",
+)
+@click.option(
+    "--queue-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Fail as QUEUE_TIMEOUT when not placed within this many seconds.",
 )
 @click.option("--topic", help="Publish the run's events on this topic.")
 @click.option("--request-id", metavar="ID", help="Idempotency key: repeating it is safe.")

@@ -8,10 +8,11 @@ so the command line, ``python -m gyoza.server`` and the environment agree.
 The functions called:
 
 * ``gyoza.server.app.main_server(*, listen, database, tls_cert, tls_key, tls_client_ca,
-  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace)``
+  api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace,
+  starvation_s)``
 * ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
   ``gyoza.agent.config.AgentConfig.from_env(**flags)``
-* ``gyoza.dev.main_dev(*, database, listen, state_dir, executor)``
+* ``gyoza.dev.main_dev(*, database, listen, state_dir, executor, ui_listen)``
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def _load(module: str, command: str) -> ModuleType:
     type=click.FloatRange(min=0),
     help="Seconds in-flight calls get on SIGTERM [env GYOZA_SHUTDOWN_GRACE; default 10].",
 )
+@click.option(
+    "--starvation-s",
+    type=click.FloatRange(min=0),
+    help="Bounded wait: once the first waiting run (highest priority, oldest) has been "
+    "overtaken this long, the agent where it fits soonest is held for it and takes no "
+    "new run until it starts [env GYOZA_STARVATION_S; default 60].",
+)
 def server(**options: Any) -> None:
     """Run the gyoza server (the control plane) until SIGTERM or Ctrl-C."""
     app = _load("gyoza.server.app", "gyoza server")
@@ -121,7 +129,12 @@ def server(**options: Any) -> None:
     metavar="SPEC",
     help="Declared GPUs instead of NVML, e.g. 2x80G or 1x24576M [env GYOZA_GPUS].",
 )
-@click.option("--labels", metavar="K=V,...", help="Labels for operators [env GYOZA_LABELS].")
+@click.option(
+    "--labels",
+    metavar="K=V,...",
+    help="Labels runs select agents by (constraints.selector); the agent adds executor, "
+    "gpu.model, gpu.count and agent.version itself [env GYOZA_LABELS].",
+)
 @click.option(
     "--network", help="Docker network of the containers [env GYOZA_NETWORK; default none]."
 )
@@ -169,11 +182,22 @@ def agent(
     type=click.Choice(["docker", "scripted"]),
     help="Executor of the local agent (default docker).",
 )
-def dev(**options: Any) -> None:
-    """Run a server and a local agent in one process, for trying gyoza out.
+@click.option(
+    "--ui-listen",
+    metavar="HOST:PORT",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="Address of the web dashboard; port 0 picks one.",
+)
+@click.option("--no-ui", is_flag=True, help="Do not start the web dashboard.")
+def dev(no_ui: bool, **options: Any) -> None:
+    """Run a server, a local agent and the web dashboard in one process, for trying
+    gyoza out.
 
     Their logs go to server.log and agent.log in the state directory (./.gyoza-dev by
     default), not to the terminal.
     """
     module = _load("gyoza.dev", "gyoza dev")
+    if no_ui:
+        options["ui_listen"] = None
     module.main_dev(**options)

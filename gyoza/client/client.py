@@ -16,7 +16,7 @@ Every method returns domain objects (:class:`~gyoza.models.op_run.OpRun`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -86,6 +86,8 @@ class Client:
     channel : grpc.Channel | None
         Use this channel instead of opening one (the TLS options are then ignored and
         :meth:`close` leaves it open).
+    channel_options : Sequence[tuple[str, Any]]
+        gRPC channel arguments of the channel it opens (``grpc.max_reconnect_backoff_ms``...).
 
     Attributes
     ----------
@@ -112,6 +114,7 @@ class Client:
         tls_key: str | Path | None = None,
         timeout: float | None = 30.0,
         channel: grpc.Channel | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -122,7 +125,14 @@ class Client:
         self._channel = (
             channel
             if channel is not None
-            else open_channel(target, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+            else open_channel(
+                target,
+                tls=tls,
+                tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                options=channel_options,
+            )
         )
         self.api = ApiCalls(self._channel, self._metadata, timeout)
 
@@ -464,8 +474,10 @@ def open_channel(
     tls_ca: str | Path | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
-    """Open a channel to *target*: plain, or TLS when *tls* or any PEM file is given.
+    """Open a channel to *target*: plain, or TLS when *tls* or any PEM file is given;
+    *options* are its gRPC channel arguments.
 
     Raises
     ------
@@ -476,14 +488,16 @@ def open_channel(
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs its key: give both tls_cert and tls_key")
+    # The defaults (a short reconnect backoff), then the caller's, which win.
+    arguments = list({**dict(CHANNEL_OPTIONS), **dict(options)}.items())
     if not (tls or tls_ca or tls_cert):
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=arguments)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls_ca),
         private_key=_read(tls_key),
         certificate_chain=_read(tls_cert),
     )
-    return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(target, credentials, options=arguments)
 
 
 def _read(path: str | Path | None) -> bytes | None:

@@ -32,6 +32,7 @@ from gyoza.models.resources import (
     ExecutionSummary,
     FailureClass,
     OpRunState,
+    PendingReason,
     RetryPolicy,
 )
 from gyoza.models.timestamps import (
@@ -126,6 +127,9 @@ class OpRun:
         When the run was created.
     updated_at : datetime
         When the run last changed.
+    pending_reason : PendingReason | None
+        Why a PENDING run waits, as the server's scheduler last saw it. Not stored:
+        the scheduler derives it again on each placement pass.
     """
 
     id: str
@@ -144,6 +148,7 @@ class OpRun:
     output_specs: list[OutputSpec] = field(default_factory=list)
     created_at: datetime = field(default_factory=utc_now)
     updated_at: datetime = field(default_factory=utc_now)
+    pending_reason: PendingReason | None = field(default=None, compare=False)
     _attempts: list[OpAttempt] = field(default_factory=list, repr=False)
     _current_attempt_index: int = field(default=-1, repr=False)
 
@@ -796,6 +801,34 @@ class OpRun:
         self._record(attempt, EventType.INFO, f"cancel requested{suffix}", {"reason": reason}, now)
         self.updated_at = now
         return False
+
+    def expire_in_queue(self, waited_s: float) -> EventEntry:
+        """Fail the current attempt because it waited in the queue past its
+        ``constraints.queue_timeout_s``: a FAILED event with failure class
+        ``QUEUE_TIMEOUT``; the retry policy then decides as for any failure.
+
+        Raises
+        ------
+        InvalidTransition
+            If the run is not PENDING.
+        """
+        if self.state is not OpRunState.PENDING:
+            raise InvalidTransition(
+                f"only PENDING runs time out in the queue; run {self.id} is {self.state.value}"
+            )
+        limit = self.constraints.queue_timeout_s or 0.0
+        message = f"not placed within its queue timeout of {limit:g}s (waited {waited_s:.1f}s)"
+        return self._apply_event(
+            self._current(),
+            EventType.FAILED,
+            message,
+            {"error_message": message, "failure_class": FailureClass.QUEUE_TIMEOUT.value},
+            utc_now(),
+        )
+
+    def queued_since(self) -> datetime:
+        """When the current attempt began to wait for an agent (its creation)."""
+        return self._current().created_at
 
     def release_assignment(
         self, reason: str, failure_class: FailureClass = FailureClass.AGENT_LOST

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from gyoza.models.errors import FieldViolation
+from gyoza.models.selectors import LabelSelector, SelectorError
 from gyoza.models.timestamps import format_timestamp, parse_timestamp
 
 
@@ -75,6 +76,7 @@ class FailureClass(StrEnum):
     CANCELLED = "CANCELLED"
     OUTPUT_INVALID = "OUTPUT_INVALID"
     EXECUTOR_ERROR = "EXECUTOR_ERROR"
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
 
 
 def _get(data: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -112,11 +114,19 @@ class Constraints:
         GPU memory in MiB needed on *each* assigned GPU. VRAM is a budget consumed
         per GPU, not a filter.
     gpu_count : int
-        Number of GPUs. ``0`` with ``vram_mb > 0`` or a ``gpu_id`` means one.
+        Number of GPUs. ``0`` with ``vram_mb > 0`` or a ``gpu_id`` means one. A run
+        that needs GPUs and states no ``vram_mb`` holds each GPU it gets whole: no
+        other run is placed on that GPU while it holds it.
     gpu_id : int | None
         Pin the run to this GPU index (implies exactly one GPU).
     timeout_s : float | None
         Run-time limit in seconds; ``None`` means no limit.
+    selector : str
+        Label selector (:mod:`gyoza.models.selectors`) the agent's labels must match;
+        ``""`` matches every agent.
+    queue_timeout_s : float | None
+        How long an attempt may wait in the queue before it fails as
+        ``QUEUE_TIMEOUT``; ``None`` means it waits as long as it takes.
     """
 
     cpu: float = 0.0
@@ -125,6 +135,24 @@ class Constraints:
     gpu_count: int = 0
     gpu_id: int | None = None
     timeout_s: float | None = None
+    selector: str = ""
+    queue_timeout_s: float | None = None
+
+    @property
+    def holds_whole_gpu(self) -> bool:
+        """True when the run holds each of its GPUs whole (it needs GPUs and states
+        no VRAM figure to share them by)."""
+        return self.vram_mb == 0 and self.gpus_needed > 0
+
+    def label_selector(self) -> LabelSelector:
+        """The parsed selector.
+
+        Raises
+        ------
+        SelectorError
+            When the selector cannot be parsed (``validate`` reports it first).
+        """
+        return LabelSelector.parse(self.selector)
 
     @property
     def gpus_needed(self) -> int:
@@ -155,6 +183,20 @@ class Constraints:
                 violations.append(
                     FieldViolation("timeout_s", f"must be > 0 when set (got {self.timeout_s})")
                 )
+        if self.queue_timeout_s is not None:
+            if not math.isfinite(self.queue_timeout_s):
+                violations.append(FieldViolation("queue_timeout_s", "must be a finite number"))
+            elif self.queue_timeout_s <= 0:
+                violations.append(
+                    FieldViolation(
+                        "queue_timeout_s",
+                        f"must be > 0 when set (got {self.queue_timeout_s})",
+                    )
+                )
+        try:
+            self.label_selector()
+        except SelectorError as error:
+            violations.append(FieldViolation("selector", str(error)))
         return violations
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +208,8 @@ class Constraints:
             "gpu_count": self.gpu_count,
             "gpu_id": self.gpu_id,
             "timeout_s": self.timeout_s,
+            "selector": self.selector,
+            "queue_timeout_s": self.queue_timeout_s,
         }
 
     @classmethod
@@ -178,7 +222,42 @@ class Constraints:
             gpu_count=int(_get(data, "gpu_count", 0)),
             gpu_id=_optional_int(data.get("gpu_id")),
             timeout_s=_optional_float(data.get("timeout_s")),
+            selector=str(_get(data, "selector", "")),
+            queue_timeout_s=_optional_float(data.get("queue_timeout_s")),
         )
+
+
+class PendingReasonCode(StrEnum):
+    """Why a pending run has not been placed, as a machine-readable code.
+
+    ``AGENTS_BUSY`` and ``MAKING_ROOM`` mean the run will start once room frees up;
+    every other code means no connected agent could take it even if idle
+    (the run is *unschedulable* until the fleet changes).
+    """
+
+    NO_AGENT = "NO_AGENT"
+    SELECTOR_UNMATCHED = "SELECTOR_UNMATCHED"
+    INSUFFICIENT_CPU = "INSUFFICIENT_CPU"
+    INSUFFICIENT_RAM = "INSUFFICIENT_RAM"
+    INSUFFICIENT_GPU = "INSUFFICIENT_GPU"
+    INSUFFICIENT_VRAM = "INSUFFICIENT_VRAM"
+    GPU_NOT_FOUND = "GPU_NOT_FOUND"
+    NO_SINGLE_AGENT_FITS = "NO_SINGLE_AGENT_FITS"
+    AGENTS_BUSY = "AGENTS_BUSY"
+    MAKING_ROOM = "MAKING_ROOM"
+
+    @property
+    def unschedulable(self) -> bool:
+        """True when no connected agent could take the run even if it were idle."""
+        return self not in (PendingReasonCode.AGENTS_BUSY, PendingReasonCode.MAKING_ROOM)
+
+
+@dataclass(frozen=True)
+class PendingReason:
+    """Why a pending run waits: a code and the same in words."""
+
+    code: PendingReasonCode
+    message: str
 
 
 _DEFAULT_RETRY_ON: tuple[FailureClass, ...] = (

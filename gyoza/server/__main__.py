@@ -30,6 +30,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight calls get on SIGTERM (default 10)"
     )
+    parser.add_argument(
+        "--starvation-s",
+        type=float,
+        help="seconds the first waiting run may be overtaken before an agent is held for "
+        "it (default 60)",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,
+        starvation_s=args.starvation_s,
     )
 
 

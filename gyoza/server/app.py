@@ -207,6 +207,8 @@ class ControlPlane:
             await gauge.seed(store)
             # Read when scraped, from the objects that own the numbers.
             metrics.QUEUE_DEPTH.set_function(lambda: scheduler.queue_depth)
+            metrics.RUNS_UNSCHEDULABLE.set_function(lambda: scheduler.unschedulable_count)
+            metrics.AGENTS_HELD.set_function(lambda: 0 if scheduler.held_agent is None else 1)
             metrics.CONNECTED_AGENTS.set_function(lambda: len(sessions.sessions))
             self._built = built = build_server(
                 config, store=store, controller=controller, hub=hub, sessions=sessions
@@ -351,6 +353,7 @@ def main_server(
     log_level: str | None = None,
     log_format: str | None = None,
     shutdown_grace: float | None = None,
+    starvation_s: float | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
@@ -370,6 +373,7 @@ def main_server(
             log_level=log_level,
             log_format=log_format,
             shutdown_grace=shutdown_grace,
+            starvation=starvation_s,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)

@@ -3,7 +3,7 @@
 ::
 
     Hub()                                     fan-out of committed changes
-    Scheduler()                               the queue, agents' free resources
+    Scheduler(starvation_s)                   the queue, agents' free resources
     SessionRegistry(scheduler)                agent sessions: the controller's AgentLink
     RunController(store, hub, scheduler,      the only code that changes runs
                   sessions, settings=...)
@@ -58,14 +58,15 @@ def build_core(
 ) -> Core:
     """Build the core on *store* (not started: call ``controller.start()``)."""
     hub = hub or Hub()
-    scheduler = Scheduler()
+    settings = settings or ControlSettings()
+    scheduler = Scheduler(starvation_s=settings.starvation_s)
     sessions = SessionRegistry(scheduler)
     controller = RunController(
         store,
         hub,
         scheduler,
         sessions,
-        settings=settings or ControlSettings(),
+        settings=settings,
         max_outputs_bytes=max_outputs_bytes,
     )
     return Core(store, hub, scheduler, sessions, controller)

@@ -19,11 +19,13 @@ flag                   environment                default
 ``--log-level``        ``GYOZA_LOG_LEVEL``        ``info``
 ``--log-format``       ``GYOZA_LOG_FORMAT``       ``json``
 ``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
+``--starvation-s``     ``GYOZA_STARVATION_S``     ``60`` seconds
 =====================  =========================  ==============================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -133,6 +135,7 @@ class ServerConfig:
         log_level: str | None = None,
         log_format: str | None = None,
         shutdown_grace: float | None = None,
+        starvation: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> ServerConfig:
         """Build the settings from flag values, the environment and the defaults.
@@ -217,6 +220,10 @@ class ServerConfig:
             control = ControlSettings.from_env(env)
         except ValueError as error:
             raise ConfigError(f"agent protocol timing: {error}") from None
+        if starvation is not None:
+            control = dataclasses.replace(control, starvation_s=starvation)
+        if not control.starvation_s >= 0:
+            raise ConfigError(f"--starvation-s must be >= 0, not {control.starvation_s}")
 
         return cls(
             listen=listen_value,

@@ -9,8 +9,9 @@ caller that gets a result knows it is durable.
 Its parts, each in its own module and built in one place (:mod:`gyoza.server.bootstrap`):
 the agent protocol's rules (:mod:`gyoza.server.agent_protocol`: reconciliation, report
 fencing and consumption, as functions over the domain that return acks and nacks), its
-timers for automatic retries and lost agents (:mod:`gyoza.server.timers`), placement
-passes (:mod:`gyoza.server.placement`) and the scheduler. It is typed against the
+timers for automatic retries, lost agents and queue timeouts (:mod:`gyoza.server.timers`),
+placement passes (:mod:`gyoza.server.placement`, which also records pending reasons) and
+the scheduler. It is typed against the
 :class:`~gyoza.server.store.protocol.RunStore` protocol and reaches agents through an
 :class:`AgentLink` (the session registry), both passed in.
 
@@ -31,7 +32,15 @@ from typing import Protocol, TypeVar
 from gyoza.models.errors import AlreadyExists, NotFound
 from gyoza.models.op_run import OpRun, RunRequest
 from gyoza.models.reports import AgentReport
-from gyoza.models.resources import EventEntry, EventType, FailureClass, OpRunState
+from gyoza.models.resources import (
+    EventEntry,
+    EventType,
+    FailureClass,
+    OpRunState,
+    PendingReason,
+    PendingReasonCode,
+)
+from gyoza.models.timestamps import utc_now
 from gyoza.server import metrics
 from gyoza.server.active_runs import ActiveRuns
 from gyoza.server.agent_protocol import (
@@ -45,7 +54,7 @@ from gyoza.server.agent_protocol import (
 )
 from gyoza.server.hub import Hub
 from gyoza.server.placement import PlacementPass
-from gyoza.server.scheduler import Placement, Scheduler
+from gyoza.server.scheduler import DEFAULT_STARVATION_S, Placement, Scheduler
 from gyoza.server.store.protocol import RunStore
 from gyoza.server.timers import Background, Timers
 
@@ -80,16 +89,21 @@ class ControlSettings:
     grace_s : float
         How long a lost agent's attempts wait for it to come back before they fail as
         ``AGENT_LOST``.
+    starvation_s : float
+        How long the first waiting run may be overtaken by runs that fit before an
+        agent is held for it (see :mod:`gyoza.server.scheduler`).
     """
 
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 15.0
     grace_s: float = 30.0
+    starvation_s: float = DEFAULT_STARVATION_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlSettings:
-        """Settings from ``GYOZA_HEARTBEAT_INTERVAL_S``, ``GYOZA_LEASE_TIMEOUT_S`` and
-        ``GYOZA_GRACE_S`` (seconds), defaults for the ones not set."""
+        """Settings from ``GYOZA_HEARTBEAT_INTERVAL_S``, ``GYOZA_LEASE_TIMEOUT_S``,
+        ``GYOZA_GRACE_S`` and ``GYOZA_STARVATION_S`` (seconds), defaults for the ones
+        not set."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -98,6 +112,7 @@ class ControlSettings:
             ),
             lease_timeout_s=float(env.get("GYOZA_LEASE_TIMEOUT_S", default.lease_timeout_s)),
             grace_s=float(env.get("GYOZA_GRACE_S", default.grace_s)),
+            starvation_s=float(env.get("GYOZA_STARVATION_S", default.starvation_s)),
         )
 
 
@@ -127,6 +142,17 @@ def _new_events(run: OpRun, marks: dict[int, int]) -> list[tuple[int, EventEntry
         for entry in attempt.events[marks.get(attempt.attempt, 0) :]:
             new.append((attempt.attempt, entry))
     return new
+
+
+def _recorded_reasons(run: OpRun) -> frozenset[PendingReasonCode]:
+    """Pending reasons already recorded as events of the current attempt (so that a
+    restarted server does not record them again)."""
+    codes = set()
+    for entry in run.events:
+        code = entry.payload.get("pending_reason") if entry.type == EventType.INFO else None
+        if isinstance(code, str) and code in PendingReasonCode.__members__:
+            codes.add(PendingReasonCode(code))
+    return frozenset(codes)
 
 
 class _Skip(Exception):
@@ -172,8 +198,13 @@ class RunController:
         self._background = Background()
         self._retry_timers: Timers[str] = Timers(self._background)
         self._lost_timers: Timers[str] = Timers(self._background)
+        self._queue_timers: Timers[str] = Timers(self._background)
         self._placement = PlacementPass(
-            scheduler, lambda p: self._background.spawn(self._assign(p))
+            scheduler,
+            lambda p: self._background.spawn(self._assign(p)),
+            lambda run_id, attempt, reason: self._background.spawn(
+                self._record_pending_reason(run_id, attempt, reason)
+            ),
         )
         # Agents a run must not go back to (they refused its current attempt).
         self._avoid: dict[str, frozenset[str]] = {}
@@ -186,6 +217,9 @@ class RunController:
         runs that agents hold, and the automatic retry timers."""
         runs = await self.store.load_active_runs()
         loop = asyncio.get_running_loop()
+        # While agents reconnect, "no agent" says nothing about a run: reasons are shown
+        # at once but recorded as events only after one lease timeout.
+        self._placement.record_reasons_from(time.monotonic() + self.settings.lease_timeout_s)
         holders: set[str] = set()
         for run in runs:
             self._runs.keep(run)
@@ -212,6 +246,7 @@ class RunController:
         self._placement.stop()
         self._retry_timers.clear()
         self._lost_timers.clear()
+        self._queue_timers.clear()
         await self._background.stop()
 
     # ------------------------------------------------------------------
@@ -263,6 +298,10 @@ class RunController:
         self._enqueue(run)
         self._placement.request()
         return run
+
+    def pending_reason(self, run_id: str) -> PendingReason | None:
+        """Why a pending run waits, as of the last placement pass (None otherwise)."""
+        return self.scheduler.pending_reason(run_id)
 
     async def get_run(self, run_id: str) -> OpRun:
         """The run: active runs from memory, the others from the store.
@@ -491,6 +530,8 @@ class RunController:
 
     def _after_commit(self, run: OpRun, before: OpRunState, before_retry: datetime | None) -> None:
         state = run.state
+        if state is not OpRunState.PENDING:
+            self._queue_timers.cancel(run.id)
         if state is OpRunState.PENDING:
             if before is not OpRunState.PENDING:
                 self.scheduler.release(run.id)
@@ -509,6 +550,7 @@ class RunController:
                 self._placement.request()
 
     def _enqueue(self, run: OpRun) -> None:
+        self._arm_queue_timeout(run)
         self.scheduler.enqueue(
             run.id,
             run.current_attempt,
@@ -516,6 +558,7 @@ class RunController:
             run.created_at,
             run.constraints,
             self._avoid.pop(run.id, frozenset()),
+            recorded=_recorded_reasons(run),
         )
 
     def _reserve(self, agent: str, run: OpRun) -> None:
@@ -611,6 +654,52 @@ class RunController:
                 force=True,
                 reason="automatic retry after "
                 + (failure.value if failure is not None else "failure"),
+            )
+
+        try:
+            await self._mutate(run_id, op)
+        except (_Skip, NotFound):
+            return
+
+    def _arm_queue_timeout(self, run: OpRun) -> None:
+        limit = run.constraints.queue_timeout_s
+        if limit is None:
+            self._queue_timers.cancel(run.id)
+            return
+        waited = (utc_now() - run.queued_since()).total_seconds()
+        run_id, attempt = run.id, run.current_attempt
+        self._queue_timers.arm_in(
+            run_id, limit - waited, lambda: self._queue_timeout(run_id, attempt)
+        )
+
+    async def _queue_timeout(self, run_id: str, attempt: int) -> None:
+        """The attempt waited past its queue timeout: it fails as QUEUE_TIMEOUT (and is
+        retried or not by its policy)."""
+
+        def op(run: OpRun) -> None:
+            if run.state is not OpRunState.PENDING or run.current_attempt != attempt:
+                raise _Skip()
+            run.expire_in_queue((utc_now() - run.queued_since()).total_seconds())
+
+        try:
+            await self._mutate(run_id, op)
+        except (_Skip, NotFound):
+            return
+
+    async def _record_pending_reason(
+        self, run_id: str, attempt: int, reason: PendingReason
+    ) -> None:
+        """Record a reason that applies to the attempt for the first time, as an event."""
+
+        def op(run: OpRun) -> None:
+            if run.state is not OpRunState.PENDING or run.current_attempt != attempt:
+                raise _Skip()
+            # Watchers get the reason with the event that records it.
+            run.pending_reason = reason
+            run.add_event(
+                EventType.INFO.value,
+                f"waiting: {reason.message}",
+                {"pending_reason": reason.code.value, "message": reason.message},
             )
 
         try:

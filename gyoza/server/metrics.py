@@ -3,8 +3,8 @@
 The metric objects are module-level so that every part of the server updates the same
 ones: the run controller (``EVENT_APPLY_SECONDS``), the RPC interceptor
 (``RPC_DURATION_SECONDS``), the hub (``HUB_SUBSCRIBERS``, ``HUB_DROPPED_SUBSCRIBERS``) and
-the run gauge (``RUNS_BY_STATE``, ``RUNS_FINISHED``). ``QUEUE_DEPTH`` and
-``CONNECTED_AGENTS`` are read from the scheduler and the session registry when scraped
+the run gauge (``RUNS_BY_STATE``, ``RUNS_FINISHED``). ``QUEUE_DEPTH``,
+``RUNS_UNSCHEDULABLE``, ``AGENTS_HELD`` and ``CONNECTED_AGENTS`` are read from the scheduler and the session registry when scraped
 (wired in :mod:`gyoza.server.app`). Their names are part of the operator's interface:
 keep them stable.
 """
@@ -28,6 +28,17 @@ RUNS_FINISHED = Counter(
 )
 
 QUEUE_DEPTH = Gauge("gyoza_queue_depth", "Runs waiting in the scheduler's queue.")
+
+RUNS_UNSCHEDULABLE = Gauge(
+    "gyoza_runs_unschedulable",
+    "Pending runs that no connected agent could take even if it were idle "
+    "(their pending reason is neither AGENTS_BUSY nor MAKING_ROOM).",
+)
+
+AGENTS_HELD = Gauge(
+    "gyoza_agents_held",
+    "Agents held for a run that waited past the starvation bound (0 or 1).",
+)
 
 CONNECTED_AGENTS = Gauge("gyoza_connected_agents", "Agents with a live stream session.")
 

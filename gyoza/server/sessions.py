@@ -140,6 +140,7 @@ class SessionRegistry:
             gpus=gpu_slots(session.capacity),
             connected=True,
             draining=draining,
+            labels=session.labels,
         )
 
     def refresh_capacity(self, session: AgentSession, capacity: agent_pb2.Capacity) -> None:

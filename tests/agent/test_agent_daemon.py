@@ -247,7 +247,14 @@ def test_hello_assignment_reports_acks_and_heartbeats(tmp_path: Path) -> None:
             assert hello.agent_name == "agent-t"
             assert hello.capacity.cpu == 8.0 and hello.capacity.ram_mb == 32768
             assert [g.vram_total_mb for g in hello.capacity.gpus] == [81920, 81920]
-            assert dict(hello.labels) == {"zone": "test"}
+            # The operator's labels, and the automatic ones runs may select by.
+            assert dict(hello.labels) == {
+                "zone": "test",
+                "executor": "scripted",
+                "gpu.count": "2",
+                "gpu.model": "declared GPU (80 GiB)",
+                "agent.version": hello.version,
+            }
             assert list(hello.held) == [] and not hello.draining
             assert peer.sessions[0].metadata["authorization"] == "Bearer tok-123"
 

@@ -813,21 +813,23 @@ def test_dev_keeps_the_terminal_free_and_writes_logs_to_files(tmp_path: Path) ->
     state = tmp_path / "dev-state"
     dev = subprocess.Popen(
         [*GYOZA, "dev", "--executor", "scripted", "--listen", address,
-         "--database", f"sqlite:///{tmp_path}/dev.db", "--state-dir", str(state)],
+         "--database", f"sqlite:///{tmp_path}/dev.db", "--state-dir", str(state),
+         "--ui-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
         assert dev.stderr is not None
-        said = [dev.stderr.readline(), dev.stderr.readline()]
+        said = [dev.stderr.readline() for _ in range(3)]
         assert said[0] == f"gyoza dev: logs in {state / 'server.log'} and {state / 'agent.log'}\n"
         assert said[1].startswith(f"gyoza dev: server on {address}")
+        assert said[2].startswith("gyoza dev: dashboard on http://127.0.0.1:")
         with Client(address, timeout=10) as client:
             run = client.create_run(image="scripted", inputs={"progress_steps": 2})
             assert list(client.watch_run(run.id))[-1].run.state.value == "COMPLETED"
     finally:
         dev.send_signal(signal.SIGINT)
         out, err = dev.communicate(timeout=30)
-    assert (out, err) == ("", "")  # nothing but the two lines above
+    assert (out, err) == ("", "")  # nothing but the three lines above
     server_log = (state / "server.log").read_text()
     agent_log = (state / "agent.log").read_text()
     assert '"logger": "gyoza.server"' in server_log
@@ -997,3 +999,39 @@ def test_events_subscribe_follows_a_topic(stack: Stack) -> None:
     assert [int(line["offset"]) for line in rest.json_lines()] == offsets[3:]
     table = stack.ok("events", "subscribe", "e2e-topic", "--limit", "1")
     assert run_id in table.stdout and "ASSIGNED" in table.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# scheduling
+# ----------------------------------------------------------------------------------------
+
+
+def test_create_with_a_selector_and_queue_timeout_says_why_it_waits(stack: Stack) -> None:
+    run_id = stack.create(
+        "--image", "e2e/docker-only", "--selector", "executor=docker", "--queue-timeout-s", "60"
+    )
+    waiting = "no agent matches selector executor=docker (SELECTOR_UNMATCHED)"
+    wait_for(
+        "the pending reason",
+        lambda: waiting in stack.ok("runs", "get", run_id).stdout,
+        30,
+        [stack.server],
+    )
+    run = stack.run(run_id)
+    assert run["pending_reason"] == {
+        "code": "PENDING_REASON_CODE_SELECTOR_UNMATCHED",
+        "message": "no agent matches selector executor=docker",
+    }
+    assert run["constraints"]["selector"] == "executor=docker"
+    assert run["constraints"]["queue_timeout_seconds"] == 60
+    stack.ok("runs", "cancel", run_id)
+    bad = stack.gyoza("runs", "create", "--image", "x", "--selector", "zone in (eu-1")
+    assert bad.code == 2, bad.explain()
+    assert "selector" in bad.stderr
+
+
+def test_agents_list_shows_labels(stack: Stack) -> None:
+    mine = next(a for a in stack.json("agents", "list")["agents"] if a["name"] == AGENT)
+    assert mine["labels"]["executor"] == "scripted"
+    assert mine["labels"]["gpu.count"] == "1"
+    assert "executor=scripted" in stack.ok("agents", "list").stdout

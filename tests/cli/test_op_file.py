@@ -118,7 +118,7 @@ def test_unknown_keys_are_refused() -> None:
     ]
     assert problems("name: a\nimage: c\nconstraints: {gpus: 1}\n") == [
         "op.yaml: constraints.gpus: unknown key (expected one of cpu, ram_mb, vram_mb, "
-        "gpu_count, gpu_id, timeout_s)"
+        "gpu_count, gpu_id, timeout_s, queue_timeout_s, selector)"
     ]
 
 
@@ -166,7 +166,7 @@ def test_wrong_scalar_types() -> None:
         "op.yaml: constraints.timeout_s: expected a finite number, got inf",
         "op.yaml: retry_policy.backoff_multiplier: expected a number, got 'x'",
         "op.yaml: retry_policy.retry_on[1]: expected one of EXIT_CODE, OOM, TIMEOUT, "
-        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, got 'SOMETIMES'",
+        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, QUEUE_TIMEOUT, got 'SOMETIMES'",
         "op.yaml: event_delivery.topic: expected a string, got 3",
         "op.yaml: event_delivery.attributes.a: expected a string, got a list",
     ]
@@ -179,7 +179,7 @@ def test_sections_of_the_wrong_shape() -> None:
         "description}, got a list",
         "op.yaml: constraints: expected a mapping, got 4",
         "op.yaml: retry_policy.retry_on: expected a list of EXIT_CODE, OOM, TIMEOUT, "
-        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, got 'OOM'",
+        "IMAGE_MISSING, AGENT_LOST, CANCELLED, OUTPUT_INVALID, EXECUTOR_ERROR, QUEUE_TIMEOUT, got 'OOM'",
     ]
 
 
@@ -236,3 +236,16 @@ def test_declared_outputs() -> None:
         "op.yaml: outputs: expected a mapping of output name to {type, required, "
         "description}, got a list"
     ]
+
+
+def test_selector_and_queue_timeout() -> None:
+    definition = parse_op_file(
+        "name: a\nimage: c\nconstraints:\n  gpu_count: 1\n  queue_timeout_s: 90\n"
+        "  selector: 'executor = docker, gpu.model in (NVIDIA H100 80GB HBM3)'\n"
+    )
+    assert definition.constraints.selector == (
+        "executor = docker, gpu.model in (NVIDIA H100 80GB HBM3)"
+    )
+    assert definition.constraints.queue_timeout_s == 90.0
+    (problem,) = problems("name: a\nimage: c\nconstraints: {selector: 'zone in (eu-1'}\n")
+    assert problem.startswith("op.yaml: constraints.selector: unbalanced '('")

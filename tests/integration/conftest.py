@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -88,14 +89,14 @@ class Proc:
 class Cluster:
     """One server and any number of agents on 127.0.0.1."""
 
-    def __init__(self, tmp: Path, **timing: str) -> None:
+    def __init__(self, tmp: Path, server_args: tuple[str, ...] = (), **timing: str) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.database = f"sqlite:///{tmp / 'gyoza.db'}"
         self.server = Proc(
             "server",
-            [GYOZA, "server", "--listen", self.address, "--database", self.database],
+            [GYOZA, "server", "--listen", self.address, "--database", self.database, *server_args],
             tmp / "server.log",
             env={**TIMING, **timing},
         )
@@ -123,7 +124,12 @@ class Cluster:
             time.sleep(0.05)
 
     def add_agent(
-        self, name: str, gpus: str = "", start: bool = True, executor: str = "scripted"
+        self,
+        name: str,
+        gpus: str = "",
+        start: bool = True,
+        executor: str = "scripted",
+        extra: tuple[str, ...] = (),
     ) -> Proc:
         args = [
             GYOZA, "agent",
@@ -134,6 +140,7 @@ class Cluster:
         ]  # fmt: skip
         if gpus:
             args += ["--gpus", gpus]
+        args += extra
         proc = Proc(name, args, self.tmp / f"agent-{name}.log", env=dict(TIMING))
         self.agents[name] = proc
         if start:
@@ -164,7 +171,8 @@ class Cluster:
         exit_code: int = 0,
         outputs: dict[str, object] | None = None,
         max_attempts: int = 1,
-        **constraints: int,
+        retry_on: tuple[int, ...] = (),
+        **constraints: Any,
     ) -> op_run_pb2.OpRun:
         inputs = struct_pb2.Struct()
         inputs.update(
@@ -185,6 +193,7 @@ class Cluster:
                 initial_delay_seconds=0.05,
                 backoff_multiplier=1.0,
                 max_delay_seconds=0.05,
+                retry_on=retry_on,
             ),
         )
         return self.runs.CreateOpRun(request, timeout=10).op_run

@@ -178,3 +178,25 @@ def test_the_readme_run_completes_with_empty_outputs(
     done = cluster.watch_until(run_id, _ended, timeout=60)
     assert done.state == S.OP_RUN_STATE_COMPLETED, done
     assert dict(done.outputs) == {}
+
+
+SELECTOR = "executor = docker"
+
+
+def test_docker_selector_never_lands_on_a_scripted_agent(
+    cluster: Any, docker_client: Any, test_image: str
+) -> None:
+    # The scripted agent is the tighter fit: best fit alone would place the runs there.
+    cluster.add_agent("scripted-small", extra=("--cpu", "0.15", "--ram-mb", "64"))
+    cluster.add_agent("d1", executor="docker")
+    run_ids = []
+    for _ in range(3):
+        request = op_run_service_pb2.CreateOpRunRequest(
+            image=test_image,
+            constraints=S.Constraints(cpu=0.1, selector=SELECTOR),
+            retry_policy=S.RetryPolicy(max_attempts=1),
+        )
+        run_ids.append(cluster.runs.CreateOpRun(request, timeout=10).op_run.id)
+    for run_id in run_ids:
+        done = cluster.watch_until(run_id, _ended, timeout=60)
+        assert done.execution_summary.worker_id == "d1", done

@@ -23,6 +23,8 @@ from gyoza.models.resources import (
     ExecutionSummary,
     FailureClass,
     OpRunState,
+    PendingReason,
+    PendingReasonCode,
     RetryPolicy,
 )
 
@@ -167,6 +169,7 @@ def test_unknown_domain_event_type_is_refused() -> None:
         Constraints(cpu=1.5, ram_mb=2048, vram_mb=8000, gpu_count=2, timeout_s=90.5),
         Constraints(vram_mb=100, gpu_id=0),
         Constraints(gpu_id=3, timeout_s=1.0),
+        Constraints(gpu_count=1, selector="executor=docker, zone notin (eu-1)", queue_timeout_s=5),
     ],
 )
 def test_constraints_round_trip(constraints: Constraints) -> None:
@@ -532,3 +535,19 @@ def test_definition_reports_every_malformed_spec_at_once() -> None:
 
 def test_timestamp_proto_type() -> None:
     assert isinstance(mapping.timestamp_to_proto(T0), timestamp_pb2.Timestamp)
+
+
+def test_pending_reason_travels_on_a_pending_run_only() -> None:
+    run = OpRun.create(image="busybox")
+    reason = PendingReason(
+        PendingReasonCode.INSUFFICIENT_CPU, "needs 64 CPU; the largest agent has 2"
+    )
+    message = mapping.run_to_proto(run, pending_reason=reason)
+    assert message.pending_reason.code == resources_pb2.PENDING_REASON_CODE_INSUFFICIENT_CPU
+    assert mapping.run_from_proto(message).pending_reason == reason
+    for code in PendingReasonCode:
+        back = mapping.pending_reason_from_proto(
+            mapping.pending_reason_to_proto(PendingReason(code, "x"))
+        )
+        assert back is not None and back.code is code
+    assert not mapping.run_to_proto(run).HasField("pending_reason")

@@ -71,6 +71,7 @@ def test_enum_members_are_the_documented_ones() -> None:
         "CANCELLED",
         "OUTPUT_INVALID",
         "EXECUTOR_ERROR",
+        "QUEUE_TIMEOUT",
     }
 
 

@@ -75,6 +75,7 @@ class OpRun(_message.Message):
     NEXT_RETRY_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PENDING_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier ("run_" and 12 hex digits). Output only."""
     state: _resources_pb2.OpRunState.ValueType
@@ -139,6 +140,15 @@ class OpRun(_message.Message):
     def next_retry_time(self) -> _timestamp_pb2.Timestamp:
         """When the server will retry the failed run automatically; unset when it will not."""
 
+    @_builtins.property
+    def pending_reason(self) -> _resources_pb2.PendingReason:
+        """Why the run is still PENDING, as of the scheduler's last placement pass (GetOpRun,
+        ListOpRuns); updated whenever the fleet or the queue changes. Unset when the run is
+        not pending or was just queued. Each reason code that applies to an attempt is also
+        recorded once as an INFO event with `pending_reason` (the code) in its payload; a
+        WatchOpRun change carries the reason with that event.
+        """
+
     def __init__(
         self,
         *,
@@ -163,10 +173,11 @@ class OpRun(_message.Message):
         next_retry_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
         event_sequence: _builtins.int = ...,
+        pending_reason: _resources_pb2.PendingReason | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_time", b"create_time", "event_delivery", b"event_delivery", "execution_summary", b"execution_summary", "inputs", b"inputs", "next_retry_time", b"next_retry_time", "outputs", b"outputs", "retry_policy", b"retry_policy", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_time", b"create_time", "event_delivery", b"event_delivery", "execution_summary", b"execution_summary", "inputs", b"inputs", "next_retry_time", b"next_retry_time", "outputs", b"outputs", "pending_reason", b"pending_reason", "retry_policy", b"retry_policy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "constraints", b"constraints", "create_time", b"create_time", "current_attempt", b"current_attempt", "event_delivery", b"event_delivery", "event_sequence", b"event_sequence", "events", b"events", "execution_summary", b"execution_summary", "id", b"id", "image", b"image", "inputs", b"inputs", "next_retry_time", b"next_retry_time", "op_definition", b"op_definition", "op_definition_version", b"op_definition_version", "outputs", b"outputs", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "retry_policy", b"retry_policy", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "constraints", b"constraints", "create_time", b"create_time", "current_attempt", b"current_attempt", "event_delivery", b"event_delivery", "event_sequence", b"event_sequence", "events", b"events", "execution_summary", b"execution_summary", "id", b"id", "image", b"image", "inputs", b"inputs", "next_retry_time", b"next_retry_time", "op_definition", b"op_definition", "op_definition_version", b"op_definition_version", "outputs", b"outputs", "pending_reason", b"pending_reason", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "retry_policy", b"retry_policy", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

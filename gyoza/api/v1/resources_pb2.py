@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgyoza/api/v1/resources.proto\x12\x0cgyoza.api.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x87\x01\n\x0b\x43onstraints\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x0e\n\x06ram_mb\x18\x02 \x01(\x03\x12\x0f\n\x07vram_mb\x18\x03 \x01(\x03\x12\x11\n\tgpu_count\x18\x04 \x01(\x05\x12\x13\n\x06gpu_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x42\t\n\x07_gpu_id\"\xa7\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x1d\n\x15initial_delay_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12\x19\n\x11max_delay_seconds\x18\x04 \x01(\x01\x12,\n\x08retry_on\x18\x05 \x03(\x0e\x32\x1a.gyoza.api.v1.FailureClass\"\x92\x01\n\rEventDelivery\x12\r\n\x05topic\x18\x01 \x01(\t\x12?\n\nattributes\x18\x02 \x03(\x0b\x32+.gyoza.api.v1.EventDelivery.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x01\n\x10\x45xecutionSummary\x12\x13\n\x0b\x64uration_ms\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x13\n\x06gpu_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07gpu_ids\x18\x05 \x03(\x05\x12\x31\n\rfailure_class\x18\x06 \x01(\x0e\x32\x1a.gyoza.api.v1.FailureClass\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\t\n\x07_gpu_idB\x0c\n\n_exit_code\"\x96\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.gyoza.api.v1.InputType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12-\n\rdefault_value\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"h\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.gyoza.api.v1.InputType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t*\xca\x01\n\nOpRunState\x12\x1c\n\x18OP_RUN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14OP_RUN_STATE_PENDING\x10\x01\x12\x19\n\x15OP_RUN_STATE_ASSIGNED\x10\x02\x12\x18\n\x14OP_RUN_STATE_RUNNING\x10\x03\x12\x1a\n\x16OP_RUN_STATE_COMPLETED\x10\x04\x12\x17\n\x13OP_RUN_STATE_FAILED\x10\x05\x12\x1a\n\x16OP_RUN_STATE_CANCELLED\x10\x06*\xff\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_ASSIGNED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_STARTED\x10\x02\x12\x13\n\x0f\x45VENT_TYPE_INFO\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PROGRESS\x10\x04\x12\x18\n\x14\x45VENT_TYPE_COMPLETED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_FAILED\x10\x06\x12\x18\n\x14\x45VENT_TYPE_CANCELLED\x10\x07\x12\x14\n\x10\x45VENT_TYPE_ERROR\x10\x08\x12\x16\n\x12\x45VENT_TYPE_RETRIED\x10\t*\x9c\x02\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41ILURE_CLASS_EXIT_CODE\x10\x01\x12\x15\n\x11\x46\x41ILURE_CLASS_OOM\x10\x02\x12\x19\n\x15\x46\x41ILURE_CLASS_TIMEOUT\x10\x03\x12\x1f\n\x1b\x46\x41ILURE_CLASS_IMAGE_MISSING\x10\x04\x12\x1c\n\x18\x46\x41ILURE_CLASS_AGENT_LOST\x10\x05\x12\x1b\n\x17\x46\x41ILURE_CLASS_CANCELLED\x10\x06\x12 \n\x1c\x46\x41ILURE_CLASS_OUTPUT_INVALID\x10\x07\x12 \n\x1c\x46\x41ILURE_CLASS_EXECUTOR_ERROR\x10\x08*\xaa\x01\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11INPUT_TYPE_STRING\x10\x01\x12\x12\n\x0eINPUT_TYPE_INT\x10\x02\x12\x14\n\x10INPUT_TYPE_FLOAT\x10\x03\x12\x13\n\x0fINPUT_TYPE_BOOL\x10\x04\x12\x15\n\x11INPUT_TYPE_OBJECT\x10\x05\x12\x14\n\x10INPUT_TYPE_ARRAY\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgyoza/api/v1/resources.proto\x12\x0cgyoza.api.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xb8\x01\n\x0b\x43onstraints\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x0e\n\x06ram_mb\x18\x02 \x01(\x03\x12\x0f\n\x07vram_mb\x18\x03 \x01(\x03\x12\x11\n\tgpu_count\x18\x04 \x01(\x05\x12\x13\n\x06gpu_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x10\n\x08selector\x18\x07 \x01(\t\x12\x1d\n\x15queue_timeout_seconds\x18\x08 \x01(\x01\x42\t\n\x07_gpu_id\"O\n\rPendingReason\x12-\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1f.gyoza.api.v1.PendingReasonCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa7\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x1d\n\x15initial_delay_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12\x19\n\x11max_delay_seconds\x18\x04 \x01(\x01\x12,\n\x08retry_on\x18\x05 \x03(\x0e\x32\x1a.gyoza.api.v1.FailureClass\"\x92\x01\n\rEventDelivery\x12\r\n\x05topic\x18\x01 \x01(\t\x12?\n\nattributes\x18\x02 \x03(\x0b\x32+.gyoza.api.v1.EventDelivery.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x01\n\x10\x45xecutionSummary\x12\x13\n\x0b\x64uration_ms\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x13\n\x06gpu_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07gpu_ids\x18\x05 \x03(\x05\x12\x31\n\rfailure_class\x18\x06 \x01(\x0e\x32\x1a.gyoza.api.v1.FailureClass\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\t\n\x07_gpu_idB\x0c\n\n_exit_code\"\x96\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.gyoza.api.v1.InputType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12-\n\rdefault_value\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"h\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.gyoza.api.v1.InputType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t*\xca\x01\n\nOpRunState\x12\x1c\n\x18OP_RUN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14OP_RUN_STATE_PENDING\x10\x01\x12\x19\n\x15OP_RUN_STATE_ASSIGNED\x10\x02\x12\x18\n\x14OP_RUN_STATE_RUNNING\x10\x03\x12\x1a\n\x16OP_RUN_STATE_COMPLETED\x10\x04\x12\x17\n\x13OP_RUN_STATE_FAILED\x10\x05\x12\x1a\n\x16OP_RUN_STATE_CANCELLED\x10\x06*\xff\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_ASSIGNED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_STARTED\x10\x02\x12\x13\n\x0f\x45VENT_TYPE_INFO\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PROGRESS\x10\x04\x12\x18\n\x14\x45VENT_TYPE_COMPLETED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_FAILED\x10\x06\x12\x18\n\x14\x45VENT_TYPE_CANCELLED\x10\x07\x12\x14\n\x10\x45VENT_TYPE_ERROR\x10\x08\x12\x16\n\x12\x45VENT_TYPE_RETRIED\x10\t*\xbd\x02\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41ILURE_CLASS_EXIT_CODE\x10\x01\x12\x15\n\x11\x46\x41ILURE_CLASS_OOM\x10\x02\x12\x19\n\x15\x46\x41ILURE_CLASS_TIMEOUT\x10\x03\x12\x1f\n\x1b\x46\x41ILURE_CLASS_IMAGE_MISSING\x10\x04\x12\x1c\n\x18\x46\x41ILURE_CLASS_AGENT_LOST\x10\x05\x12\x1b\n\x17\x46\x41ILURE_CLASS_CANCELLED\x10\x06\x12 \n\x1c\x46\x41ILURE_CLASS_OUTPUT_INVALID\x10\x07\x12 \n\x1c\x46\x41ILURE_CLASS_EXECUTOR_ERROR\x10\x08\x12\x1f\n\x1b\x46\x41ILURE_CLASS_QUEUE_TIMEOUT\x10\t*\xce\x03\n\x11PendingReasonCode\x12#\n\x1fPENDING_REASON_CODE_UNSPECIFIED\x10\x00\x12 \n\x1cPENDING_REASON_CODE_NO_AGENT\x10\x01\x12*\n&PENDING_REASON_CODE_SELECTOR_UNMATCHED\x10\x02\x12(\n$PENDING_REASON_CODE_INSUFFICIENT_CPU\x10\x03\x12(\n$PENDING_REASON_CODE_INSUFFICIENT_RAM\x10\x04\x12(\n$PENDING_REASON_CODE_INSUFFICIENT_GPU\x10\x05\x12)\n%PENDING_REASON_CODE_INSUFFICIENT_VRAM\x10\x06\x12%\n!PENDING_REASON_CODE_GPU_NOT_FOUND\x10\x07\x12,\n(PENDING_REASON_CODE_NO_SINGLE_AGENT_FITS\x10\x08\x12#\n\x1fPENDING_REASON_CODE_AGENTS_BUSY\x10\t\x12#\n\x1fPENDING_REASON_CODE_MAKING_ROOM\x10\n*\xaa\x01\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11INPUT_TYPE_STRING\x10\x01\x12\x12\n\x0eINPUT_TYPE_INT\x10\x02\x12\x14\n\x10INPUT_TYPE_FLOAT\x10\x03\x12\x13\n\x0fINPUT_TYPE_BOOL\x10\x04\x12\x15\n\x11INPUT_TYPE_OBJECT\x10\x05\x12\x14\n\x10INPUT_TYPE_ARRAY\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENTDELIVERY_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_EVENTDELIVERY_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_OPRUNSTATE']._serialized_start=1015
-  _globals['_OPRUNSTATE']._serialized_end=1217
-  _globals['_EVENTTYPE']._serialized_start=1220
-  _globals['_EVENTTYPE']._serialized_end=1475
-  _globals['_FAILURECLASS']._serialized_start=1478
-  _globals['_FAILURECLASS']._serialized_end=1762
-  _globals['_INPUTTYPE']._serialized_start=1765
-  _globals['_INPUTTYPE']._serialized_end=1935
+  _globals['_OPRUNSTATE']._serialized_start=1145
+  _globals['_OPRUNSTATE']._serialized_end=1347
+  _globals['_EVENTTYPE']._serialized_start=1350
+  _globals['_EVENTTYPE']._serialized_end=1605
+  _globals['_FAILURECLASS']._serialized_start=1608
+  _globals['_FAILURECLASS']._serialized_end=1925
+  _globals['_PENDINGREASONCODE']._serialized_start=1928
+  _globals['_PENDINGREASONCODE']._serialized_end=2390
+  _globals['_INPUTTYPE']._serialized_start=2393
+  _globals['_INPUTTYPE']._serialized_end=2563
   _globals['_CONSTRAINTS']._serialized_start=77
-  _globals['_CONSTRAINTS']._serialized_end=212
-  _globals['_RETRYPOLICY']._serialized_start=215
-  _globals['_RETRYPOLICY']._serialized_end=382
-  _globals['_EVENTDELIVERY']._serialized_start=385
-  _globals['_EVENTDELIVERY']._serialized_end=531
-  _globals['_EVENTDELIVERY_ATTRIBUTESENTRY']._serialized_start=482
-  _globals['_EVENTDELIVERY_ATTRIBUTESENTRY']._serialized_end=531
-  _globals['_EXECUTIONSUMMARY']._serialized_start=534
-  _globals['_EXECUTIONSUMMARY']._serialized_end=753
-  _globals['_INPUTSPEC']._serialized_start=756
-  _globals['_INPUTSPEC']._serialized_end=906
-  _globals['_OUTPUTSPEC']._serialized_start=908
-  _globals['_OUTPUTSPEC']._serialized_end=1012
+  _globals['_CONSTRAINTS']._serialized_end=261
+  _globals['_PENDINGREASON']._serialized_start=263
+  _globals['_PENDINGREASON']._serialized_end=342
+  _globals['_RETRYPOLICY']._serialized_start=345
+  _globals['_RETRYPOLICY']._serialized_end=512
+  _globals['_EVENTDELIVERY']._serialized_start=515
+  _globals['_EVENTDELIVERY']._serialized_end=661
+  _globals['_EVENTDELIVERY_ATTRIBUTESENTRY']._serialized_start=612
+  _globals['_EVENTDELIVERY_ATTRIBUTESENTRY']._serialized_end=661
+  _globals['_EXECUTIONSUMMARY']._serialized_start=664
+  _globals['_EXECUTIONSUMMARY']._serialized_end=883
+  _globals['_INPUTSPEC']._serialized_start=886
+  _globals['_INPUTSPEC']._serialized_end=1036
+  _globals['_OUTPUTSPEC']._serialized_start=1038
+  _globals['_OUTPUTSPEC']._serialized_end=1142
 # @@protoc_insertion_point(module_scope)

@@ -140,6 +140,10 @@ class _FailureClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureC
     """
     FAILURE_CLASS_EXECUTOR_ERROR: _FailureClass.ValueType  # 8
     """The agent could not run the container (daemon error, bad device request, ...)."""
+    FAILURE_CLASS_QUEUE_TIMEOUT: _FailureClass.ValueType  # 9
+    """The attempt waited in the queue longer than its constraints' queue_timeout_seconds.
+    Retried only when the retry policy's retry_on names it.
+    """
 
 class FailureClass(_FailureClass, metaclass=_FailureClassEnumTypeWrapper):
     """Why an attempt failed."""
@@ -164,7 +168,71 @@ its outputs break the outputs its definition declares.
 """
 FAILURE_CLASS_EXECUTOR_ERROR: FailureClass.ValueType  # 8
 """The agent could not run the container (daemon error, bad device request, ...)."""
+FAILURE_CLASS_QUEUE_TIMEOUT: FailureClass.ValueType  # 9
+"""The attempt waited in the queue longer than its constraints' queue_timeout_seconds.
+Retried only when the retry policy's retry_on names it.
+"""
 Global___FailureClass: _TypeAlias = FailureClass  # noqa: Y015
+
+class _PendingReasonCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PendingReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PendingReasonCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PENDING_REASON_CODE_UNSPECIFIED: _PendingReasonCode.ValueType  # 0
+    """Not evaluated yet (the run was just queued), or not pending."""
+    PENDING_REASON_CODE_NO_AGENT: _PendingReasonCode.ValueType  # 1
+    """No connected agent takes work (none connected, all draining, or all refused it)."""
+    PENDING_REASON_CODE_SELECTOR_UNMATCHED: _PendingReasonCode.ValueType  # 2
+    """No agent that takes work matches the run's selector."""
+    PENDING_REASON_CODE_INSUFFICIENT_CPU: _PendingReasonCode.ValueType  # 3
+    """More CPU than the largest matching agent has."""
+    PENDING_REASON_CODE_INSUFFICIENT_RAM: _PendingReasonCode.ValueType  # 4
+    """More memory than the largest matching agent has."""
+    PENDING_REASON_CODE_INSUFFICIENT_GPU: _PendingReasonCode.ValueType  # 5
+    """More GPUs than any matching agent has."""
+    PENDING_REASON_CODE_INSUFFICIENT_VRAM: _PendingReasonCode.ValueType  # 6
+    """More VRAM per GPU than the largest matching GPU has."""
+    PENDING_REASON_CODE_GPU_NOT_FOUND: _PendingReasonCode.ValueType  # 7
+    """The pinned gpu_id exists healthy on no matching agent."""
+    PENDING_REASON_CODE_NO_SINGLE_AGENT_FITS: _PendingReasonCode.ValueType  # 8
+    """Each resource exists on some agent, but no single agent has them all."""
+    PENDING_REASON_CODE_AGENTS_BUSY: _PendingReasonCode.ValueType  # 9
+    """Some agent could take it, but every such agent is busy; it starts when room frees."""
+    PENDING_REASON_CODE_MAKING_ROOM: _PendingReasonCode.ValueType  # 10
+    """It waited past the server's starvation bound: an agent is held for it and takes no
+    new run until this one starts there.
+    """
+
+class PendingReasonCode(_PendingReasonCode, metaclass=_PendingReasonCodeEnumTypeWrapper):
+    """Why a pending run has not been placed, as a code."""
+
+PENDING_REASON_CODE_UNSPECIFIED: PendingReasonCode.ValueType  # 0
+"""Not evaluated yet (the run was just queued), or not pending."""
+PENDING_REASON_CODE_NO_AGENT: PendingReasonCode.ValueType  # 1
+"""No connected agent takes work (none connected, all draining, or all refused it)."""
+PENDING_REASON_CODE_SELECTOR_UNMATCHED: PendingReasonCode.ValueType  # 2
+"""No agent that takes work matches the run's selector."""
+PENDING_REASON_CODE_INSUFFICIENT_CPU: PendingReasonCode.ValueType  # 3
+"""More CPU than the largest matching agent has."""
+PENDING_REASON_CODE_INSUFFICIENT_RAM: PendingReasonCode.ValueType  # 4
+"""More memory than the largest matching agent has."""
+PENDING_REASON_CODE_INSUFFICIENT_GPU: PendingReasonCode.ValueType  # 5
+"""More GPUs than any matching agent has."""
+PENDING_REASON_CODE_INSUFFICIENT_VRAM: PendingReasonCode.ValueType  # 6
+"""More VRAM per GPU than the largest matching GPU has."""
+PENDING_REASON_CODE_GPU_NOT_FOUND: PendingReasonCode.ValueType  # 7
+"""The pinned gpu_id exists healthy on no matching agent."""
+PENDING_REASON_CODE_NO_SINGLE_AGENT_FITS: PendingReasonCode.ValueType  # 8
+"""Each resource exists on some agent, but no single agent has them all."""
+PENDING_REASON_CODE_AGENTS_BUSY: PendingReasonCode.ValueType  # 9
+"""Some agent could take it, but every such agent is busy; it starts when room frees."""
+PENDING_REASON_CODE_MAKING_ROOM: PendingReasonCode.ValueType  # 10
+"""It waited past the server's starvation bound: an agent is held for it and takes no
+new run until this one starts there.
+"""
+Global___PendingReasonCode: _TypeAlias = PendingReasonCode  # noqa: Y015
 
 class _InputType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -220,20 +288,40 @@ class Constraints(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _builtins.int
     GPU_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     cpu: _builtins.float
     """CPU cores (fractions allowed). Zero means no reservation and no limit."""
     ram_mb: _builtins.int
     """Memory in MiB; also the container's memory limit. Zero means none."""
     vram_mb: _builtins.int
-    """VRAM in MiB needed on each assigned GPU. VRAM is a budget per GPU: runs share a GPU
-    only while their VRAM fits. A non-zero value with gpu_count 0 means one GPU.
+    """VRAM in MiB needed on each assigned GPU. VRAM is a budget per GPU: runs that state
+    it share a GPU only while their VRAM fits. A non-zero value with gpu_count 0 means
+    one GPU. Zero with GPUs asked for (gpu_count or gpu_id) means each GPU is held
+    whole: no other run is placed on it while this one holds it.
     """
     gpu_count: _builtins.int
-    """Number of GPUs. Zero means none, unless vram_mb or gpu_id is set (then one)."""
+    """Number of GPUs. Zero means none, unless vram_mb or gpu_id is set (then one). Without
+    vram_mb, each GPU is held whole (as Kubernetes' nvidia.com/gpu: 1).
+    """
     gpu_id: _builtins.int
     """Pins the run to the GPU with this index on its agent."""
     timeout_seconds: _builtins.float
     """Wall-clock limit in seconds for one attempt; zero means none."""
+    selector: _builtins.str
+    """Label selector: the run goes only to an agent whose labels match every requirement.
+    Comma-separated requirements: `key = value` (or `==`), `key != value`,
+    `key in (a, b)`, `key notin (a, b)`, `key` (exists), `!key` (absent). `!=` and
+    `notin` also match agents without the label. Agents publish their --labels and
+    automatic ones: `executor` (docker, scripted), `gpu.model` (the model name of
+    their first GPU), `gpu.count`, `agent.version`. Empty matches every agent. A
+    selector that cannot be parsed is refused with INVALID_ARGUMENT.
+    """
+    queue_timeout_seconds: _builtins.float
+    """How long, in seconds, an attempt may wait in the queue to be placed; past it the
+    run fails with FAILURE_CLASS_QUEUE_TIMEOUT (retried or not by its policy). Zero
+    means it waits as long as it takes.
+    """
     def __init__(
         self,
         *,
@@ -243,16 +331,47 @@ class Constraints(_message.Message):
         gpu_count: _builtins.int = ...,
         gpu_id: _builtins.int | None = ...,
         timeout_seconds: _builtins.float = ...,
+        selector: _builtins.str = ...,
+        queue_timeout_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_id", b"_gpu_id", "gpu_id", b"gpu_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_id", b"_gpu_id", "cpu", b"cpu", "gpu_count", b"gpu_count", "gpu_id", b"gpu_id", "ram_mb", b"ram_mb", "timeout_seconds", b"timeout_seconds", "vram_mb", b"vram_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_id", b"_gpu_id", "cpu", b"cpu", "gpu_count", b"gpu_count", "gpu_id", b"gpu_id", "queue_timeout_seconds", b"queue_timeout_seconds", "ram_mb", b"ram_mb", "selector", b"selector", "timeout_seconds", b"timeout_seconds", "vram_mb", b"vram_mb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gpu_id: _TypeAlias = _typing.Literal["gpu_id"]  # noqa: Y015
     _WhichOneofArgType__gpu_id: _TypeAlias = _typing.Literal["_gpu_id", b"_gpu_id"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_id) -> _WhichOneofReturnType__gpu_id | None: ...
 
 Global___Constraints: _TypeAlias = Constraints  # noqa: Y015
+
+@_typing.final
+class PendingReason(_message.Message):
+    """Why a pending run waits. Codes other than AGENTS_BUSY and MAKING_ROOM mean no
+    connected agent could take the run even if idle (unschedulable until the fleet
+    changes).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: Global___PendingReasonCode.ValueType
+    """The reason as a code."""
+    message: _builtins.str
+    """The reason in words, e.g. "needs 64 CPU; the largest agent has 2"."""
+    def __init__(
+        self,
+        *,
+        code: Global___PendingReasonCode.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingReason: _TypeAlias = PendingReason  # noqa: Y015
 
 @_typing.final
 class RetryPolicy(_message.Message):

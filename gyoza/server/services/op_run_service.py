@@ -168,7 +168,9 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
     async def GetOpRun(self, request: pb.GetOpRunRequest, context: Context) -> pb.GetOpRunResponse:
         """The run with its current attempt."""
         run = await self.controller.get_run(request_checks.required(request.run_id, "run_id"))
-        return pb.GetOpRunResponse(op_run=mapping.run_to_proto(run))
+        return pb.GetOpRunResponse(
+            op_run=mapping.run_to_proto(run, pending_reason=self.controller.pending_reason(run.id))
+        )
 
     async def ListOpRuns(
         self, request: pb.ListOpRunsRequest, context: Context
@@ -202,7 +204,12 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
             run_filter, page_size=size, page_token=request.page_token
         )
         return pb.ListOpRunsResponse(
-            op_runs=[mapping.run_to_proto(run, events=False) for run in runs],
+            op_runs=[
+                mapping.run_to_proto(
+                    run, events=False, pending_reason=self.controller.pending_reason(run.id)
+                )
+                for run in runs
+            ],
             next_page_token=token,
         )
 
