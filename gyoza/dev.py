@@ -3,7 +3,9 @@
 The server listens on 127.0.0.1:50051 with a SQLite file in the working directory; the
 agent runs ops in the local Docker engine (or plays them with the scripted executor) and
 keeps its outbox under ``./.gyoza-dev``; the web dashboard (``gyoza ui``) listens on
-127.0.0.1:8080 unless turned off. Ctrl-C stops them all.
+127.0.0.1:8080 unless turned off. Their logs go to ``server.log`` and ``agent.log`` in
+that folder (the terminal stays free for typing commands); ``gyoza dev`` says where.
+Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from gyoza.agent.config import AgentConfig
 from gyoza.agent.daemon import Agent
 from gyoza.server.app import ControlPlane
 from gyoza.server.config import ConfigError, ServerConfig
-from gyoza.server.logs import configure_logging
+from gyoza.server.logs import JsonFormatter, LogfmtFormatter, configure_logging
 
 log = logging.getLogger("gyoza.dev")
 
@@ -81,6 +83,32 @@ def _start_ui(address: str, listen: str) -> asyncio.Task[None] | None:
     return asyncio.create_task(serve(), name="gyoza-dev-ui")
 
 
+class _ByLogger(logging.Filter):
+    """Passes the records of the agent's loggers (``gyoza.agent...``), or all others."""
+
+    def __init__(self, agent: bool) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("gyoza.agent") is self.agent
+
+
+def log_to_files(level: str, log_format: str, server_log: Path, agent_log: Path) -> None:
+    """Send the agent's log records to *agent_log* and every other record to
+    *server_log* (appended), in the server's format; nothing goes to the terminal."""
+    configure_logging(level, log_format)  # levels, and checks the format
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    for path, agent in ((server_log, False), (agent_log, True)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(JsonFormatter() if log_format == "json" else LogfmtFormatter())
+        handler.addFilter(_ByLogger(agent))
+        root.addHandler(handler)
+
+
 def main_dev(
     *,
     database: str | None = None,
@@ -96,13 +124,16 @@ def main_dev(
     except ConfigError as error:
         print(f"gyoza dev: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging(server.log_level, server.log_format)
+    state = Path(state_dir or ".gyoza-dev")
+    server_log, agent_log = state / "server.log", state / "agent.log"
+    log_to_files(server.log_level, server.log_format, server_log, agent_log)
+    print(f"gyoza dev: logs in {server_log} and {agent_log}", file=sys.stderr)
     host, _, port = server.listen.rpartition(":")
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
     agent = AgentConfig(
         server=address,
         name=f"{socket.gethostname()}-dev",
-        state_dir=Path(state_dir or ".gyoza-dev"),
+        state_dir=state,
         executor=executor or "docker",
     )
     with contextlib.suppress(KeyboardInterrupt):

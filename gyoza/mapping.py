@@ -35,7 +35,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from gyoza.api.v1 import agent_service_pb2, op_definition_pb2, op_run_pb2, resources_pb2
 from gyoza.models.errors import FieldViolation, InvalidInput, MalformedReport
 from gyoza.models.op_attempt import OpAttempt
-from gyoza.models.op_definition import InputSpec, InputType, OpDefinition
+from gyoza.models.op_definition import InputSpec, InputType, OpDefinition, OutputSpec
 from gyoza.models.op_run import OpRun
 from gyoza.models.reports import REPORTABLE_EVENTS, AgentReport, LogLine, ReportedEvent
 from gyoza.models.resources import (
@@ -466,8 +466,9 @@ def _summary_from_proto(
 def event_to_proto(entry: EventEntry, attempt: int) -> op_run_pb2.OpRunEvent:
     """Convert an :class:`EventEntry` of attempt number *attempt* to an ``OpRunEvent``.
 
-    A PROGRESS event's ``msg`` is its percentage: it goes to ``progress`` and
-    ``message`` stays empty. Any other ``msg`` is the ``message``.
+    A PROGRESS event's ``msg`` is its percentage: it goes to ``progress``, and the op's
+    words (``payload.message``) to ``message``. Any other ``msg`` is the ``message``.
+    ``time`` is when the event happened, ``apply_time`` when the server applied it.
     """
     message = op_run_pb2.OpRunEvent()
     fill_event(message, entry, attempt)
@@ -482,8 +483,12 @@ def fill_event(message: op_run_pb2.OpRunEvent, entry: EventEntry, attempt: int) 
     message.type = event_type_to_proto(entry.type)
     _fill_struct(message.payload, entry.payload, "payload")
     _fill_timestamp(message.time, entry.t)
+    _fill_timestamp(message.apply_time, entry.applied)
     if entry.type == EventType.PROGRESS.value and isinstance(entry.msg, int):
         message.progress = entry.msg
+        words = entry.payload.get("message")
+        if isinstance(words, str):
+            message.message = words
     else:
         message.message = str(entry.msg)
 
@@ -494,7 +499,8 @@ def event_from_proto(
     """Convert an ``OpRunEvent`` to ``(attempt, EventEntry)``.
 
     A PROGRESS event's ``msg`` is its ``progress``; any other's is its ``message``. An
-    unset ``time`` reads as the epoch.
+    unset ``time`` reads as the epoch; an ``apply_time`` equal to it (or unset) as
+    ``applied_at=None``.
 
     Raises
     ------
@@ -503,12 +509,15 @@ def event_from_proto(
     """
     event_type = event_type_from_proto(message.type, f"{field}.type")
     msg: str | int = message.progress if event_type is EventType.PROGRESS else message.message
+    t = timestamp_from_proto(message.time)
+    applied = optional_timestamp_from_proto(message, "apply_time")
     return message.attempt, EventEntry(
-        t=timestamp_from_proto(message.time),
+        t=t,
         type=event_type.value,
         msg=msg,
         payload=struct_from_proto(message.payload),
         seq=message.seq,
+        applied_at=None if applied == t else applied,
     )
 
 
@@ -773,6 +782,32 @@ def input_spec_from_proto(message: resources_pb2.InputSpec, field: str = "input"
     )
 
 
+def output_spec_to_proto(spec: OutputSpec) -> resources_pb2.OutputSpec:
+    """Convert an :class:`OutputSpec`."""
+    return resources_pb2.OutputSpec(
+        name=spec.name,
+        type=input_type_to_proto(spec.type),
+        required=spec.required,
+        description=spec.description,
+    )
+
+
+def output_spec_from_proto(message: resources_pb2.OutputSpec, field: str = "output") -> OutputSpec:
+    """Convert an ``OutputSpec`` message.
+
+    Raises
+    ------
+    InvalidInput
+        If the type is UNSPECIFIED or unknown.
+    """
+    return OutputSpec(
+        name=message.name,
+        type=input_type_from_proto(message.type, f"{field}.type"),
+        required=message.required,
+        description=message.description,
+    )
+
+
 def definition_to_proto(definition: OpDefinition) -> op_definition_pb2.OpDefinition:
     """Convert an :class:`OpDefinition`."""
     return op_definition_pb2.OpDefinition(
@@ -785,6 +820,7 @@ def definition_to_proto(definition: OpDefinition) -> op_definition_pb2.OpDefinit
         retry_policy=retry_policy_to_proto(definition.retry_policy),
         event_delivery=event_delivery_to_proto(definition.event_delivery),
         create_time=timestamp_to_proto(definition.created_at),
+        outputs=[output_spec_to_proto(spec) for spec in definition.outputs],
     )
 
 
@@ -809,6 +845,12 @@ def definition_from_proto(
             inputs.append(input_spec_from_proto(spec, f"{field}.inputs[{index}]"))
         except InvalidInput as error:
             violations.extend(error.violations)
+    outputs: list[OutputSpec] = []
+    for index, output in enumerate(message.outputs):
+        try:
+            outputs.append(output_spec_from_proto(output, f"{field}.outputs[{index}]"))
+        except InvalidInput as error:
+            violations.extend(error.violations)
     retry_policy = RetryPolicy()
     if message.HasField("retry_policy"):
         try:
@@ -822,6 +864,7 @@ def definition_from_proto(
         version=message.version,
         image=message.image,
         inputs=inputs,
+        outputs=outputs,
         constraints=constraints_from_proto(message.constraints),
         retry_policy=retry_policy,
         event_delivery=event_delivery_from_proto(message.event_delivery),

@@ -9,7 +9,7 @@ Lifecycle of an attempt::
     follow   read its output from the log stream: marked lines → events,
              other lines → logs (batched for a few ms)
              past timeout_s → stop it (→ TIMEOUT); cancel() → stop it (→ CANCELLED)
-    end      exit 0 + valid outputs.json → COMPLETED · exit 0 otherwise → OUTPUT_INVALID
+    end      exit 0 + valid or no outputs.json → COMPLETED · exit 0 + bad outputs.json → OUTPUT_INVALID
              OOM-killed → OOM · other exit → EXIT_CODE with the last output lines
              once the terminal report is in the outbox: remove the container and files
 

@@ -6,6 +6,7 @@ import click
 
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, output_option, pass_state
+from gyoza.client.agents import agent_from_proto
 
 __all__ = ["agents"]
 
@@ -22,10 +23,12 @@ def agents() -> None:
 @pass_state
 def list_agents(state: CliState, include_all: bool, output: str) -> None:
     """List agents with their capacity, GPUs (VRAM free for new runs) and runs."""
-    found = state.client().list_agents(include_disconnected=include_all)
+    response = state.client().api.list_all_agents(include_disconnected=include_all)
     if output == "json":
-        render.print_json([a.to_dict() for a in found])
-    elif not found:
+        render.print_message(response)
+        return
+    found = [agent_from_proto(a) for a in response.agents]
+    if not found:
         click.echo("no agents", err=True)
     else:
         render.show(render.agents_table(found))
@@ -42,9 +45,10 @@ def drain(state: CliState, name: str, output: str) -> None:
     The drain lasts across the agent's restarts and the server's, until
     `gyoza agents undrain NAME`.
     """
-    agent = state.client().drain_agent(name)
+    response = state.client().api.drain_agent(name)
+    agent = agent_from_proto(response.agent)
     if output == "json":
-        render.print_json(agent.to_dict())
+        render.print_message(response)
     else:
         click.echo(f"draining {agent.name}: {len(agent.runs)} run(s) to finish")
 
@@ -56,8 +60,9 @@ def drain(state: CliState, name: str, output: str) -> None:
 @pass_state
 def undrain(state: CliState, name: str, output: str) -> None:
     """End an agent's drain: it takes new work again."""
-    agent = state.client().undrain_agent(name)
+    response = state.client().api.undrain_agent(name)
+    agent = agent_from_proto(response.agent)
     if output == "json":
-        render.print_json(agent.to_dict())
+        render.print_message(response)
     else:
         click.echo(f"{agent.name} takes new work again")

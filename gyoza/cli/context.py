@@ -1,14 +1,18 @@
 """What every client command shares: the connection, the output format, error handling.
 
-Connection options (``--server``, ``--api-key``, TLS) are accepted both before the
-command (``gyoza --server H:P runs list``) and after it (``gyoza runs list --server
-H:P``); the environment (``GYOZA_SERVER``, ``GYOZA_API_KEY``, ``GYOZA_TLS_*``) supplies
-what neither gives.
+The global options (``--server``, ``--api-key``, TLS, ``--timeout``, ``--output``) are
+accepted both before the command (``gyoza --server H:P runs list``) and after it
+(``gyoza runs list --server H:P``; after wins); the environment (``GYOZA_SERVER``,
+``GYOZA_API_KEY``, ``GYOZA_TLS_*``, ``GYOZA_TIMEOUT``) supplies what neither gives.
+
+A command whose standard output is closed early (``gyoza runs list | head -1``) stops
+quietly with exit code 141.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -69,6 +73,7 @@ class CliState:
     tls_cert: str | None = None
     tls_key: str | None = None
     timeout: float = 30.0
+    output: str = "table"
     _client: Client | None = field(default=None, repr=False)
 
     def client(self) -> Client:
@@ -128,6 +133,9 @@ class GyozaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _stop_writing_stdout()
+            raise click.exceptions.Exit(ExitCode.OUTPUT_CLOSED) from None
         except CliError as error:
             failure = error
         except GyozaClientError as error:
@@ -149,6 +157,18 @@ class GyozaGroup(click.Group):
         raise click.exceptions.Exit(failure.exit_code)
 
 
+def _stop_writing_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered, and Python's flush at
+    exit, then go nowhere instead of raising BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
 def _store(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         if value is not None and value is not False:
@@ -168,7 +188,15 @@ _CONNECTION_OPTIONS = (
 
 
 def connection_options(command: F) -> F:
-    """Accept the connection options after a client command too (they win)."""
+    """Accept the connection options and ``--timeout`` after a client command too (they
+    win)."""
+    command = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        expose_value=False,
+        callback=_store("timeout"),
+        help="Seconds each call may take (streams excepted).",
+    )(command)
     command = click.option(
         "--tls",
         is_flag=True,
@@ -188,13 +216,28 @@ def connection_options(command: F) -> F:
     return command
 
 
+OUTPUT_FORMATS = ("table", "json")
+OUTPUT_HELP = (
+    "table for people; json for programs: the API's messages in protobuf's canonical "
+    "JSON, as grpcurl prints them."
+)
+
+
+def _output(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    state = ctx.ensure_object(CliState)
+    if value is not None:
+        state.output = value
+    return state.output
+
+
 def output_option(command: F) -> F:
-    """``-o/--output table|json``, passed as ``output``."""
+    """``-o/--output table|json`` after the command, passed as ``output``; when it is not
+    given, the one given before the command (default ``table``)."""
     return click.option(
         "-o",
         "--output",
-        type=click.Choice(["table", "json"]),
-        default="table",
-        show_default=True,
-        help="Output format: tables for people, JSON for programs.",
+        type=click.Choice(OUTPUT_FORMATS),
+        default=None,
+        callback=_output,
+        help=f"Output format [default: table]: {OUTPUT_HELP}",
     )(command)

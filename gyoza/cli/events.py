@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from gyoza import mapping
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, output_option, pass_state
 
@@ -46,21 +47,22 @@ def subscribe(
     """Print every event of every run on TOPIC, in commit order, as it is committed.
 
     Each line starts with the event's offset: resume with --after-offset. With
-    --output json: one JSON line per event.
+    --output json: one JSON line per event (the SubscribeEventsResponse).
     """
-    client = state.client()
-    for count, item in enumerate(
-        client.subscribe(topic, after_offset, from_latest=from_latest), start=1
+    api = state.client().api
+    for count, response in enumerate(
+        api.subscribe_events(topic, after_offset, from_latest=from_latest), start=1
     ):
         if output == "json":
-            render.print_json_line(item.to_dict())
+            render.print_message_line(response)
         else:
-            event = item.event
-            text = f"{event.msg}%" if event.type == "PROGRESS" else str(event.msg)
-            state_name = item.run_state.value if item.run_state is not None else ""
+            attempt, event = mapping.event_from_proto(response.event)
+            state_name = (
+                mapping.state_from_proto(response.run_state).value if response.run_state else ""
+            )
             click.echo(
-                f"{item.offset:>8}  {item.run_id}  #{item.attempt}  {event.type:<10} "
-                f"{text}  [{state_name}]"
+                f"{response.offset:>8}  {response.run_id}  #{attempt}  {event.type:<10} "
+                f"{render.event_message(event)}  [{state_name}]"
             )
         sys.stdout.flush()
         if limit is not None and count >= limit:

@@ -9,6 +9,8 @@
       OUT_OF_RANGE, RESOURCE_EXHAUSTED).
 3     The server is unreachable or refused the credentials (UNAVAILABLE,
       DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED).
+141   Standard output was closed before the command was done (``gyoza ... | head -1``):
+      it stops quietly, as a Unix tool killed by SIGPIPE does.
 ====  ==================================================================================
 """
 
@@ -30,6 +32,7 @@ class ExitCode(IntEnum):
     RUN_FAILED = 1
     USAGE = 2
     UNREACHABLE = 3
+    OUTPUT_CLOSED = 141
 
 
 _USAGE_CODES = frozenset(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from gyoza.cli.agents import agents
-from gyoza.cli.context import CliState, GyozaGroup
+from gyoza.cli.context import OUTPUT_FORMATS, OUTPUT_HELP, CliState, GyozaGroup
 from gyoza.cli.definitions import definitions
 from gyoza.cli.events import events
 from gyoza.cli.runs import runs
@@ -65,6 +65,14 @@ __all__ = ["cli", "main"]
     show_default=True,
     help="Seconds each call may take (streams excepted).",
 )
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="table",
+    show_default=True,
+    help=f"Output format of every command: {OUTPUT_HELP}",
+)
 @click.version_option(package_name="gyoza", prog_name="gyoza")
 @click.pass_context
 def cli(
@@ -76,12 +84,17 @@ def cli(
     tls_cert: str | None,
     tls_key: str | None,
     timeout: float,
+    output: str,
 ) -> None:
     """gyoza: run containerized ops on a fleet of GPU machines.
 
+    Global options (--server, --api-key, TLS, --timeout, --output) may also follow the
+    command: gyoza runs list -o json --server HOST:PORT.
+
     \b
     Exit codes: 0 success (for watch: the run COMPLETED), 1 the run FAILED or was
-    CANCELLED, 2 bad usage or input, 3 server unreachable or credentials refused.
+    CANCELLED, 2 bad usage or input, 3 server unreachable or credentials refused,
+    141 standard output closed early (| head).
     """
     state = ctx.ensure_object(CliState)
     state.server = server
@@ -91,6 +104,7 @@ def cli(
     state.tls_cert = tls_cert
     state.tls_key = tls_key
     state.timeout = timeout
+    state.output = output
     ctx.call_on_close(state.close)
 
 

@@ -10,6 +10,9 @@
       prompt: {type: string, required: true, description: What to draw}
       steps: {type: int, default: 30}
       tags: array                 # shorthand for {type: array}
+    outputs:                      # what a completed run's outputs must hold
+      image_url: {type: string, required: true, description: Where the picture is}
+      seconds: float
     constraints: {cpu: 2, ram_mb: 4096, vram_mb: 8000, gpu_count: 1, gpu_id: 0, timeout_s: 600,
                   queue_timeout_s: 3600, selector: "executor = docker, zone != eu-1"}
     retry_policy: {max_attempts: 3, initial_delay_s: 1, backoff_multiplier: 2,
@@ -32,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from gyoza.models.op_definition import InputSpec, InputType, OpDefinition
+from gyoza.models.op_definition import InputSpec, InputType, OpDefinition, OutputSpec
 from gyoza.models.resources import Constraints, EventDelivery, FailureClass, RetryPolicy
 
 __all__ = ["OpFileError", "load_op_file", "parse_op_file"]
@@ -43,11 +46,13 @@ _TOP_KEYS = (
     "image",
     "description",
     "inputs",
+    "outputs",
     "constraints",
     "retry_policy",
     "event_delivery",
 )
 _INPUT_KEYS = ("type", "required", "default", "description")
+_OUTPUT_KEYS = ("type", "required", "description")
 _TYPE_NAMES = tuple(t.value.lower() for t in InputType)
 _FAILURE_NAMES = tuple(c.value for c in FailureClass)
 
@@ -129,12 +134,15 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def _domain_problems(definition: OpDefinition) -> list[str]:
     """The domain's own checks (name pattern, ranges), with op-file key paths."""
-    names = [spec.name for spec in definition.inputs]
+    names = {
+        "inputs": [spec.name for spec in definition.inputs],
+        "outputs": [spec.name for spec in definition.outputs],
+    }
 
     def key(path: str) -> str:
-        match = re.match(r"inputs\[(\d+)\](.*)", path)
-        if match and int(match.group(1)) < len(names):
-            return f"inputs.{names[int(match.group(1))]}{match.group(2)}"
+        match = re.match(r"(inputs|outputs)\[(\d+)\](.*)", path)
+        if match and int(match.group(2)) < len(names[match.group(1)]):
+            return f"{match.group(1)}.{names[match.group(1)][int(match.group(2))]}{match.group(3)}"
         return path
 
     return [f"{key(v.field)}: {v.description}" for v in definition.validate()]
@@ -227,6 +235,7 @@ class _Reader:
         ):
             self.problem("version", "an integer or a string (it is informational)", version)
         inputs = self.inputs(data.get("inputs"))
+        outputs = self.outputs(data.get("outputs"))
         constraints = self.section(data, "constraints", self.constraints, Constraints)
         retry_policy = self.section(data, "retry_policy", self.retry_policy, RetryPolicy)
         event_delivery = self.section(data, "event_delivery", self.event_delivery, EventDelivery)
@@ -237,6 +246,7 @@ class _Reader:
             image=image,
             description=description or "",
             inputs=inputs,
+            outputs=outputs,
             constraints=constraints,
             retry_policy=retry_policy,
             event_delivery=event_delivery,
@@ -286,6 +296,39 @@ class _Reader:
                         type=input_type,
                         required=required,
                         default=default,
+                        description=description or "",
+                    )
+                )
+        return specs
+
+    def outputs(self, value: Any) -> list[OutputSpec]:
+        if value is None:
+            return []
+        if not isinstance(value, Mapping):
+            self.problem(
+                "outputs", "a mapping of output name to {type, required, description}", value
+            )
+            return []
+        specs: list[OutputSpec] = []
+        for name, body in value.items():
+            path = f"outputs.{name}"
+            if not isinstance(name, str) or not name:
+                self.problem("outputs", "output names that are strings", name)
+                continue
+            if body is None or isinstance(body, str):  # shorthand: `seconds: float`
+                body = {"type": body}
+            spec = self.mapping(body, path, _OUTPUT_KEYS)
+            if spec is None:
+                continue
+            output_type = self.input_type(spec.get("type"), f"{path}.type")
+            required = self.flag(spec, "required", f"{path}.required") or False
+            description = self.text(spec, "description", f"{path}.description", required=False)
+            if output_type is not None:
+                specs.append(
+                    OutputSpec(
+                        name=name,
+                        type=output_type,
+                        required=required,
                         description=description or "",
                     )
                 )

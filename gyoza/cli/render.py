@@ -1,7 +1,9 @@
 """How the ``gyoza`` command shows things: rich tables for people, JSON for programs.
 
-JSON output uses the domain's ``to_dict()`` shapes (the run's flat view of its current
-attempt, the definition, an event), so ``jq .state`` reads ``"COMPLETED"``.
+JSON output is the API's response messages in protobuf's canonical JSON mapping, exactly
+as ``grpcurl`` prints them (the proto's snake_case field names, enum names, 64-bit
+integers as strings, fields at their default value left out), so ``gyoza runs get ID -o
+json | jq -r .op_run.state`` reads ``OP_RUN_STATE_COMPLETED``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -33,10 +37,10 @@ __all__ = [
     "definitions_table",
     "event_line",
     "events_table",
-    "print_json",
-    "print_json_line",
+    "message_json",
+    "print_message",
+    "print_message_line",
     "run_detail",
-    "run_json",
     "runs_table",
     "show",
 ]
@@ -59,11 +63,20 @@ _EVENT_STYLES: dict[str, str] = {
 }
 
 
+class _Console(Console):
+    """A rich console that lets a closed pipe end the command the way every other write
+    does (rich's own handling exits with status 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     """A console on stdout (or stderr); wide enough not to cut IDs when piped."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
-    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+    return _Console(file=stream, width=width, soft_wrap=False, highlight=False)
 
 
 def show(*renderables: RenderableType) -> None:
@@ -94,26 +107,36 @@ def show(*renderables: RenderableType) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def run_json(run: OpRun) -> dict[str, Any]:
-    """A run as JSON: the flat view of its current attempt (the API shows one attempt)."""
-    data = run.to_dict()
-    data.pop("attempts", None)
-    if run.pending_reason is not None:
-        data["pending_reason"] = {
-            "code": run.pending_reason.code.value,
-            "message": run.pending_reason.message,
-        }
+def message_json(message: Message) -> dict[str, Any]:
+    """An API message in protobuf's canonical JSON mapping, as a JSON object.
+
+    A whole number held in a double (a Struct value, ``cpu``) is written as an integer,
+    as grpcurl writes it (``42``, not ``42.0``).
+    """
+    data: dict[str, Any] = _whole_numbers(
+        json_format.MessageToDict(message, preserving_proto_field_name=True)
+    )
     return data
 
 
-def print_json(value: Any) -> None:
-    """Print one indented JSON document on stdout."""
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
 
 
-def print_json_line(value: Any) -> None:
-    """Print one compact JSON document on one line, flushed (for streams)."""
-    click.echo(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
+def print_message(message: Message) -> None:
+    """Print an API message as one indented JSON document on stdout (grpcurl's shape)."""
+    click.echo(json.dumps(message_json(message), indent=2, ensure_ascii=False))
+
+
+def print_message_line(message: Message) -> None:
+    """Print an API message as JSON on one line, flushed (for streams)."""
+    click.echo(json.dumps(message_json(message), ensure_ascii=False, separators=(",", ":")))
     sys.stdout.flush()
 
 
@@ -171,6 +194,11 @@ def event_message(event: EventEntry) -> str:
         words = event.payload.get("message")
         return f"{event.msg}%" + (f" {words}" if isinstance(words, str) and words else "")
     return str(event.msg)
+
+
+def log_text(text: str) -> Text:
+    """A log line of the op, as a watch shows it among the events (indented)."""
+    return Text(f"  {text}", style="dim")
 
 
 def event_line(event: EventEntry, attempt: int | None = None) -> Text:
@@ -414,6 +442,18 @@ def definition_detail(definition: OpDefinition) -> Table:
                 spec.description,
             )
         rows.append(("inputs", inputs))
+    if definition.outputs:
+        outputs = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("OUTPUT", "TYPE", "REQUIRED", "DESCRIPTION"):
+            outputs.add_column(column)
+        for output in definition.outputs:
+            outputs.add_row(
+                output.name,
+                output.type.value.lower(),
+                "yes" if output.required else "no",
+                output.description,
+            )
+        rows.append(("outputs", outputs))
     for label, value in rows:
         grid.add_row(label, value)
     return grid

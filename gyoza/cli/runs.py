@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import click
 
+from gyoza import mapping
+from gyoza.api.v1 import op_run_pb2, op_run_service_pb2
 from gyoza.cli import render
 from gyoza.cli.context import CliState, connection_options, fail, output_option, pass_state
 from gyoza.cli.inputs import InputError, parse_inputs, parse_inputs_json
-from gyoza.cli.watch import follow_run
+from gyoza.cli.times import TimeParam
+from gyoza.cli.watch import follow_run, log_line_messages
 from gyoza.client import AttemptEvent, RunFilter
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.resources import Constraints, EventDelivery, OpRunState
@@ -86,6 +89,7 @@ def runs() -> None:
 @click.option("--topic", help="Publish the run's events on this topic.")
 @click.option("--request-id", metavar="ID", help="Idempotency key: repeating it is safe.")
 @click.option("--watch", is_flag=True, help="Follow the run to its end (exit 0 if COMPLETED).")
+@click.option("--logs", is_flag=True, help="With --watch: show its log lines as they come.")
 @connection_options
 @output_option
 @pass_state
@@ -101,14 +105,21 @@ def create(
     topic: str | None,
     request_id: str | None,
     watch: bool,
+    logs: bool,
     output: str,
     **resources: Any,
 ) -> None:
-    """Create a run from a definition (--definition) or an image (--image)."""
+    """Create a run from a definition (--definition) or an image (--image).
+
+    A --request-id that was used before creates nothing: the command says the run
+    "exists" and shows the run first created with it.
+    """
     if (definition is None) == (image is None):
         fail("give either --definition NAME or --image IMAGE")
     if definition_version is not None and definition is None:
         fail("--definition-version needs --definition")
+    if logs and not watch:
+        fail("--logs needs --watch")
     overrides = {k: v for k, v in resources.items() if v is not None}
     client = state.client()
     # The definition is read only when the command needs it: to type --input values and
@@ -130,7 +141,7 @@ def create(
         attributes = dict(op.event_delivery.attributes) if op is not None else {}
         event_delivery = EventDelivery(topic=topic, attributes=attributes)
     try:
-        run = client.create_run(
+        response = client.api.create_op_run(
             definition=definition,
             definition_version=definition_version,
             image=image,
@@ -142,14 +153,20 @@ def create(
         )
     except (TypeError, ValueError) as error:
         fail(f"inputs: {error}")
+    run = mapping.run_from_proto(response.op_run)
+    said = f"exists {run.id}" if response.existing else f"created {run.id}"
+    if response.existing:
+        said += f" ({run.state.value}): request id {request_id} was used before"
+    else:
+        said += f" ({run.state.value})"
     if watch:
         if output != "json":
-            click.echo(f"created {run.id}", err=True)
-        sys.exit(follow_run(client, run.id, output))
+            click.echo(said, err=True)
+        sys.exit(follow_run(client, run.id, output, logs=logs))
     if output == "json":
-        render.print_json(render.run_json(run))
+        render.print_message(response)
     else:
-        click.echo(f"created {run.id} ({run.state.value})")
+        click.echo(said)
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,6 +188,22 @@ def create(
     help="Most runs to show (0: all); pages on until then.",
 )
 @click.option("--oldest-first", is_flag=True, help="Oldest first instead of newest first.")
+@click.option(
+    "--created-after",
+    type=TimeParam(),
+    metavar="TIME",
+    help="Only runs created at or after TIME: ISO 8601 (local time without an offset) "
+    "or a duration ago (15m, 2h, 7d).",
+)
+@click.option(
+    "--created-before", type=TimeParam(), metavar="TIME", help="Only runs created before TIME."
+)
+@click.option(
+    "--page-token",
+    metavar="TOKEN",
+    default="",
+    help="Go on where an earlier list stopped (the token it printed), with the same filters.",
+)
 @connection_options
 @output_option
 @pass_state
@@ -181,24 +214,47 @@ def list_runs(
     image: str | None,
     limit: int,
     oldest_first: bool,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    page_token: str,
     output: str,
 ) -> None:
-    """List runs, newest first."""
+    """List runs, newest first.
+
+    When more runs match than --limit shows, the token of the next page is printed
+    (on stderr; in the JSON as next_page_token): give it to --page-token to go on.
+    """
     filters = RunFilter(
         states=tuple(OpRunState(s.upper()) for s in states),
         definition=definition,
         image=image,
+        created_after=created_after,
+        created_before=created_before,
         oldest_first=oldest_first,
     )
-    page_size = min(limit, 500) if limit else 500
-    found = state.client().iter_runs(filters, page_size)
-    items = list(itertools.islice(found, limit) if limit else found)
+    api = state.client().api
+    found: list[op_run_pb2.OpRun] = []
+    token = page_token
+    while True:
+        # The last page asks for just what is left, so that its token starts right
+        # after the last run shown.
+        wanted = min(limit - len(found), 500) if limit else 500
+        page = api.list_op_runs(filters, wanted, token)
+        found.extend(page.op_runs)
+        token = page.next_page_token
+        if not token or (limit and len(found) >= limit):
+            break
     if output == "json":
-        render.print_json([render.run_json(r) for r in items])
-    elif not items:
+        render.print_message(
+            op_run_service_pb2.ListOpRunsResponse(op_runs=found, next_page_token=token)
+        )
+        return
+    if not found:
         click.echo("no runs", err=True)
     else:
-        render.show(render.runs_table(items))
+        render.show(render.runs_table(mapping.run_from_proto(r) for r in found))
+    if token:
+        click.echo(f"more runs: --page-token {token}", err=True)
 
 
 @runs.command()
@@ -208,10 +264,11 @@ def list_runs(
 @pass_state
 def get(state: CliState, run_id: str, output: str) -> None:
     """Show a run, its current attempt and its event timeline."""
-    run = state.client().get_run(run_id)
+    response = state.client().api.get_op_run(run_id)
     if output == "json":
-        render.print_json(render.run_json(run))
+        render.print_message(response)
         return
+    run = mapping.run_from_proto(response.op_run)
     timeline = [AttemptEvent(run.current_attempt, e) for e in run.events]
     render.show(render.run_detail(run), *([render.events_table(timeline)] if timeline else []))
 
@@ -226,11 +283,21 @@ def get(state: CliState, run_id: str, output: str) -> None:
 @pass_state
 def events(state: CliState, run_id: str, attempt: int | None, output: str) -> None:
     """List a run's events, of every attempt, in order."""
-    found = state.client().list_events(run_id, attempt or 0)
+    api = state.client().api
+    events: list[op_run_pb2.OpRunEvent] = []
+    token = ""
+    while True:
+        page = api.list_op_run_events(run_id, attempt or 0, page_token=token)
+        events.extend(page.events)
+        token = page.next_page_token
+        if not token:
+            break
     if output == "json":
-        render.print_json([{"attempt": a, **e.to_dict()} for a, e in found])
+        render.print_message(op_run_service_pb2.ListOpRunEventsResponse(events=events))
     else:
-        render.show(render.events_table(found))
+        render.show(
+            render.events_table([AttemptEvent(*mapping.event_from_proto(e)) for e in events])
+        )
 
 
 @runs.command()
@@ -240,11 +307,13 @@ def events(state: CliState, run_id: str, attempt: int | None, output: str) -> No
 @pass_state
 def attempts(state: CliState, run_id: str, output: str) -> None:
     """List a run's attempts, first to last."""
-    found = state.client().list_attempts(run_id)
+    response = state.client().api.list_op_run_attempts(run_id)
     if output == "json":
-        render.print_json([a.to_dict() for a in found])
+        render.print_message(response)
     else:
-        render.show(render.attempts_table(found))
+        render.show(
+            render.attempts_table([mapping.attempt_from_proto(a) for a in response.attempts])
+        )
 
 
 @runs.command()
@@ -255,15 +324,19 @@ def attempts(state: CliState, run_id: str, output: str) -> None:
     default=0,
     help="Resume after this sequence (from a previous --output json line).",
 )
+@click.option("--logs", is_flag=True, help="Show the run's log lines too, as they come.")
 @connection_options
 @output_option
 @pass_state
-def watch(state: CliState, run_id: str, after_sequence: int, output: str) -> None:
+def watch(state: CliState, run_id: str, after_sequence: int, logs: bool, output: str) -> None:
     """Follow a run live until it ends; exit 0 if it COMPLETED, 1 if not.
 
-    With --output json: one JSON line per change.
+    A server that restarts meanwhile is waited for, and the watch goes on from the
+    last change it showed. With --output json: one JSON line per change (the
+    WatchOpRunResponse; only the first carries the whole run), and with --logs one
+    GetOpRunLogsResponse line per log line.
     """
-    sys.exit(follow_run(state.client(), run_id, output, after_sequence))
+    sys.exit(follow_run(state.client(), run_id, output, after_sequence, logs=logs))
 
 
 @runs.command()
@@ -276,14 +349,17 @@ def watch(state: CliState, run_id: str, after_sequence: int, output: str) -> Non
 @output_option
 @pass_state
 def logs(state: CliState, run_id: str, follow: bool, attempt: int | None, output: str) -> None:
-    """Print a run's log lines. With --output json: one JSON line per log line."""
-    for line in state.client().logs(run_id, attempt or 0, follow=follow):
+    """Print a run's log lines. With --output json: one JSON line per log line (a
+    GetOpRunLogsResponse holding that line)."""
+    for response in state.client().api.get_op_run_logs(run_id, attempt or 0, follow=follow):
         if output == "json":
-            render.print_json_line(line.to_dict())
-        else:
+            for message in log_line_messages(response):
+                render.print_message_line(message)
+            continue
+        for line in response.lines:
             click.echo(line.text)
-            if follow:
-                sys.stdout.flush()
+        if follow:
+            sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,9 +375,10 @@ def logs(state: CliState, run_id: str, follow: bool, attempt: int | None, output
 @pass_state
 def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
     """Cancel a run (an active run stops once its agent stopped the container)."""
-    run = state.client().cancel_run(run_id, reason)
+    response = state.client().api.cancel_op_run(run_id, reason)
+    run = mapping.run_from_proto(response.op_run)
     if output == "json":
-        render.print_json(render.run_json(run))
+        render.print_message(response)
     elif run.state is OpRunState.CANCELLED:
         click.echo(f"cancelled {run.id}")
     else:
@@ -319,9 +396,9 @@ def delete(state: CliState, run_id: str, output: str) -> None:
     Only COMPLETED, FAILED or CANCELLED runs (not waiting for an automatic retry) can be
     deleted; cancel an active run first.
     """
-    state.client().delete_run(run_id)
+    response = state.client().api.delete_op_run(run_id)
     if output == "json":
-        render.print_json({"runId": run_id})
+        render.print_message(response)
     else:
         click.echo(f"deleted {run_id}")
 
@@ -333,9 +410,10 @@ def delete(state: CliState, run_id: str, output: str) -> None:
 @pass_state
 def retry(state: CliState, run_id: str, output: str) -> None:
     """Start a new attempt of a FAILED or CANCELLED run."""
-    run = state.client().retry_run(run_id)
+    response = state.client().api.retry_op_run(run_id)
+    run = mapping.run_from_proto(response.op_run)
     if output == "json":
-        render.print_json(render.run_json(run))
+        render.print_message(response)
     else:
         click.echo(f"retrying {run.id}: attempt {run.current_attempt} is {run.state.value}")
 
@@ -348,8 +426,9 @@ def retry(state: CliState, run_id: str, output: str) -> None:
 @pass_state
 def priority(state: CliState, run_id: str, priority: int, output: str) -> None:
     """Change a run's priority (higher runs first)."""
-    run = state.client().set_priority(run_id, priority)
+    response = state.client().api.update_op_run_priority(run_id, priority)
+    run = mapping.run_from_proto(response.op_run)
     if output == "json":
-        render.print_json(render.run_json(run))
+        render.print_message(response)
     else:
         click.echo(f"{run.id} priority {run.priority}")

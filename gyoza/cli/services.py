@@ -243,7 +243,11 @@ def agent(
 @click.option("--no-ui", is_flag=True, help="Do not start the web dashboard.")
 def dev(no_ui: bool, **options: Any) -> None:
     """Run a server, a local agent and the web dashboard in one process, for trying
-    gyoza out."""
+    gyoza out.
+
+    Their logs go to server.log and agent.log in the state directory (./.gyoza-dev by
+    default), not to the terminal.
+    """
     module = _load("gyoza.dev", "gyoza dev")
     if no_ui:
         options["ui_listen"] = None

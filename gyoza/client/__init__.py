@@ -6,6 +6,7 @@ See :class:`Client`; errors are in :mod:`gyoza.client.errors`.
 from __future__ import annotations
 
 from gyoza.client.agents import Agent, AgentGpu, AgentRun, AgentState
+from gyoza.client.calls import ApiCalls
 from gyoza.client.client import DEFAULT_SERVER, Client, Page, RunFilter, open_channel
 from gyoza.client.errors import (
     AlreadyExistsError,
@@ -27,6 +28,7 @@ __all__ = [
     "AgentRun",
     "AgentState",
     "AlreadyExistsError",
+    "ApiCalls",
     "AttemptEvent",
     "Client",
     "FailedPreconditionError",

@@ -17,8 +17,7 @@ Every method returns domain objects (:class:`~gyoza.models.op_run.OpRun`,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -26,30 +25,29 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from gyoza import mapping
-from gyoza.api.v1 import (
-    agent_service_pb2,
-    agent_service_pb2_grpc,
-    definition_service_pb2,
-    definition_service_pb2_grpc,
-    op_run_service_pb2,
-    op_run_service_pb2_grpc,
-)
+from gyoza.api.v1 import op_run_pb2
 from gyoza.client.agents import Agent, agent_from_proto
-from gyoza.client.errors import error_from_rpc
+from gyoza.client.calls import ApiCalls, RunFilter
 from gyoza.client.streams import AttemptEvent, LogLine, RunChange, TopicEvent
 from gyoza.models.op_attempt import OpAttempt
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import Constraints, EventDelivery, OpRunState, RetryPolicy
+from gyoza.models.resources import Constraints, EventDelivery, RetryPolicy
 
-__all__ = ["DEFAULT_SERVER", "Client", "Page", "RunFilter", "open_channel"]
+__all__ = ["DEFAULT_SERVER", "ApiCalls", "Client", "Page", "RunFilter", "open_channel"]
 
 #: Where the client connects by default: the server's default listen address.
 DEFAULT_SERVER = "127.0.0.1:50051"
 
+#: A server that went away (a restart) is tried again at most every 2 s, not gRPC's
+#: default of up to 2 minutes, so that a resumed watch sees it back soon.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
 T = TypeVar("T")
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 @dataclass(frozen=True)
@@ -66,32 +64,6 @@ class Page(Generic[T]):
 
     items: list[T]
     next_page_token: str = ""
-
-
-@dataclass(frozen=True)
-class RunFilter:
-    """Filters of :meth:`Client.list_runs`; they combine with AND.
-
-    Parameters
-    ----------
-    states : Sequence[OpRunState]
-        Only runs in one of these states; empty means any.
-    definition : str | None
-        Only runs created from this definition.
-    image : str | None
-        Only runs of this image.
-    created_after, created_before : datetime | None
-        Only runs created at or after / before these (aware) times.
-    oldest_first : bool
-        Oldest first instead of newest first.
-    """
-
-    states: Sequence[OpRunState] = field(default_factory=tuple)
-    definition: str | None = None
-    image: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    oldest_first: bool = False
 
 
 class Client:
@@ -116,6 +88,12 @@ class Client:
         :meth:`close` leaves it open).
     channel_options : Sequence[tuple[str, Any]]
         gRPC channel arguments of the channel it opens (``grpc.max_reconnect_backoff_ms``...).
+
+    Attributes
+    ----------
+    api : ApiCalls
+        The same calls returning the API's response messages as they came (what
+        ``gyoza --output json`` prints).
 
     Raises
     ------
@@ -156,9 +134,7 @@ class Client:
                 options=channel_options,
             )
         )
-        self._definitions = definition_service_pb2_grpc.DefinitionServiceStub(self._channel)
-        self._runs = op_run_service_pb2_grpc.OpRunServiceStub(self._channel)
-        self._agents = agent_service_pb2_grpc.AgentServiceStub(self._channel)
+        self.api = ApiCalls(self._channel, self._metadata, timeout)
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -192,10 +168,7 @@ class Client:
         InvalidArgumentError
             With every violation (name, image, input specs, constraints, policy).
         """
-        request = definition_service_pb2.CreateOpDefinitionRequest(
-            op_definition=mapping.definition_to_proto(definition)
-        )
-        response = self._call(self._definitions.CreateOpDefinition, request)
+        response = self.api.create_op_definition(definition)
         return mapping.definition_from_proto(response.op_definition)
 
     def get_definition(self, name: str, version: int | None = None) -> OpDefinition:
@@ -206,8 +179,7 @@ class Client:
         NotFoundError
             No such name or version.
         """
-        request = definition_service_pb2.GetOpDefinitionRequest(name=name, version=version or 0)
-        response = self._call(self._definitions.GetOpDefinition, request)
+        response = self.api.get_op_definition(name, version)
         return mapping.definition_from_proto(response.op_definition)
 
     def list_definitions(
@@ -215,10 +187,7 @@ class Client:
     ) -> Page[OpDefinition]:
         """One page of definitions: the latest version of each name, ordered by name, or
         every version of *name*, newest first."""
-        request = definition_service_pb2.ListOpDefinitionsRequest(
-            name=name or "", page_size=page_size, page_token=page_token
-        )
-        response = self._call(self._definitions.ListOpDefinitions, request)
+        response = self.api.list_op_definitions(name, page_size, page_token)
         return Page(
             [mapping.definition_from_proto(d) for d in response.op_definitions],
             response.next_page_token,
@@ -238,8 +207,7 @@ class Client:
         NotFoundError
             No such name or version.
         """
-        request = definition_service_pb2.DeleteOpDefinitionRequest(name=name, version=version or 0)
-        return self._call(self._definitions.DeleteOpDefinition, request).deleted_count
+        return self.api.delete_op_definition(name, version).deleted_count
 
     # ------------------------------------------------------------------
     # Runs
@@ -275,21 +243,18 @@ class Client:
         TypeError, ValueError
             *inputs* hold something that is not a JSON value.
         """
-        request = op_run_service_pb2.CreateOpRunRequest(
-            op_definition=definition or "",
-            op_definition_version=definition_version or 0,
-            image=image or "",
-            inputs=mapping.struct_to_proto(inputs or {}, "inputs"),
+        response = self.api.create_op_run(
+            definition=definition,
+            definition_version=definition_version,
+            image=image,
+            inputs=inputs,
             priority=priority,
-            request_id=request_id or "",
+            constraints=constraints,
+            retry_policy=retry_policy,
+            event_delivery=event_delivery,
+            request_id=request_id,
         )
-        if constraints is not None:
-            request.constraints.CopyFrom(mapping.constraints_to_proto(constraints))
-        if retry_policy is not None:
-            request.retry_policy.CopyFrom(mapping.retry_policy_to_proto(retry_policy))
-        if event_delivery is not None:
-            request.event_delivery.CopyFrom(mapping.event_delivery_to_proto(event_delivery))
-        return mapping.run_from_proto(self._call(self._runs.CreateOpRun, request).op_run)
+        return mapping.run_from_proto(response.op_run)
 
     def get_run(self, run_id: str) -> OpRun:
         """A run with its current attempt.
@@ -299,8 +264,7 @@ class Client:
         NotFoundError
             No such run.
         """
-        request = op_run_service_pb2.GetOpRunRequest(run_id=run_id)
-        return mapping.run_from_proto(self._call(self._runs.GetOpRun, request).op_run)
+        return mapping.run_from_proto(self.api.get_op_run(run_id).op_run)
 
     def list_runs(
         self, filters: RunFilter | None = None, page_size: int = 0, page_token: str = ""
@@ -309,20 +273,7 @@ class Client:
 
         The runs carry no events (use :meth:`list_events`).
         """
-        filters = filters or RunFilter()
-        request = op_run_service_pb2.ListOpRunsRequest(
-            page_size=page_size,
-            page_token=page_token,
-            states=[mapping.state_to_proto(s) for s in filters.states],
-            op_definition=filters.definition or "",
-            image=filters.image or "",
-            oldest_first=filters.oldest_first,
-        )
-        if filters.created_after is not None:
-            request.created_after.CopyFrom(mapping.timestamp_to_proto(filters.created_after))
-        if filters.created_before is not None:
-            request.created_before.CopyFrom(mapping.timestamp_to_proto(filters.created_before))
-        response = self._call(self._runs.ListOpRuns, request)
+        response = self.api.list_op_runs(filters, page_size, page_token)
         return Page([mapping.run_from_proto(r) for r in response.op_runs], response.next_page_token)
 
     def iter_runs(self, filters: RunFilter | None = None, page_size: int = 0) -> Iterator[OpRun]:
@@ -341,8 +292,7 @@ class Client:
         FailedPreconditionError
             The run is already terminal (reason ``RUN_LOCKED``).
         """
-        request = op_run_service_pb2.CancelOpRunRequest(run_id=run_id, reason=reason)
-        return mapping.run_from_proto(self._call(self._runs.CancelOpRun, request).op_run)
+        return mapping.run_from_proto(self.api.cancel_op_run(run_id, reason).op_run)
 
     def retry_run(self, run_id: str) -> OpRun:
         """Start a new attempt of a FAILED or CANCELLED run; it is PENDING again.
@@ -354,8 +304,7 @@ class Client:
         FailedPreconditionError
             The run is not FAILED or CANCELLED (reason ``INVALID_TRANSITION``).
         """
-        request = op_run_service_pb2.RetryOpRunRequest(run_id=run_id)
-        return mapping.run_from_proto(self._call(self._runs.RetryOpRun, request).op_run)
+        return mapping.run_from_proto(self.api.retry_op_run(run_id).op_run)
 
     def delete_run(self, run_id: str) -> None:
         """Delete a finished run with its attempts, events, log lines and topic records.
@@ -368,8 +317,7 @@ class Client:
             The run may still change: it is active or waits for an automatic retry
             (reason ``RUN_NOT_FINISHED``).
         """
-        request = op_run_service_pb2.DeleteOpRunRequest(run_id=run_id)
-        self._call(self._runs.DeleteOpRun, request)
+        self.api.delete_op_run(run_id)
 
     def set_priority(self, run_id: str, priority: int) -> OpRun:
         """Change a run's priority (at least 0); a pending run is re-queued at once.
@@ -383,8 +331,7 @@ class Client:
         FailedPreconditionError
             The run is terminal.
         """
-        request = op_run_service_pb2.UpdateOpRunPriorityRequest(run_id=run_id, priority=priority)
-        return mapping.run_from_proto(self._call(self._runs.UpdateOpRunPriority, request).op_run)
+        return mapping.run_from_proto(self.api.update_op_run_priority(run_id, priority).op_run)
 
     def list_attempts(self, run_id: str) -> list[OpAttempt]:
         """Every attempt of a run, first to last, each with its events.
@@ -394,10 +341,8 @@ class Client:
         NotFoundError
             No such run.
         """
-        request = op_run_service_pb2.ListOpRunAttemptsRequest(run_id=run_id)
         return [
-            mapping.attempt_from_proto(a)
-            for a in self._call(self._runs.ListOpRunAttempts, request).attempts
+            mapping.attempt_from_proto(a) for a in self.api.list_op_run_attempts(run_id).attempts
         ]
 
     def list_events(self, run_id: str, attempt: int = 0) -> list[AttemptEvent]:
@@ -413,10 +358,7 @@ class Client:
         events: list[AttemptEvent] = []
         token = ""
         while True:
-            request = op_run_service_pb2.ListOpRunEventsRequest(
-                run_id=run_id, attempt=attempt, page_token=token
-            )
-            response = self._call(self._runs.ListOpRunEvents, request)
+            response = self.api.list_op_run_events(run_id, attempt, page_token=token)
             events.extend(AttemptEvent(*mapping.event_from_proto(e)) for e in response.events)
             token = response.next_page_token
             if not token:
@@ -441,8 +383,7 @@ class Client:
         UnavailableError
             The server went away; resume from the last sequence.
         """
-        request = op_run_service_pb2.WatchOpRunRequest(run_id=run_id, after_sequence=after_sequence)
-        for response in self._stream(self._runs.WatchOpRun, request, timeout):
+        for response in self.api.watch_op_run(run_id, after_sequence, timeout=timeout):
             run = mapping.run_from_proto(response.op_run)
             if response.HasField("event"):
                 attempt, event = mapping.event_from_proto(response.event)
@@ -467,10 +408,9 @@ class Client:
         InvalidArgumentError
             Empty topic.
         """
-        request = op_run_service_pb2.SubscribeEventsRequest(
-            topic=topic, after_offset=after_offset, from_latest=from_latest
-        )
-        for response in self._stream(self._runs.SubscribeEvents, request, timeout):
+        for response in self.api.subscribe_events(
+            topic, after_offset, from_latest=from_latest, timeout=timeout
+        ):
             attempt, event = mapping.event_from_proto(response.event)
             state = None
             if response.run_state:
@@ -504,18 +444,11 @@ class Client:
         NotFoundError
             No such run or attempt.
         """
-        request = op_run_service_pb2.GetOpRunLogsRequest(
-            run_id=run_id, attempt=attempt, follow=follow, after_line=after_line
-        )
-        for response in self._stream(self._runs.GetOpRunLogs, request, timeout):
+        for response in self.api.get_op_run_logs(
+            run_id, attempt, follow, after_line, timeout=timeout
+        ):
             for line in response.lines:
-                yield LogLine(
-                    attempt=response.attempt,
-                    number=line.number,
-                    text=line.text,
-                    stream=mapping.log_stream_from_proto(line.stream, ""),
-                    time=mapping.optional_timestamp_from_proto(line, "time"),
-                )
+                yield log_line_from_proto(line, response.attempt)
 
     # ------------------------------------------------------------------
     # Agents
@@ -523,17 +456,7 @@ class Client:
 
     def list_agents(self, include_disconnected: bool = False) -> list[Agent]:
         """The agents the server knows, with capacity, reservations and runs."""
-        agents: list[Agent] = []
-        token = ""
-        while True:  # every page
-            request = agent_service_pb2.ListAgentsRequest(
-                include_disconnected=include_disconnected, page_token=token
-            )
-            reply = self._call(self._agents.ListAgents, request)
-            agents.extend(agent_from_proto(a) for a in reply.agents)
-            token = reply.next_page_token
-            if not token:
-                return agents
+        return [agent_from_proto(a) for a in self.api.list_all_agents(include_disconnected).agents]
 
     def drain_agent(self, name: str) -> Agent:
         """Tell an agent to take no new work and finish what it holds; it stays drained
@@ -544,8 +467,7 @@ class Client:
         NotFoundError
             No such agent.
         """
-        request = agent_service_pb2.DrainAgentRequest(name=name)
-        return agent_from_proto(self._call(self._agents.DrainAgent, request).agent)
+        return agent_from_proto(self.api.drain_agent(name).agent)
 
     def undrain_agent(self, name: str) -> Agent:
         """End an agent's drain: it takes new work again (at once, or when it reconnects).
@@ -555,35 +477,18 @@ class Client:
         NotFoundError
             No such agent is known or drained.
         """
-        request = agent_service_pb2.UndrainAgentRequest(name=name)
-        return agent_from_proto(self._call(self._agents.UndrainAgent, request).agent)
+        return agent_from_proto(self.api.undrain_agent(name).agent)
 
-    # ------------------------------------------------------------------
-    # Transport
-    # ------------------------------------------------------------------
 
-    def _call(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
-        try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-
-    def _stream(
-        self,
-        method: grpc.UnaryStreamMultiCallable[_Request, _Response],
-        request: _Request,
-        timeout: float | None = None,
-    ) -> Iterator[_Response]:
-        call = method(request, metadata=self._metadata, timeout=timeout)
-        try:
-            yield from call
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from error
-        finally:
-            # Ends the stream on the server too when the caller stops early.
-            call.cancel()
+def log_line_from_proto(line: op_run_pb2.LogLine, attempt: int) -> LogLine:
+    """A log line of *attempt* from its API message."""
+    return LogLine(
+        attempt=attempt,
+        number=line.number,
+        text=line.text,
+        stream=mapping.log_stream_from_proto(line.stream, ""),
+        time=mapping.optional_timestamp_from_proto(line, "time"),
+    )
 
 
 def open_channel(
@@ -607,14 +512,16 @@ def open_channel(
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs its key: give both tls_cert and tls_key")
+    # The defaults (a short reconnect backoff), then the caller's, which win.
+    arguments = list({**dict(CHANNEL_OPTIONS), **dict(options)}.items())
     if not (tls or tls_ca or tls_cert):
-        return grpc.insecure_channel(target, options=list(options))
+        return grpc.insecure_channel(target, options=arguments)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls_ca),
         private_key=_read(tls_key),
         certificate_chain=_read(tls_cert),
     )
-    return grpc.secure_channel(target, credentials, options=list(options))
+    return grpc.secure_channel(target, credentials, options=arguments)
 
 
 def _read(path: str | Path | None) -> bytes | None:

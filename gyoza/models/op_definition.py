@@ -7,71 +7,22 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from gyoza.models.errors import FieldViolation, InvalidInput
 from gyoza.models.op_run import OpRun
+from gyoza.models.outputs import OutputSpec
 from gyoza.models.resources import Constraints, EventDelivery, RetryPolicy
 from gyoza.models.timestamps import format_timestamp, parse_optional_timestamp, utc_now
+from gyoza.models.value_types import MISMATCH as _MISMATCH
+from gyoza.models.value_types import InputType
+from gyoza.models.value_types import coerce as _coerce
+from gyoza.models.value_types import json_type as _json_type
+
+__all__ = ["NAME_PATTERN", "InputSpec", "InputType", "OpDefinition", "OutputSpec"]
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 """What a definition name must match: lowercase, digits, ``.``, ``_``, ``-``; <= 128."""
-
-
-class InputType(StrEnum):
-    """JSON type of an op input."""
-
-    STRING = "STRING"
-    INT = "INT"
-    FLOAT = "FLOAT"
-    BOOL = "BOOL"
-    OBJECT = "OBJECT"
-    ARRAY = "ARRAY"
-
-
-class _Mismatch:
-    """Marker for a value that does not fit its input type."""
-
-
-_MISMATCH = _Mismatch()
-
-
-def _coerce(kind: InputType, value: Any) -> Any:
-    """*value* as the input type wants it, or ``_MISMATCH``.
-
-    INT excludes bool but accepts an integral float (``3.0``): a protobuf ``Struct``
-    carries every number as a double. FLOAT accepts int but not bool.
-    """
-    if kind is InputType.STRING:
-        return value if isinstance(value, str) else _MISMATCH
-    if kind is InputType.BOOL:
-        return value if isinstance(value, bool) else _MISMATCH
-    if isinstance(value, bool):
-        return _MISMATCH
-    if kind is InputType.INT:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return _MISMATCH
-    if kind is InputType.FLOAT:
-        return value if isinstance(value, int | float) else _MISMATCH
-    if kind is InputType.OBJECT:
-        return value if isinstance(value, dict) else _MISMATCH
-    return value if isinstance(value, list) else _MISMATCH
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "BOOL"
-    names = {str: "STRING", int: "INT", float: "FLOAT", dict: "OBJECT", list: "ARRAY"}
-    for python_type, name in names.items():
-        if isinstance(value, python_type):
-            return name
-    return type(value).__name__
 
 
 @dataclass
@@ -134,6 +85,9 @@ class OpDefinition:
         Docker image reference.
     inputs : list[InputSpec]
         Inputs the op takes.
+    outputs : list[OutputSpec]
+        Outputs the op declares; a run whose outputs break them fails as
+        ``OUTPUT_INVALID``.
     constraints : Constraints
         Resources its runs need unless a run overrides them.
     retry_policy : RetryPolicy
@@ -150,6 +104,7 @@ class OpDefinition:
     version: int = 0
     image: str = ""
     inputs: list[InputSpec] = field(default_factory=list)
+    outputs: list[OutputSpec] = field(default_factory=list)
     constraints: Constraints = field(default_factory=Constraints)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     event_delivery: EventDelivery = field(default_factory=EventDelivery)
@@ -194,6 +149,14 @@ class OpDefinition:
                         f"expected {spec.type.value}, got {_json_type(spec.default)}",
                     )
                 )
+        declared: set[str] = set()
+        for index, output in enumerate(self.outputs):
+            where = f"outputs[{index}].name"
+            if not output.name:
+                violations.append(FieldViolation(where, "must not be empty"))
+            elif output.name in declared:
+                violations.append(FieldViolation(where, f"duplicate output name {output.name!r}"))
+            declared.add(output.name)
         violations.extend(
             FieldViolation(f"constraints.{v.field}", v.description)
             for v in self.constraints.validate()
@@ -268,7 +231,8 @@ class OpDefinition:
         """Create a PENDING run of this op.
 
         The definition's image, constraints, retry policy and event delivery apply
-        unless overridden; the run records the definition's name and version.
+        unless overridden; the run records the definition's name and version and
+        keeps its declared outputs, which its outputs are checked against.
 
         Parameters
         ----------
@@ -321,6 +285,7 @@ class OpDefinition:
             op_definition=self.name,
             op_definition_version=self.version,
             request_id=request_id,
+            output_specs=copy.deepcopy(self.outputs),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,6 +296,7 @@ class OpDefinition:
             "image": self.image,
             "description": self.description,
             "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
             "constraints": self.constraints.to_dict(),
             "retry_policy": self.retry_policy.to_dict(),
             "event_delivery": self.event_delivery.to_dict(),
@@ -346,6 +312,7 @@ class OpDefinition:
             version=int(data.get("version") or 0),
             image=str(data.get("image") or ""),
             inputs=[InputSpec.from_dict(spec) for spec in data.get("inputs") or []],
+            outputs=[OutputSpec.from_dict(spec) for spec in data.get("outputs") or []],
             constraints=Constraints.from_dict(data.get("constraints") or {}),
             retry_policy=RetryPolicy.from_dict(data.get("retry_policy") or {}),
             event_delivery=EventDelivery.from_dict(data.get("event_delivery") or {}),

@@ -22,6 +22,7 @@ from gyoza.models.errors import (
     StaleAttempt,
 )
 from gyoza.models.op_attempt import OpAttempt, number_events
+from gyoza.models.outputs import OutputSpec, output_violations
 from gyoza.models.reports import AgentReport
 from gyoza.models.resources import (
     Constraints,
@@ -119,6 +120,9 @@ class OpRun:
         When the server will retry the failed run automatically (set by the server).
     request_id : str | None
         Idempotency key of the create request.
+    output_specs : list[OutputSpec]
+        Outputs its definition declares (empty: any outputs object). A COMPLETED
+        report whose outputs break them is recorded as FAILED ``OUTPUT_INVALID``.
     created_at : datetime
         When the run was created.
     updated_at : datetime
@@ -141,6 +145,7 @@ class OpRun:
     cancel_requested: bool = False
     next_retry_at: datetime | None = None
     request_id: str | None = None
+    output_specs: list[OutputSpec] = field(default_factory=list)
     created_at: datetime = field(default_factory=utc_now)
     updated_at: datetime = field(default_factory=utc_now)
     pending_reason: PendingReason | None = field(default=None, compare=False)
@@ -163,6 +168,7 @@ class OpRun:
         op_definition: str | None = None,
         op_definition_version: int | None = None,
         request_id: str | None = None,
+        output_specs: list[OutputSpec] | None = None,
     ) -> OpRun:
         """Create a PENDING run with its first attempt.
 
@@ -186,6 +192,8 @@ class OpRun:
             Parent OpDefinition version.
         request_id : str | None
             Idempotency key of the create request.
+        output_specs : list[OutputSpec] | None
+            Declared outputs its outputs must keep.
 
         Returns
         -------
@@ -219,6 +227,7 @@ class OpRun:
             op_definition=op_definition,
             op_definition_version=op_definition_version,
             request_id=request_id,
+            output_specs=list(output_specs or []),
             created_at=now,
             updated_at=now,
         )
@@ -243,6 +252,7 @@ class OpRun:
         cancel_requested: bool = False,
         next_retry_at: datetime | None = None,
         request_id: str | None = None,
+        output_specs: list[OutputSpec] | None = None,
         created_at: datetime | None = None,
         updated_at: datetime | None = None,
     ) -> OpRun:
@@ -276,6 +286,7 @@ class OpRun:
             cancel_requested=cancel_requested,
             next_retry_at=next_retry_at,
             request_id=request_id,
+            output_specs=list(output_specs or []),
             created_at=created_at or now,
             updated_at=updated_at or now,
             _attempts=ordered,
@@ -553,7 +564,12 @@ class OpRun:
         )
 
     def add_event(
-        self, event_type: str, msg: str | int, payload: dict[str, Any] | None = None
+        self,
+        event_type: str,
+        msg: str | int,
+        payload: dict[str, Any] | None = None,
+        *,
+        at: datetime | None = None,
     ) -> EventEntry:
         """Append an event to the current attempt and react to its type.
 
@@ -571,7 +587,12 @@ class OpRun:
         An ending event sets ``duration_ms`` (payload ``duration_ms``, else the time
         since the STARTED event, else since the attempt was created). Once a cancel
         was requested, COMPLETED and FAILED reports are recorded as CANCELLED: a
-        cancelled run never reads COMPLETED.
+        cancelled run never reads COMPLETED. A COMPLETED report whose outputs break
+        the run's :attr:`output_specs` is recorded as FAILED ``OUTPUT_INVALID``.
+
+        The event's time ``t`` is *at*, when it happened (an agent's report time; never
+        later than now), else now; ``applied_at`` is when it was applied. The attempt's
+        start and end times follow the event's time.
 
         Parameters
         ----------
@@ -581,6 +602,8 @@ class OpRun:
             Human-readable message, or the PROGRESS percentage.
         payload : dict[str, Any] | None
             Event-specific data.
+        at : datetime | None
+            When the event happened (aware); ``None``: now.
 
         Returns
         -------
@@ -601,7 +624,9 @@ class OpRun:
         kind = event_rules.event_type(event_type)
         data: dict[str, Any] = {} if payload is None else payload
         self._check_event(kind, msg, data)
-        return self._apply_event(attempt, kind, msg, copy.deepcopy(data), utc_now())
+        now = utc_now()
+        happened = now if at is None else min(at, now)
+        return self._apply_event(attempt, kind, msg, copy.deepcopy(data), happened, now)
 
     def apply_report(
         self,
@@ -610,6 +635,8 @@ class OpRun:
         event_type: str,
         msg: str | int,
         payload: dict[str, Any] | None = None,
+        *,
+        at: datetime | None = None,
     ) -> EventEntry | None:
         """Apply an agent's numbered report exactly once.
 
@@ -626,6 +653,8 @@ class OpRun:
             The agent's sequence number for the report (1-based, per attempt).
         event_type, msg, payload
             As for :meth:`add_event`.
+        at : datetime | None
+            When the agent says the event happened (its report time).
 
         Returns
         -------
@@ -647,7 +676,7 @@ class OpRun:
         current = self._current()
         if seq <= current.reported_seq:
             return None
-        entry = self.add_event(event_type, msg, payload)
+        entry = self.add_event(event_type, msg, payload, at=at)
         current.reported_seq = seq
         return entry
 
@@ -711,7 +740,8 @@ class OpRun:
             msg, payload = event.timeline_entry(
                 self.execution_summary.worker_id or "", list(self.execution_summary.gpu_ids)
             )
-            self.add_event(event.type.value, msg, payload)
+            # The event's time is when it happened on the agent (its report time).
+            self.add_event(event.type.value, msg, payload, at=report.time)
         return True
 
     def ensure_current_attempt(self, attempt: int) -> None:
@@ -961,6 +991,7 @@ class OpRun:
             "cancelRequested": self.cancel_requested,
             "nextRetryAt": format_optional_timestamp(self.next_retry_at),
             "requestId": self.request_id,
+            "output_specs": [spec.to_dict() for spec in self.output_specs],
             "createdAt": format_timestamp(self.created_at),
             "updatedAt": format_timestamp(self.updated_at),
             "attempts": [a.to_dict() for a in self._attempts],
@@ -992,6 +1023,7 @@ class OpRun:
             cancel_requested=bool(_pick(data, "cancelRequested", "cancel_requested")),
             next_retry_at=parse_optional_timestamp(_pick(data, "nextRetryAt", "next_retry_at")),
             request_id=_pick(data, "requestId", "request_id"),
+            output_specs=[OutputSpec.from_dict(o) for o in data.get("output_specs") or []],
             created_at=created_at,
             updated_at=updated_at,
         )
@@ -1066,8 +1098,13 @@ class OpRun:
         msg: str | int,
         payload: dict[str, Any],
         now: datetime,
+        applied_at: datetime | None = None,
     ) -> EventEntry:
-        """Record a checked event and apply its effects."""
+        """Record a checked event and apply its effects.
+
+        *now* is when the event happened; *applied_at* when the server applies it
+        (``None``: the same), which is when the run changed.
+        """
         if kind in (EventType.COMPLETED, EventType.FAILED) and self.cancel_requested:
             # A cancel was requested: whatever the attempt reports, the run ends
             # CANCELLED, so it never reads COMPLETED and is not retried by policy.
@@ -1075,7 +1112,9 @@ class OpRun:
             text = f"{kind.value.lower()} after cancel was requested"
             msg = f"{text}: {msg}" if msg != "" else text
             kind = EventType.CANCELLED
-        entry = self._record(attempt, kind, msg, payload, now)
+        elif kind is EventType.COMPLETED and self.output_specs:
+            kind, msg, payload = self._check_outputs(kind, msg, payload)
+        entry = self._record(attempt, kind, msg, payload, now, applied_at)
         summary = attempt.execution_summary
         if kind is EventType.ASSIGNED:
             ids = [int(g) for g in payload.get("gpu_ids") or []]
@@ -1110,8 +1149,28 @@ class OpRun:
             self._record_failure(summary, payload)
             summary.failure_class = FailureClass.CANCELLED
             self._end(attempt, OpRunState.CANCELLED, payload, now)
-        self.updated_at = now
+        self.updated_at = now if applied_at is None else applied_at
         return entry
+
+    def _check_outputs(
+        self, kind: EventType, msg: str | int, payload: dict[str, Any]
+    ) -> tuple[EventType, str | int, dict[str, Any]]:
+        """A COMPLETED report as it is, or as FAILED ``OUTPUT_INVALID`` naming every
+        violation when its outputs break the declared ones (they stay in the payload)."""
+        violations = output_violations(self.output_specs, payload.get("outputs") or {})
+        if not violations:
+            return kind, msg, payload
+        reasons = "; ".join(f"{v.field} {v.description}" for v in violations)
+        text = f"the outputs do not match the declared outputs: {reasons}"
+        failed = {
+            **payload,
+            "reported_type": kind.value,
+            "failure_class": FailureClass.OUTPUT_INVALID.value,
+            "error_message": text,
+            "exit_code": 0,
+            "violations": [{"field": v.field, "description": v.description} for v in violations],
+        }
+        return EventType.FAILED, text, failed
 
     @staticmethod
     def _record_failure(summary: ExecutionSummary, payload: Mapping[str, Any]) -> None:
@@ -1127,9 +1186,15 @@ class OpRun:
         msg: str | int,
         payload: dict[str, Any],
         now: datetime,
+        applied_at: datetime | None = None,
     ) -> EventEntry:
         entry = EventEntry(
-            t=now, type=kind.value, msg=msg, payload=payload, seq=attempt.last_seq + 1
+            t=now,
+            type=kind.value,
+            msg=msg,
+            payload=payload,
+            seq=attempt.last_seq + 1,
+            applied_at=None if applied_at == now else applied_at,
         )
         attempt.events.append(entry)
         return entry

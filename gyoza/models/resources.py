@@ -405,7 +405,8 @@ class EventEntry:
     Parameters
     ----------
     t : datetime
-        When the event was recorded (aware, UTC).
+        When the event happened (aware, UTC): for an agent's report, the time the agent
+        gives it; for the server's own events, when the server made them.
     type : str
         An :class:`EventType` value.
     msg : str | int
@@ -414,6 +415,9 @@ class EventEntry:
         Event-specific data.
     seq : int
         1-based position in its attempt's timeline, set by the aggregate.
+    applied_at : datetime | None
+        When the server applied it, when that differs from ``t`` (a report that
+        travelled, say after an outage); ``None``: at ``t``.
     """
 
     t: datetime
@@ -421,26 +425,37 @@ class EventEntry:
     msg: str | int
     payload: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
+    applied_at: datetime | None = None
+
+    @property
+    def applied(self) -> datetime:
+        """When the server applied the event."""
+        return self.t if self.applied_at is None else self.applied_at
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialise to a JSON-compatible dictionary (``t`` as ISO 8601)."""
-        return {
+        """Serialise to a JSON-compatible dictionary (times as ISO 8601)."""
+        data: dict[str, Any] = {
             "seq": self.seq,
             "t": format_timestamp(self.t),
             "type": self.type,
             "msg": self.msg,
             "payload": copy.deepcopy(self.payload),
         }
+        if self.applied_at is not None:
+            data["applied_at"] = format_timestamp(self.applied_at)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EventEntry:
-        """Deserialise; ``t`` may end in ``Z``."""
+        """Deserialise; times may end in ``Z``."""
+        applied = data.get("applied_at")
         return cls(
             t=parse_timestamp(data["t"]),
             type=str(data["type"]),
             msg=_get(data, "msg", ""),
             payload=copy.deepcopy(dict(_get(data, "payload", {}))),
             seq=int(_get(data, "seq", 0)),
+            applied_at=None if applied is None else parse_timestamp(applied),
         )
 
 

@@ -257,7 +257,7 @@ def gyoza(*args: str) -> Any:
 def test_cli_success_prints_json(server: str) -> None:
     result = gyoza("--server", server, "--api-key", API_KEY, "runs", "get", RUN.id, "-o", "json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["id"] == RUN.id
+    assert json.loads(result.stdout)["op_run"]["id"] == RUN.id
 
 
 def test_cli_connection_options_also_follow_the_command(server: str) -> None:
@@ -305,7 +305,7 @@ def test_cli_internal_error_in_a_watch_exits_1(server: str) -> None:
     result = gyoza("--server", server, "--api-key", API_KEY, "runs", "watch", RUN.id, "-o", "json")
     assert result.exit_code == 1
     assert result.stderr == "gyoza: internal: store failed\n"
-    assert json.loads(result.stdout.splitlines()[0])["sequence"] == 0
+    assert json.loads(result.stdout.splitlines()[0])["op_run"]["id"] == RUN.id
 
 
 def test_cli_usage_errors_exit_2() -> None:

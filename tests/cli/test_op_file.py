@@ -8,6 +8,7 @@ import pytest
 
 from gyoza.cli.op_file import OpFileError, load_op_file, parse_op_file
 from gyoza.models.op_definition import InputSpec, InputType
+from gyoza.models.outputs import OutputSpec
 from gyoza.models.resources import Constraints, EventDelivery, FailureClass, RetryPolicy
 
 FULL = """
@@ -109,7 +110,7 @@ def test_missing_name_and_image_are_both_reported() -> None:
 def test_unknown_keys_are_refused() -> None:
     assert problems("name: a\nimgae: b\nimage: c\n") == [
         "op.yaml: imgae: unknown key (expected one of name, version, image, description, "
-        "inputs, constraints, retry_policy, event_delivery)"
+        "inputs, outputs, constraints, retry_policy, event_delivery)"
     ]
     assert problems("name: a\nimage: c\ninputs: {x: {type: int, defualt: 1}}\n") == [
         "op.yaml: inputs.x.defualt: unknown key (expected one of type, required, default, "
@@ -184,11 +185,11 @@ def test_sections_of_the_wrong_shape() -> None:
 
 def test_document_that_is_not_a_mapping() -> None:
     assert problems("- a\n- b\n") == [
-        "op.yaml: expected a mapping of name, version, image, description, inputs, "
+        "op.yaml: expected a mapping of name, version, image, description, inputs, outputs, "
         "constraints, retry_policy, event_delivery, got a list"
     ]
     assert problems("") == [
-        "op.yaml: expected a mapping of name, version, image, description, inputs, "
+        "op.yaml: expected a mapping of name, version, image, description, inputs, outputs, "
         "constraints, retry_policy, event_delivery, got nothing"
     ]
 
@@ -213,6 +214,27 @@ def test_load_op_file_that_is_missing(tmp_path: Path) -> None:
         load_op_file(tmp_path / "nope.yaml")
     assert error.value.lines() == [
         f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory"
+    ]
+
+
+def test_declared_outputs() -> None:
+    definition = parse_op_file(
+        "name: a\nimage: b\noutputs:\n"
+        "  url: {type: string, required: true, description: Where it is}\n"
+        "  seconds: float\n"
+    )
+    assert definition.outputs == [
+        OutputSpec("url", InputType.STRING, required=True, description="Where it is"),
+        OutputSpec("seconds", InputType.FLOAT),
+    ]
+    assert problems("name: a\nimage: b\noutputs:\n  url: {type: text, default: x}\n") == [
+        "op.yaml: outputs.url.default: unknown key (expected one of type, required, description)",
+        "op.yaml: outputs.url.type: expected one of string, int, float, bool, object, array, "
+        "got 'text'",
+    ]
+    assert problems("name: a\nimage: b\noutputs: [url]\n") == [
+        "op.yaml: outputs: expected a mapping of output name to {type, required, "
+        "description}, got a list"
     ]
 
 

@@ -266,10 +266,10 @@ def test_time_limit_stops_the_container(
     [
         ("bad_outputs", "not valid JSON"),
         ("array_outputs", "must hold a JSON object, not list"),
-        ("no_outputs", "without writing /gyoza/outputs/outputs.json"),
+        ("big_outputs", "the limit is 1048576"),
     ],
 )
-def test_exit_zero_without_valid_outputs_fails(
+def test_exit_zero_with_invalid_outputs_fails(
     new_sink: SinkFactory,
     make_executor: ExecutorFactory,
     op_images: dict[str, str],
@@ -294,6 +294,24 @@ def test_exit_zero_without_valid_outputs_fails(
         0,
     )
     assert end.error_message is not None and reason in end.error_message
+
+
+def test_exit_zero_without_outputs_file_completes_with_empty_outputs(
+    new_sink: SinkFactory, make_executor: ExecutorFactory, op_images: dict[str, str]
+) -> None:
+    assignment = scenario(op_images["scenarios"], "no_outputs")
+    sink = new_sink()
+
+    async def body() -> None:
+        async with make_executor() as executor:
+            await executor.start(assignment, sink)
+            await sink.wait_terminal()
+            await executor.join(*assignment.key)
+
+    run(body())
+    end = sink.terminal
+    assert end is not None
+    assert (end.type, end.outputs, end.exit_code) == (EventType.COMPLETED, {}, 0), end
 
 
 def test_missing_image_fails_fast(

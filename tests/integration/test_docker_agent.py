@@ -187,6 +187,19 @@ def test_an_integer_output_a_double_cannot_hold_fails_the_run_clearly(
     assert "outputs.big" in summary.error_message and "2**53" in summary.error_message
 
 
+def test_the_readme_run_completes_with_empty_outputs(
+    cluster: Any, docker_client: Any, test_image: str
+) -> None:
+    # README's grpcurl example: the busybox image's own command exits 0 and writes no
+    # outputs file, which is a success with outputs {}.
+    cluster.add_agent("d-readme", executor="docker")
+    request = op_run_service_pb2.CreateOpRunRequest(image=test_image)
+    run_id = str(cluster.runs.CreateOpRun(request, timeout=10).op_run.id)
+    done = cluster.watch_until(run_id, _ended, timeout=60)
+    assert done.state == S.OP_RUN_STATE_COMPLETED, done
+    assert dict(done.outputs) == {}
+
+
 SELECTOR = "executor = docker"
 
 

@@ -108,6 +108,39 @@ def test_create_lists_every_violation_at_once(stubs: Any, expect_error: ExpectEr
     assert "op_definition.name" in error.violations
 
 
+def test_declared_outputs_are_kept_and_checked(stubs: Any, expect_error: ExpectError) -> None:
+    outputs = [
+        resources_pb2.OutputSpec(
+            name="url", type=resources_pb2.INPUT_TYPE_STRING, required=True, description="where"
+        ),
+        resources_pb2.OutputSpec(name="count", type=resources_pb2.INPUT_TYPE_INT),
+    ]
+    stubs.definitions.CreateOpDefinition(
+        dpb.CreateOpDefinitionRequest(op_definition=definition(outputs=outputs))
+    )
+    got = stubs.definitions.GetOpDefinition(dpb.GetOpDefinitionRequest(name="resize"))
+    assert list(got.op_definition.outputs) == outputs
+
+    bad = [
+        resources_pb2.OutputSpec(name="a", type=resources_pb2.INPUT_TYPE_UNSPECIFIED),
+        resources_pb2.OutputSpec(name="", type=resources_pb2.INPUT_TYPE_INT),
+    ]
+    error = expect_error(
+        lambda: stubs.definitions.CreateOpDefinition(
+            dpb.CreateOpDefinitionRequest(op_definition=definition(outputs=bad))
+        )
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "op_definition.outputs[0].type" in error.violations
+    bad[0].type = resources_pb2.INPUT_TYPE_BOOL
+    error = expect_error(
+        lambda: stubs.definitions.CreateOpDefinition(
+            dpb.CreateOpDefinitionRequest(op_definition=definition(outputs=bad))
+        )
+    )
+    assert "op_definition.outputs[1].name" in error.violations
+
+
 def test_list_latest_by_name_and_versions_of_one_name_paged(stubs: Any) -> None:
     for name in ("c-op", "a-op", "b-op"):
         for _ in range(2):

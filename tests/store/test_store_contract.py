@@ -31,6 +31,7 @@ from gyoza.models import (
     OpRunState,
     RunNotFinished,
 )
+from gyoza.models.outputs import OutputSpec
 from gyoza.server.store import InMemoryStore, LogRecord, RunFilter, Store, TopicRecord
 from gyoza.server.store.records import AgentDrain
 from gyoza.server.store.tables import metadata
@@ -264,6 +265,7 @@ def test_definitions_list_latest_by_name_and_versions_newest_first(
 def test_run_with_several_attempts_round_trips_exactly(make_store: StoreFactory) -> None:
     async def body(store: AnyStore) -> None:
         run = new_run(7, topic="t", op_definition="adder", request_id="req-7")
+        run.output_specs = [OutputSpec("answer", InputType.INT, required=True)]
         await store.create_run(run)
         assert (await store.get_run(run.id)).to_dict() == run.to_dict()
 
@@ -271,7 +273,9 @@ def test_run_with_several_attempts_round_trips_exactly(make_store: StoreFactory)
         await saved(
             store,
             run,
-            lambda r: r.apply_report(1, 1, "STARTED", "up", {"worker_id": "agent-1", "gpu_id": 1}),
+            lambda r: r.apply_report(
+                1, 1, "STARTED", "up", {"worker_id": "agent-1", "gpu_id": 1}, at=BASE
+            ),
         )
 
         def progress(r: OpRun) -> None:
@@ -301,6 +305,9 @@ def test_run_with_several_attempts_round_trips_exactly(make_store: StoreFactory)
         assert len(loaded.attempts) == 2
         assert loaded.to_dict() == run.to_dict()
         assert loaded.attempts[0].events[2].msg == 40  # an int stays an int
+        started = loaded.attempts[0].events[1]
+        assert (started.t, started.applied_at is not None) == (BASE, True)
+        assert loaded.output_specs == run.output_specs
         assert loaded.created_at.utcoffset() == timedelta(0)
         by_request = await store.get_run_by_request_id("req-7")
         assert by_request is not None

@@ -275,6 +275,14 @@ def test_exit_code_zero_keeps_its_presence() -> None:
         EventEntry(t=T0, type="FAILED", msg="", payload={"failure_class": "OOM"}, seq=8),
         EventEntry(t=T0, type="CANCELLED", msg="stop", seq=9),
         EventEntry(t=T0, type="RETRIED", msg="retry of attempt 1", seq=1),
+        EventEntry(
+            t=T0,
+            type="PROGRESS",
+            msg=50,
+            payload={"message": "epoch 2"},
+            seq=10,
+            applied_at=T0 + timedelta(seconds=30),
+        ),
     ],
 )
 def test_event_round_trip(entry: EventEntry) -> None:
@@ -290,6 +298,23 @@ def test_progress_event_uses_the_progress_field() -> None:
     assert message.progress == 42
     assert message.message == ""
     assert message.type == resources_pb2.EVENT_TYPE_PROGRESS
+
+
+def test_progress_event_message_is_the_ops_words() -> None:
+    entry = EventEntry(t=T0, type="PROGRESS", msg=40, payload={"message": "epoch 2 of 5"}, seq=1)
+    message = mapping.event_to_proto(entry, 1)
+    assert (message.progress, message.message) == (40, "epoch 2 of 5")
+
+
+def test_event_times_are_when_it_happened_and_when_it_was_applied() -> None:
+    late = T0 + timedelta(minutes=5)
+    message = mapping.event_to_proto(EventEntry(t=T0, type="INFO", msg="x", applied_at=late), 1)
+    assert (message.time.ToDatetime(tzinfo=UTC), message.apply_time.ToDatetime(tzinfo=UTC)) == (
+        T0,
+        late,
+    )
+    own = mapping.event_to_proto(EventEntry(t=T0, type="INFO", msg="x"), 1)
+    assert own.apply_time == own.time
 
 
 def test_event_with_unspecified_type_is_refused() -> None:

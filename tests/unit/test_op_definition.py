@@ -19,6 +19,7 @@ from gyoza.models import (
     OpRunState,
     RetryPolicy,
 )
+from gyoza.models.outputs import OutputSpec
 
 
 def a_definition(**overrides: Any) -> OpDefinition:
@@ -334,3 +335,84 @@ def test_from_dict_tolerates_missing_keys() -> None:
 def test_input_spec_round_trip() -> None:
     spec = InputSpec("opts", InputType.OBJECT, default={"a": [1]}, description="d")
     assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+# ----------------------------------------------------------------------------------------
+# Declared outputs
+# ----------------------------------------------------------------------------------------
+
+
+def a_definition_with_outputs() -> OpDefinition:
+    return a_definition(
+        inputs=[],
+        outputs=[
+            OutputSpec("url", InputType.STRING, required=True),
+            OutputSpec("count", InputType.INT, required=True),
+            OutputSpec("score", InputType.FLOAT),
+        ],
+    )
+
+
+def completed_with(outputs: dict[str, Any]) -> Any:
+    run = a_definition_with_outputs().create_run({})
+    run.assign("agent-1")
+    run.add_event("STARTED", "started")
+    run.add_event("COMPLETED", "completed", {"outputs": outputs})
+    return run
+
+
+def test_outputs_that_keep_the_declared_ones_complete() -> None:
+    run = completed_with({"url": "s3://x", "count": 3.0, "extra": [1]})
+    assert run.state is OpRunState.COMPLETED
+    assert run.outputs == {"url": "s3://x", "count": 3.0, "extra": [1]}
+
+
+def test_outputs_that_break_the_declared_ones_fail_naming_every_violation() -> None:
+    run = completed_with({"count": "three", "score": True})
+    assert run.state is OpRunState.FAILED
+    summary = run.execution_summary
+    assert summary.failure_class is FailureClass.OUTPUT_INVALID
+    assert summary.exit_code == 0
+    assert summary.error_message is not None
+    for part in (
+        "outputs.url is required (STRING)",
+        "outputs.count expected INT, got STRING",
+        "outputs.score expected FLOAT, got BOOL",
+    ):
+        assert part in summary.error_message
+    last = run.events[-1]
+    assert last.type == "FAILED"
+    assert last.payload["reported_type"] == "COMPLETED"
+    assert [v["field"] for v in last.payload["violations"]] == [
+        "outputs.url",
+        "outputs.count",
+        "outputs.score",
+    ]
+    assert run.outputs == {}
+
+
+def test_a_run_keeps_the_outputs_of_the_version_it_was_created_from() -> None:
+    definition = a_definition_with_outputs()
+    run = definition.create_run({})
+    definition.outputs.clear()
+    assert [o.name for o in run.output_specs] == ["url", "count", "score"]
+
+
+def test_duplicate_and_empty_output_names_are_invalid() -> None:
+    definition = a_definition(
+        outputs=[
+            OutputSpec("a", InputType.INT),
+            OutputSpec("a", InputType.STRING),
+            OutputSpec("", InputType.INT),
+        ]
+    )
+    assert [(v.field, v.description) for v in definition.validate()] == [
+        ("outputs[1].name", "duplicate output name 'a'"),
+        ("outputs[2].name", "must not be empty"),
+    ]
+
+
+def test_outputs_round_trip() -> None:
+    definition = a_definition_with_outputs()
+    restored = OpDefinition.from_dict(json.loads(json.dumps(definition.to_dict())))
+    assert restored.outputs == definition.outputs

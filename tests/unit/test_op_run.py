@@ -912,6 +912,7 @@ def test_to_dict_has_the_seed_keys_and_extensions() -> None:
         "requestId",
         "createdAt",
         "updatedAt",
+        "output_specs",
         "attempts",
     }
     assert data["state"] == "RUNNING"
@@ -1071,3 +1072,38 @@ def test_op_attempt_defaults() -> None:
     assert not attempt.is_finished
     assert not attempt.was_released
     assert attempt.created_at.tzinfo is not None
+
+
+# ----------------------------------------------------------------------------------------
+# Event times: when it happened on the agent, and when the server applied it
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_report_keeps_the_time_it_happened_and_the_time_it_was_applied(clock: Clock) -> None:
+    run = assigned_run()
+    clock.advance(60)  # the reports arrive a minute late (an outage, say)
+    started_at = T0 + timedelta(seconds=1)
+    ended_at = T0 + timedelta(seconds=11)
+    run.apply_report(1, 1, "STARTED", "started", {"worker_id": "agent-1"}, at=started_at)
+    run.apply_report(1, 2, "COMPLETED", "done", {"outputs": {}}, at=ended_at)
+    started, completed = run.events[-2:]
+    assert (started.t, started.applied) == (started_at, T0 + timedelta(seconds=60))
+    assert (completed.t, completed.applied) == (ended_at, T0 + timedelta(seconds=60))
+    attempt = run.current_op_attempt
+    assert (attempt.started_at, attempt.finished_at) == (started_at, ended_at)
+    assert run.execution_summary.duration_ms == 10_000
+    assert run.updated_at == T0 + timedelta(seconds=60)
+
+
+def test_a_report_time_from_the_future_reads_as_now(clock: Clock) -> None:
+    run = assigned_run()
+    run.apply_report(1, 1, "STARTED", "started", at=T0 + timedelta(hours=1))
+    event = run.events[-1]
+    assert (event.t, event.applied_at) == (T0, None)
+
+
+def test_events_the_server_makes_are_applied_when_they_happen(clock: Clock) -> None:
+    run = assigned_run()
+    assert all(e.applied_at is None and e.applied == e.t for e in run.events)
+    data = run.events[-1].to_dict()
+    assert "applied_at" not in data

@@ -88,20 +88,19 @@ class AttemptFiles:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def read_outputs(self) -> dict[str, Any]:
-        """The op's outputs.
+        """The op's outputs: ``{}`` when it wrote no outputs file (a clean exit with
+        nothing to report is a success).
 
         Raises
         ------
         ValueError
-            Missing, too large, not JSON, or not a JSON object; the message says which.
+            Present but too large, not JSON, or not a JSON object; the message says which.
         """
         path = self.outputs_file
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ValueError(
-                f"the op exited 0 without writing {OUTPUTS_DIR}/{OUTPUTS_FILE_NAME}"
-            ) from None
+            return {}
         if size > MAX_OUTPUTS_BYTES:
             raise ValueError(
                 f"{OUTPUTS_FILE_NAME} is {size} bytes; the limit is {MAX_OUTPUTS_BYTES}"

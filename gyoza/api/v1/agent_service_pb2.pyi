@@ -337,7 +337,9 @@ class Report(_message.Message):
     """Per-attempt sequence number of the agent's reports: 1, 2, 3..."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the agent recorded it."""
+        """When it happened on the agent: the event's time in the run's timeline (unset: when
+        the server applies it).
+        """
 
     @_builtins.property
     def event(self) -> Global___ReportedEvent:

@@ -26,7 +26,7 @@ from gyoza.api.v1 import resources_pb2 as gyoza_dot_api_dot_v1_dot_resources__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n gyoza/api/v1/op_definition.proto\x12\x0cgyoza.api.v1\x1a\x1cgyoza/api/v1/resources.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\x02\n\x0cOpDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05image\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\'\n\x06inputs\x18\x05 \x03(\x0b\x32\x17.gyoza.api.v1.InputSpec\x12.\n\x0b\x63onstraints\x18\x06 \x01(\x0b\x32\x19.gyoza.api.v1.Constraints\x12/\n\x0cretry_policy\x18\x07 \x01(\x0b\x32\x19.gyoza.api.v1.RetryPolicy\x12\x33\n\x0e\x65vent_delivery\x18\x08 \x01(\x0b\x32\x1b.gyoza.api.v1.EventDelivery\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n gyoza/api/v1/op_definition.proto\x12\x0cgyoza.api.v1\x1a\x1cgyoza/api/v1/resources.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x02\n\x0cOpDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05image\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\'\n\x06inputs\x18\x05 \x03(\x0b\x32\x17.gyoza.api.v1.InputSpec\x12.\n\x0b\x63onstraints\x18\x06 \x01(\x0b\x32\x19.gyoza.api.v1.Constraints\x12/\n\x0cretry_policy\x18\x07 \x01(\x0b\x32\x19.gyoza.api.v1.RetryPolicy\x12\x33\n\x0e\x65vent_delivery\x18\x08 \x01(\x0b\x32\x1b.gyoza.api.v1.EventDelivery\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07outputs\x18\n \x03(\x0b\x32\x18.gyoza.api.v1.OutputSpecb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gyoza.api.v1.op_definition_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPDEFINITION']._serialized_start=114
-  _globals['_OPDEFINITION']._serialized_end=435
+  _globals['_OPDEFINITION']._serialized_end=478
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,7 @@ class OpDefinition(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     EVENT_DELIVERY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the op: lower case letters, digits, '.', '_' and '-'; unique with version."""
     version: _builtins.int
@@ -65,6 +66,13 @@ class OpDefinition(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When this version was created. Output only."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.OutputSpec]:
+        """Declared outputs. A run whose outputs miss a required one or hold one of the wrong
+        type fails as OUTPUT_INVALID, its error naming every violation. Outputs not
+        declared are allowed.
+        """
+
     def __init__(
         self,
         *,
@@ -77,10 +85,11 @@ class OpDefinition(_message.Message):
         retry_policy: _resources_pb2.RetryPolicy | None = ...,
         event_delivery: _resources_pb2.EventDelivery | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        outputs: _abc.Iterable[_resources_pb2.OutputSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_time", b"create_time", "event_delivery", b"event_delivery", "retry_policy", b"retry_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_time", b"create_time", "description", b"description", "event_delivery", b"event_delivery", "image", b"image", "inputs", b"inputs", "name", b"name", "retry_policy", b"retry_policy", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_time", b"create_time", "description", b"description", "event_delivery", b"event_delivery", "image", b"image", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "retry_policy", b"retry_policy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -260,6 +260,7 @@ class OpRunEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    APPLY_TIME_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position in the attempt's timeline, starting at 1."""
     attempt: _builtins.int
@@ -267,7 +268,7 @@ class OpRunEvent(_message.Message):
     type: _resources_pb2.EventType.ValueType
     """Kind of event."""
     message: _builtins.str
-    """Human-readable message."""
+    """Human-readable message; for a PROGRESS event, the words the op gave with it."""
     progress: _builtins.int
     """Progress value, for PROGRESS events (0-100)."""
     @_builtins.property
@@ -276,7 +277,16 @@ class OpRunEvent(_message.Message):
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the event happened."""
+        """When the event happened: for an event an agent reported, the time on the agent
+        when it happened (so events replayed after an outage keep their own times, never
+        later than apply_time); for the server's own events, when the server made them.
+        """
+
+    @_builtins.property
+    def apply_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server applied the event to the run (equal to time for the server's own
+        events).
+        """
 
     def __init__(
         self,
@@ -288,10 +298,11 @@ class OpRunEvent(_message.Message):
         progress: _builtins.int = ...,
         payload: _struct_pb2.Struct | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        apply_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["apply_time", b"apply_time", "payload", b"payload", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "message", b"message", "payload", b"payload", "progress", b"progress", "seq", b"seq", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_time", b"apply_time", "attempt", b"attempt", "message", b"message", "payload", b"payload", "progress", b"progress", "seq", b"seq", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -91,6 +91,11 @@ class CreateOpRunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OP_RUN_FIELD_NUMBER: _builtins.int
+    EXISTING_FIELD_NUMBER: _builtins.int
+    existing: _builtins.bool
+    """True when op_run is the run an earlier request with the same request_id created:
+    nothing new was created.
+    """
     @_builtins.property
     def op_run(self) -> _op_run_pb2.OpRun:
         """The run, PENDING unless it was created earlier with the same request_id."""
@@ -99,10 +104,11 @@ class CreateOpRunResponse(_message.Message):
         self,
         *,
         op_run: _op_run_pb2.OpRun | None = ...,
+        existing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["op_run", b"op_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["op_run", b"op_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["existing", b"existing", "op_run", b"op_run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -135,7 +135,9 @@ class _FailureClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureC
     FAILURE_CLASS_CANCELLED: _FailureClass.ValueType  # 6
     """The attempt was cancelled."""
     FAILURE_CLASS_OUTPUT_INVALID: _FailureClass.ValueType  # 7
-    """The op exited 0 but its outputs file was missing or not a JSON object."""
+    """The op exited 0 but its outputs file was not a JSON object (not JSON, too large), or
+    its outputs break the outputs its definition declares.
+    """
     FAILURE_CLASS_EXECUTOR_ERROR: _FailureClass.ValueType  # 8
     """The agent could not run the container (daemon error, bad device request, ...)."""
     FAILURE_CLASS_QUEUE_TIMEOUT: _FailureClass.ValueType  # 9
@@ -161,7 +163,9 @@ FAILURE_CLASS_AGENT_LOST: FailureClass.ValueType  # 5
 FAILURE_CLASS_CANCELLED: FailureClass.ValueType  # 6
 """The attempt was cancelled."""
 FAILURE_CLASS_OUTPUT_INVALID: FailureClass.ValueType  # 7
-"""The op exited 0 but its outputs file was missing or not a JSON object."""
+"""The op exited 0 but its outputs file was not a JSON object (not JSON, too large), or
+its outputs break the outputs its definition declares.
+"""
 FAILURE_CLASS_EXECUTOR_ERROR: FailureClass.ValueType  # 8
 """The agent could not run the container (daemon error, bad device request, ...)."""
 FAILURE_CLASS_QUEUE_TIMEOUT: FailureClass.ValueType  # 9
@@ -551,3 +555,39 @@ class InputSpec(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InputSpec: _TypeAlias = InputSpec  # noqa: Y015
+
+@_typing.final
+class OutputSpec(_message.Message):
+    """One declared output of an op definition: what a completed run's outputs must hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Output name, the key in the run's outputs object."""
+    type: Global___InputType.ValueType
+    """Expected JSON type (the same types as inputs)."""
+    required: _builtins.bool
+    """Whether a completed run must have this output (not null). A run that completes
+    without it fails as OUTPUT_INVALID.
+    """
+    description: _builtins.str
+    """What the output means, for people."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___InputType.ValueType = ...,
+        required: _builtins.bool = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "required", b"required", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputSpec: _TypeAlias = OutputSpec  # noqa: Y015

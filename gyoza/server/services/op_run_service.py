@@ -96,10 +96,13 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
             # changed or gone since, as long as the request is the same.
             first = await self.controller.find_request(request.request_id, asked)
             if first is not None:
-                return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(first))
+                return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(first), existing=True)
         run = await self._new_run(request, inputs)
         created = await self.controller.create_run(run, asked)
-        return pb.CreateOpRunResponse(op_run=mapping.run_to_proto(created))
+        # A concurrent create with the same request_id may have won the race.
+        return pb.CreateOpRunResponse(
+            op_run=mapping.run_to_proto(created), existing=created.id != run.id
+        )
 
     async def _new_run(self, request: pb.CreateOpRunRequest, inputs: dict[str, Any]) -> OpRun:
         """The run the request asks for, or one InvalidInput naming every problem."""

@@ -19,6 +19,7 @@ from typing import Any
 from gyoza.models.op_attempt import OpAttempt
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
+from gyoza.models.outputs import OutputSpec
 from gyoza.models.resources import (
     Constraints,
     EventDelivery,
@@ -237,9 +238,11 @@ def encode_run(
         definition = run.op_definition
         for attempt, entry, payload in encoded:
             t = utc(entry.t)
+            applied = None if entry.applied_at is None else utc(entry.applied_at)
+            applied_json = "" if applied is None else f',"applied_at":{dumps(applied.isoformat())}'
             event_json = (
                 f'{{"seq":{entry.seq},"t":{dumps(t.isoformat())},"type":{dumps(entry.type)},'
-                f'"msg":{dumps(entry.msg)},"payload":{payload}}}'
+                f'"msg":{dumps(entry.msg)},"payload":{payload}{applied_json}}}'
             )
             write.topic_rows.append(
                 (
@@ -256,7 +259,12 @@ def encode_run(
                 )
             )
             event = EventEntry(
-                t=t, type=entry.type, msg=entry.msg, payload=json.loads(payload), seq=entry.seq
+                t=t,
+                type=entry.type,
+                msg=entry.msg,
+                payload=json.loads(payload),
+                seq=entry.seq,
+                applied_at=applied,
             )
             write.topics.append(
                 TopicRecord(
@@ -293,6 +301,10 @@ def run_row(run: OpRun, stamp: Stamp, memo: JsonMemo) -> tuple[Any, ...]:
         run.current_attempt,
         stamp(run.created_at),
         stamp(run.updated_at),
+        # Never changes once the run exists: encoded once per run, not per save.
+        memo.dumps(run_id, "output_specs", [s.to_dict() for s in run.output_specs])
+        if run.output_specs
+        else None,
     )
 
 
@@ -333,6 +345,7 @@ def event_row(
         msg if is_int else None,
         payload,
         stamp(event.t),
+        _optional(stamp, event.applied_at),
     )
     return row, payload
 
@@ -345,6 +358,7 @@ def event_from_row(row: Row) -> EventEntry:
         msg=str(row["msg"]) if msg_int is None else int(msg_int),
         payload=decode_json(row["payload"]),
         seq=int(row["seq"]),
+        applied_at=row["applied_at"],
     )
 
 
@@ -384,6 +398,9 @@ def run_from_rows(
         cancel_requested=bool(row["cancel_requested"]),
         next_retry_at=row["next_retry_at"],
         request_id=row["request_id"],
+        output_specs=[
+            OutputSpec.from_dict(spec) for spec in decode_json(row["output_specs"] or "[]")
+        ],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
@@ -464,6 +481,7 @@ def topic_record(
     payload = data.get("payload")
     msg = data.get("msg")
     seq = data.get("seq")
+    applied = data.get("applied_at")
     return TopicRecord(
         offset=int(offset),
         topic=str(topic),
@@ -476,6 +494,7 @@ def topic_record(
             msg="" if msg is None else msg,
             payload={} if payload is None else payload,
             seq=0 if seq is None else int(seq),
+            applied_at=None if applied is None else parse_timestamp(applied),
         ),
         attributes={str(k): str(v) for k, v in decode_json(attributes_json).items()},
         run_state=OpRunState(run_state),

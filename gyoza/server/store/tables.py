@@ -107,6 +107,8 @@ op_runs = Table(
     Column("current_attempt", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The outputs its definition declares (a list of OutputSpec documents); NULL: none.
+    Column("output_specs", JSON, nullable=True),
     PrimaryKeyConstraint("id", name="pk_op_runs"),
     UniqueConstraint("request_id", name="uq_op_runs_request_id"),
     # Every list filter ends in the keyset (created_at, id), so a filtered page is one
@@ -161,7 +163,10 @@ op_events = Table(
     Column("msg", Text, nullable=False),
     Column("msg_int", BigInteger, nullable=True),
     Column("payload", JSON, nullable=False),
+    # When it happened (an agent's report time) and, when that differs, when the server
+    # applied it (NULL: at t).
     Column("t", UTCDateTime, nullable=False),
+    Column("applied_at", UTCDateTime, nullable=True),
     PrimaryKeyConstraint("run_id", "attempt", "seq", name="pk_op_events"),
     ForeignKeyConstraint(
         ["run_id", "attempt"],

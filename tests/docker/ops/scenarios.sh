@@ -33,7 +33,10 @@ array_outputs)
     printf '[1, 2, 3]' >"$out/outputs.json"
     ;;
 no_outputs)
-    echo "done, but forgot the outputs"
+    echo "done, nothing to report"
+    ;;
+big_outputs)
+    { printf '{"blob":"'; head -c 1100000 /dev/zero | tr '\0' 'a'; printf '"}'; } >"$out/outputs.json"
     ;;
 wait_file)
     event '{"type":"progress","progress":10,"message":"waiting for go"}'
