@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -23,7 +23,7 @@ from gyoza.models.errors import (
 )
 from gyoza.models.op_attempt import OpAttempt, number_events
 from gyoza.models.outputs import OutputSpec, output_violations
-from gyoza.models.reports import AgentReport
+from gyoza.models.reports import AgentReport, ReportedEvent
 from gyoza.models.resources import (
     Constraints,
     EventDelivery,
@@ -620,13 +620,26 @@ class OpRun:
             If the event type is unknown, or msg or payload are malformed.
         """
         self._ensure_not_locked()
-        attempt = self._current()
         kind = event_rules.event_type(event_type)
         data: dict[str, Any] = {} if payload is None else payload
         self._check_event(kind, msg, data)
+        recorded = copy.deepcopy(data)
+        event, placement = _typed_event(kind, msg, recorded)
+        return self._apply_at(event, msg, recorded, at, placement)
+
+    def _apply_at(
+        self,
+        event: ReportedEvent,
+        msg: str | int,
+        payload: dict[str, Any],
+        at: datetime | None,
+        placement: _Placement | None = None,
+    ) -> EventEntry:
+        """Apply a checked *event* to the current attempt as having happened *at*
+        (never later than now), recording ``(msg, payload)`` as its timeline entry."""
         now = utc_now()
         happened = now if at is None else min(at, now)
-        return self._apply_event(attempt, kind, msg, copy.deepcopy(data), happened, now)
+        return self._apply_event(self._current(), event, msg, payload, happened, now, placement)
 
     def apply_report(
         self,
@@ -736,12 +749,15 @@ class OpRun:
         if report.refusal:
             raise MalformedReport(report.refusal)
         if report.event is not None:
-            event = report.event.held_to(max_outputs_bytes)
+            event = report.event.held_to(max_outputs_bytes).as_recorded()
             msg, payload = event.timeline_entry(
                 self.execution_summary.worker_id or "", list(self.execution_summary.gpu_ids)
             )
-            # The event's time is when it happened on the agent (its report time).
-            self.add_event(event.type.value, msg, payload, at=report.time)
+            # The event's time is when it happened on the agent (its report time). The
+            # payload is recorded as data; the run applies the event's typed fields.
+            self._ensure_not_locked()
+            self._check_event(event.type, msg, payload)
+            self._apply_at(event, msg, payload, report.time)
         return True
 
     def ensure_current_attempt(self, attempt: int) -> None:
@@ -791,8 +807,13 @@ class OpRun:
         now = utc_now()
         if self.state is OpRunState.PENDING:
             self.cancel_requested = True
+            payload: dict[str, Any] = {"reason": reason}
             self._apply_event(
-                attempt, EventType.CANCELLED, f"cancelled{suffix}", {"reason": reason}, now
+                attempt,
+                ReportedEvent(EventType.CANCELLED, payload=payload),
+                f"cancelled{suffix}",
+                payload,
+                now,
             )
             return True
         if self.cancel_requested:
@@ -818,13 +839,18 @@ class OpRun:
             )
         limit = self.constraints.queue_timeout_s or 0.0
         message = f"not placed within its queue timeout of {limit:g}s (waited {waited_s:.1f}s)"
-        return self._apply_event(
-            self._current(),
+        payload: dict[str, Any] = {
+            "error_message": message,
+            "failure_class": FailureClass.QUEUE_TIMEOUT.value,
+        }
+        event = ReportedEvent(
             EventType.FAILED,
             message,
-            {"error_message": message, "failure_class": FailureClass.QUEUE_TIMEOUT.value},
-            utc_now(),
+            payload=payload,
+            failure_class=FailureClass.QUEUE_TIMEOUT,
+            error_message=message,
         )
+        return self._apply_event(self._current(), event, message, payload, utc_now())
 
     def queued_since(self) -> datetime:
         """When the current attempt began to wait for an agent (its creation)."""
@@ -869,14 +895,15 @@ class OpRun:
         }
         if self.cancel_requested:
             # The user asked to stop it: queueing it again would run it again.
-            self._apply_event(attempt, EventType.CANCELLED, f"cancelled after {text}", details, now)
+            cancelled = ReportedEvent(EventType.CANCELLED, payload=details)
+            self._apply_event(attempt, cancelled, f"cancelled after {text}", details, now)
             attempt.execution_summary.error_message = reason or None
             return
         self._record(attempt, EventType.ERROR, text, details, now)
         summary = attempt.execution_summary
         summary.failure_class = resolved
         summary.error_message = reason
-        self._end(attempt, OpRunState.FAILED, None, now)
+        self._end(attempt, OpRunState.FAILED, 0, now)
         self._open_attempt(now, previous=attempt.attempt, reason=reason, released=True)
         self.state = OpRunState.PENDING
         self.next_retry_at = None
@@ -1094,90 +1121,105 @@ class OpRun:
     def _apply_event(
         self,
         attempt: OpAttempt,
-        kind: EventType,
+        event: ReportedEvent,
         msg: str | int,
         payload: dict[str, Any],
         now: datetime,
         applied_at: datetime | None = None,
+        placement: _Placement | None = None,
     ) -> EventEntry:
         """Record a checked event and apply its effects.
 
-        *now* is when the event happened; *applied_at* when the server applies it
-        (``None``: the same), which is when the run changed.
+        What the run applies comes from *event*'s typed fields (and *placement*'s, for
+        ASSIGNED and STARTED); ``(msg, payload)`` is the timeline entry, recorded as
+        data. *now* is when the event happened; *applied_at* when the server applies
+        it (``None``: the same), which is when the run changed.
         """
+        kind = event.type
         if kind in (EventType.COMPLETED, EventType.FAILED) and self.cancel_requested:
             # A cancel was requested: whatever the attempt reports, the run ends
             # CANCELLED, so it never reads COMPLETED and is not retried by policy.
             payload = {**payload, "reported_type": kind.value}
             text = f"{kind.value.lower()} after cancel was requested"
             msg = f"{text}: {msg}" if msg != "" else text
-            kind = EventType.CANCELLED
+            event = replace(event, type=EventType.CANCELLED)
         elif kind is EventType.COMPLETED and self.output_specs:
-            kind, msg, payload = self._check_outputs(kind, msg, payload)
+            event, msg, payload = self._check_outputs(event, msg, payload)
+        kind = event.type
         entry = self._record(attempt, kind, msg, payload, now, applied_at)
         summary = attempt.execution_summary
         if kind is EventType.ASSIGNED:
-            ids = [int(g) for g in payload.get("gpu_ids") or []]
+            placed = placement or _Placement()
+            ids = list(placed.gpu_ids or [])
             self._move(attempt, OpRunState.ASSIGNED)
-            summary.worker_id = str(payload["worker_id"])
+            summary.worker_id = placed.worker_id or ""
             summary.gpu_ids = ids
             summary.gpu_id = ids[0] if ids else None
         elif kind is EventType.STARTED:
             self._move(attempt, OpRunState.RUNNING)
             attempt.started_at = now
-            if payload.get("worker_id") is not None:
-                summary.worker_id = str(payload["worker_id"])
-            if payload.get("gpu_ids") is not None:
-                summary.gpu_ids = [int(g) for g in payload["gpu_ids"]]
-                summary.gpu_id = summary.gpu_ids[0] if summary.gpu_ids else summary.gpu_id
-            if payload.get("gpu_id") is not None:
-                summary.gpu_id = int(payload["gpu_id"])
+            if placement is not None:
+                if placement.worker_id is not None:
+                    summary.worker_id = placement.worker_id
+                if placement.gpu_ids is not None:
+                    summary.gpu_ids = list(placement.gpu_ids)
+                    summary.gpu_id = summary.gpu_ids[0] if summary.gpu_ids else summary.gpu_id
+                if placement.gpu_id is not None:
+                    summary.gpu_id = placement.gpu_id
         elif kind is EventType.PROGRESS:
-            attempt.progress = int(msg)
+            attempt.progress = event.progress
         elif kind is EventType.COMPLETED:
-            if payload.get("outputs") is not None:
-                attempt.outputs = copy.deepcopy(payload["outputs"])
-            self._end(attempt, OpRunState.COMPLETED, payload, now)
+            if event.outputs is not None:
+                attempt.outputs = copy.deepcopy(event.outputs)
+            self._end(attempt, OpRunState.COMPLETED, event.duration_ms, now)
         elif kind is EventType.FAILED:
-            self._record_failure(summary, payload)
-            if payload.get("failure_class") is not None:
-                summary.failure_class = FailureClass(payload["failure_class"])
-            self._end(attempt, OpRunState.FAILED, payload, now)
+            self._record_failure(summary, event)
+            if event.failure_class is not None:
+                summary.failure_class = event.failure_class
+            self._end(attempt, OpRunState.FAILED, event.duration_ms, now)
         elif kind is EventType.CANCELLED:
-            if payload.get("outputs") is not None:
-                attempt.outputs = copy.deepcopy(payload["outputs"])
-            self._record_failure(summary, payload)
+            if event.outputs is not None:
+                attempt.outputs = copy.deepcopy(event.outputs)
+            self._record_failure(summary, event)
             summary.failure_class = FailureClass.CANCELLED
-            self._end(attempt, OpRunState.CANCELLED, payload, now)
+            self._end(attempt, OpRunState.CANCELLED, event.duration_ms, now)
         self.updated_at = now if applied_at is None else applied_at
         return entry
 
     def _check_outputs(
-        self, kind: EventType, msg: str | int, payload: dict[str, Any]
-    ) -> tuple[EventType, str | int, dict[str, Any]]:
-        """A COMPLETED report as it is, or as FAILED ``OUTPUT_INVALID`` naming every
+        self, event: ReportedEvent, msg: str | int, payload: dict[str, Any]
+    ) -> tuple[ReportedEvent, str | int, dict[str, Any]]:
+        """A COMPLETED event as it is, or as FAILED ``OUTPUT_INVALID`` naming every
         violation when its outputs break the declared ones (they stay in the payload)."""
-        violations = output_violations(self.output_specs, payload.get("outputs") or {})
+        violations = output_violations(self.output_specs, event.outputs or {})
         if not violations:
-            return kind, msg, payload
+            return event, msg, payload
         reasons = "; ".join(f"{v.field} {v.description}" for v in violations)
         text = f"the outputs do not match the declared outputs: {reasons}"
         failed = {
             **payload,
-            "reported_type": kind.value,
+            "reported_type": event.type.value,
             "failure_class": FailureClass.OUTPUT_INVALID.value,
             "error_message": text,
             "exit_code": 0,
             "violations": [{"field": v.field, "description": v.description} for v in violations],
         }
-        return EventType.FAILED, text, failed
+        as_failure = replace(
+            event,
+            type=EventType.FAILED,
+            message=text,
+            failure_class=FailureClass.OUTPUT_INVALID,
+            error_message=text,
+            exit_code=0,
+        )
+        return as_failure, text, failed
 
     @staticmethod
-    def _record_failure(summary: ExecutionSummary, payload: Mapping[str, Any]) -> None:
-        if payload.get("error_message") is not None:
-            summary.error_message = str(payload["error_message"])
-        if payload.get("exit_code") is not None:
-            summary.exit_code = int(payload["exit_code"])
+    def _record_failure(summary: ExecutionSummary, event: ReportedEvent) -> None:
+        if event.error_message:
+            summary.error_message = event.error_message
+        if event.exit_code is not None:
+            summary.exit_code = event.exit_code
 
     @staticmethod
     def _record(
@@ -1207,14 +1249,14 @@ class OpRun:
         self,
         attempt: OpAttempt,
         state: OpRunState,
-        payload: Mapping[str, Any] | None,
+        duration_ms: int,
         now: datetime,
     ) -> None:
+        """End the attempt in *state*; *duration_ms* as reported (0: measured)."""
         self._move(attempt, state)
         attempt.finished_at = now
-        reported = None if payload is None else payload.get("duration_ms")
-        if reported is not None:
-            attempt.execution_summary.duration_ms = int(reported)
+        if duration_ms:
+            attempt.execution_summary.duration_ms = duration_ms
         else:
             attempt.execution_summary.duration_ms = elapsed_ms(_start_of(attempt), now)
 
@@ -1244,6 +1286,56 @@ class OpRun:
         self._attempts.append(attempt)
         self._current_attempt_index = len(self._attempts) - 1
         return attempt
+
+
+# ----------------------------------------------------------------------
+# Reading an event given as (type, msg, payload)
+# ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where an ASSIGNED or STARTED event puts the attempt (``None``: unchanged)."""
+
+    worker_id: str | None = None
+    gpu_ids: list[int] | None = None
+    gpu_id: int | None = None
+
+
+def _typed_event(
+    kind: EventType, msg: str | int, payload: Mapping[str, Any]
+) -> tuple[ReportedEvent, _Placement | None]:
+    """The typed event an :meth:`OpRun.add_event` entry stands for (checked by
+    :func:`event_rules.event_violations` first): the one place an event's payload
+    keys are read, for the fields a run applies."""
+    ending = kind in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED)
+    outputs = payload.get("outputs") if kind in (EventType.COMPLETED, EventType.CANCELLED) else None
+    failure = payload.get("failure_class") if kind is EventType.FAILED else None
+    fails = kind in (EventType.FAILED, EventType.CANCELLED)
+    exit_code = payload.get("exit_code") if fails else None
+    error = payload.get("error_message") if fails else None
+    duration = payload.get("duration_ms") if ending else None
+    event = ReportedEvent(
+        kind,
+        "" if kind is EventType.PROGRESS else str(msg),
+        progress=int(msg) if kind is EventType.PROGRESS else 0,
+        payload=payload,
+        outputs=None if outputs is None else dict(outputs),
+        failure_class=None if failure is None else FailureClass(failure),
+        exit_code=None if exit_code is None else int(exit_code),
+        error_message="" if error is None else str(error),
+        duration_ms=0 if duration is None else int(duration),
+    )
+    if kind not in (EventType.ASSIGNED, EventType.STARTED):
+        return event, None
+    worker = payload.get("worker_id")
+    ids = payload.get("gpu_ids")
+    gpu = payload.get("gpu_id")
+    return event, _Placement(
+        worker_id=None if worker is None else str(worker),
+        gpu_ids=None if ids is None else [int(g) for g in ids],
+        gpu_id=None if gpu is None else int(gpu),
+    )
 
 
 # ----------------------------------------------------------------------

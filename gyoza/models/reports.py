@@ -41,7 +41,8 @@ class ReportedEvent:
     Parameters
     ----------
     type : EventType
-        What happened; one of :data:`REPORTABLE_EVENTS`.
+        What happened; an agent reports one of :data:`REPORTABLE_EVENTS` (the run
+        applies the server's own ASSIGNED and ending events in the same form).
     message : str
         Human-readable text (for PROGRESS: an optional note beside the percentage).
     progress : int
@@ -100,6 +101,32 @@ class ReportedEvent:
             ),
         )
 
+    def as_recorded(self) -> ReportedEvent:
+        """The event with the fields its type records and nothing else: what a run
+        applies and what :meth:`timeline_entry` writes down.
+
+        COMPLETED carries its outputs (``{}`` when none were written); FAILED a failure
+        class (``EXIT_CODE`` when none was given), its exit code and an error message
+        (the message when none was given); every other type none of these.
+        """
+        kind = self.type
+        if kind is EventType.COMPLETED:
+            return replace(
+                self,
+                outputs=self.outputs or {},
+                failure_class=None,
+                exit_code=None,
+                error_message="",
+            )
+        if kind is EventType.FAILED:
+            return replace(
+                self,
+                outputs=None,
+                failure_class=self.failure_class or FailureClass.EXIT_CODE,
+                error_message=self.error_message or self.message,
+            )
+        return replace(self, outputs=None, failure_class=None, exit_code=None, error_message="")
+
     def timeline_entry(
         self, worker_id: str, gpu_ids: list[int]
     ) -> tuple[str | int, dict[str, Any]]:
@@ -109,8 +136,9 @@ class ReportedEvent:
         A STARTED event names the worker and GPUs unless it says otherwise; a terminal
         one carries its duration; FAILED always has a failure class and a message.
         """
-        kind = self.type
-        payload: dict[str, Any] = copy.deepcopy(dict(self.payload))
+        recorded = self.as_recorded()
+        kind = recorded.type
+        payload: dict[str, Any] = copy.deepcopy(dict(recorded.payload))
         if kind is EventType.PROGRESS:
             if self.message:
                 payload.setdefault("message", self.message)
@@ -120,13 +148,14 @@ class ReportedEvent:
             payload.setdefault("gpu_ids", list(gpu_ids))
         if kind in TERMINAL_EVENTS and self.duration_ms:
             payload["duration_ms"] = self.duration_ms
-        if kind is EventType.COMPLETED:
-            payload["outputs"] = copy.deepcopy(self.outputs or {})
+        if recorded.outputs is not None:
+            payload["outputs"] = copy.deepcopy(recorded.outputs)
+        if recorded.failure_class is not None:
+            payload["failure_class"] = recorded.failure_class.value
         if kind is EventType.FAILED:
-            payload["failure_class"] = (self.failure_class or FailureClass.EXIT_CODE).value
-            if self.exit_code is not None:
-                payload["exit_code"] = self.exit_code
-            payload["error_message"] = self.error_message or self.message
+            if recorded.exit_code is not None:
+                payload["exit_code"] = recorded.exit_code
+            payload["error_message"] = recorded.error_message
         return self.message, payload
 
 
