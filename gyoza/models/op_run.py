@@ -34,6 +34,7 @@ from gyoza.models.resources import (
     OpRunState,
     PendingReason,
     RetryPolicy,
+    is_active_run,
 )
 from gyoza.models.timestamps import (
     elapsed_ms,
@@ -379,10 +380,9 @@ class OpRun:
     @property
     def is_active(self) -> bool:
         """True while the run can still change by itself: not terminal, or FAILED with an
-        automatic retry scheduled. The server keeps the active runs in memory."""
-        return not self.state.is_terminal or (
-            self.state is OpRunState.FAILED and self.next_retry_at is not None
-        )
+        automatic retry scheduled (:func:`~gyoza.models.resources.is_active_run`). The
+        server keeps the active runs in memory."""
+        return is_active_run(self.state, self.next_retry_at)
 
     @property
     def on_agent(self) -> bool:

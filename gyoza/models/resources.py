@@ -47,8 +47,19 @@ ON_AGENT_STATES = frozenset({OpRunState.ASSIGNED, OpRunState.RUNNING})
 """The states in which an agent holds the run's current attempt."""
 
 LIVE_STATES = (OpRunState.PENDING, OpRunState.ASSIGNED, OpRunState.RUNNING)
-"""The states that are not terminal. An *active* run is in one of them, or FAILED and
-waiting for an automatic retry (:attr:`OpRun.is_active <gyoza.models.op_run.OpRun.is_active>`)."""
+"""The states that are not terminal. An *active* run is in one of them, or waiting for an
+automatic retry (:func:`is_active_run`)."""
+
+RETRY_WAIT_STATES = frozenset({OpRunState.FAILED})
+"""The terminal states a run waits for an automatic retry in (its ``next_retry_at`` set)."""
+
+
+def is_active_run(state: OpRunState, next_retry_at: object | None) -> bool:
+    """The one definition of an *active* run, one that can still change by itself: in
+    one of :data:`LIVE_STATES`, or in one of :data:`RETRY_WAIT_STATES` with an automatic
+    retry scheduled (*next_retry_at* not ``None``). The server keeps the active runs in
+    memory; the stores select them by the same two sets."""
+    return state in LIVE_STATES or (state in RETRY_WAIT_STATES and next_retry_at is not None)
 
 
 class EventType(StrEnum):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from gyoza.models.errors import AlreadyExists, NotFound, RunNotFinished
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import LIVE_STATES, TERMINAL_STATES, EventEntry, OpRunState
+from gyoza.models.resources import TERMINAL_STATES, EventEntry, OpRunState, is_active_run
 from gyoza.models.timestamps import utc_now
 from gyoza.server.store import paging
 from gyoza.server.store.records import (
@@ -267,12 +267,10 @@ class InMemoryStore:
 
     async def load_active_runs(self) -> list[OpRun]:
         await self._enter()
-        active = {s.value for s in LIVE_STATES}
         rows = [
             r
             for r in self._runs.values()
-            if r["state"] in active
-            or (r["state"] == OpRunState.FAILED.value and r["next_retry_at"] is not None)
+            if is_active_run(OpRunState(r["state"]), r["next_retry_at"])
         ]
         rows.sort(key=lambda r: (r["created_at"], r["id"]))
         return [self._load(r["id"], with_events=True) for r in rows]

@@ -30,7 +30,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gyoza.models.errors import AlreadyExists, NotFound, RunNotFinished
 from gyoza.models.op_definition import OpDefinition
 from gyoza.models.op_run import OpRun
-from gyoza.models.resources import LIVE_STATES, TERMINAL_STATES, EventEntry, OpRunState
+from gyoza.models.resources import (
+    LIVE_STATES,
+    RETRY_WAIT_STATES,
+    TERMINAL_STATES,
+    EventEntry,
+    OpRunState,
+)
 from gyoza.server.store.records import (
     LOG_RETENTION,
     AgentDrain,
@@ -91,9 +97,13 @@ _LOG_COUNT_CACHE = 20_000
 
 
 def _active_condition() -> ColumnElement[bool]:
+    """Active runs (:func:`~gyoza.models.resources.is_active_run`), in SQL."""
     return or_(
         op_runs.c.state.in_([s.value for s in LIVE_STATES]),
-        and_(op_runs.c.next_retry_at.is_not(None), op_runs.c.state == OpRunState.FAILED.value),
+        and_(
+            op_runs.c.next_retry_at.is_not(None),
+            op_runs.c.state.in_([s.value for s in RETRY_WAIT_STATES]),
+        ),
     )
 
 
