@@ -87,14 +87,25 @@ class _Attempt:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass
-class _Outcome:
-    type: EventType
-    message: str
-    outputs: dict[str, Any] | None = None
-    failure_class: FailureClass | None = None
-    exit_code: int | None = None
-    duration_ms: int | None = None
+def _ended(
+    kind: EventType,
+    message: str,
+    *,
+    outputs: dict[str, Any] | None = None,
+    failure_class: FailureClass | None = None,
+    exit_code: int | None = None,
+    duration_ms: int = 0,
+) -> ReportedEvent:
+    """The terminal event of an attempt; a failure's message is its error message."""
+    return ReportedEvent(
+        kind,
+        message,
+        outputs=outputs,
+        failure_class=failure_class,
+        exit_code=exit_code,
+        error_message="" if kind is EventType.COMPLETED else message,
+        duration_ms=duration_ms,
+    )
 
 
 class DockerExecutor(Executor):
@@ -319,7 +330,7 @@ class DockerExecutor(Executor):
             await self._call(attempt.files.remove)
             await self._report_end(
                 attempt,
-                _Outcome(kind, message, failure_class=failure, duration_ms=_ms_since(began)),
+                _ended(kind, message, failure_class=failure, duration_ms=_ms_since(began)),
                 cursor=None,
             )
 
@@ -537,15 +548,16 @@ class DockerExecutor(Executor):
 
     def _outcome(
         self, attempt: _Attempt, state: dict[str, Any] | None, tail: deque[str]
-    ) -> _Outcome:
+    ) -> ReportedEvent:
+        """How the attempt ended, as the terminal event to report."""
         if state is None:
             if attempt.stop_reason is _StopReason.CANCEL:
-                return _Outcome(
+                return _ended(
                     EventType.CANCELLED,
                     attempt.stop_message or "cancelled",
                     failure_class=FailureClass.CANCELLED,
                 )
-            return _Outcome(
+            return _ended(
                 EventType.FAILED,
                 "the container disappeared (removed outside gyoza?)",
                 failure_class=FailureClass.EXECUTOR_ERROR,
@@ -553,15 +565,21 @@ class DockerExecutor(Executor):
         exit_code = int(state.get("ExitCode", -1))
         started = _parse_docker_time(state.get("StartedAt"))
         finished = _parse_docker_time(state.get("FinishedAt"))
-        duration_ms = None
+        duration_ms = 0
         if started is not None and finished is not None:
             duration_ms = max(0, round((finished - started).total_seconds() * 1000))
 
-        def failed(failure: FailureClass, message: str) -> _Outcome:
-            return _Outcome(EventType.FAILED, message, None, failure, exit_code, duration_ms)
+        def failed(failure: FailureClass, message: str) -> ReportedEvent:
+            return _ended(
+                EventType.FAILED,
+                message,
+                failure_class=failure,
+                exit_code=exit_code,
+                duration_ms=duration_ms,
+            )
 
         if attempt.stop_reason is _StopReason.CANCEL:
-            return _Outcome(
+            return _ended(
                 EventType.CANCELLED,
                 attempt.stop_message or "cancelled",
                 failure_class=FailureClass.CANCELLED,
@@ -575,8 +593,12 @@ class DockerExecutor(Executor):
                 outputs = attempt.files.read_outputs()
             except ValueError as exc:
                 return failed(FailureClass.OUTPUT_INVALID, str(exc))
-            return _Outcome(
-                EventType.COMPLETED, "completed", outputs, exit_code=0, duration_ms=duration_ms
+            return _ended(
+                EventType.COMPLETED,
+                "completed",
+                outputs=outputs,
+                exit_code=0,
+                duration_ms=duration_ms,
             )
         last = "\n".join(tail)
         detail = f"; last output lines:\n{last}" if last else "; no output"
@@ -593,19 +615,10 @@ class DockerExecutor(Executor):
 
     # -- ending -----------------------------------------------------------------------------
 
-    async def _report_end(self, attempt: _Attempt, outcome: _Outcome, cursor: int | None) -> None:
-        await attempt.sink.event(
-            ReportedEvent(
-                outcome.type,
-                outcome.message,
-                outputs=outcome.outputs,
-                failure_class=outcome.failure_class,
-                exit_code=outcome.exit_code,
-                error_message="" if outcome.type is EventType.COMPLETED else outcome.message,
-                duration_ms=outcome.duration_ms or 0,
-            ),
-            cursor=cursor,
-        )
+    async def _report_end(
+        self, attempt: _Attempt, outcome: ReportedEvent, cursor: int | None
+    ) -> None:
+        await attempt.sink.event(outcome, cursor=cursor)
         log.info(
             "%s/%d %s%s",
             *attempt.assignment.key,

@@ -13,7 +13,8 @@ import pytest
 
 from gyoza import op
 from gyoza.agent.docker.contract import AttemptFiles
-from gyoza.agent.docker.output import LineSplitter, OpEvent, parse_event_line
+from gyoza.agent.docker.output import LineSplitter, parse_event_line
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType
 
 # -- lines -----------------------------------------------------------------------------------
@@ -53,18 +54,18 @@ def test_plain_lines_are_not_events() -> None:
     [
         (
             '::gyoza::{"type":"progress","progress":40,"message":"half"}',
-            OpEvent(EventType.PROGRESS, "half", 40),
+            ReportedEvent(EventType.PROGRESS, "half", 40),
         ),
-        ('::gyoza::{"type":"PROGRESS","progress":140}', OpEvent(EventType.PROGRESS, "", 100)),
-        ('::gyoza::{"type":"progress","progress":12.6}', OpEvent(EventType.PROGRESS, "", 13)),
-        ('::gyoza:: {"type":"info","message":"hi"} ', OpEvent(EventType.INFO, "hi")),
+        ('::gyoza::{"type":"PROGRESS","progress":140}', ReportedEvent(EventType.PROGRESS, "", 100)),
+        ('::gyoza::{"type":"progress","progress":12.6}', ReportedEvent(EventType.PROGRESS, "", 13)),
+        ('::gyoza:: {"type":"info","message":"hi"} ', ReportedEvent(EventType.INFO, "hi")),
         (
             '::gyoza::{"type":"error","message":"disk slow","payload":{"disk":"sda"}}',
-            OpEvent(EventType.ERROR, "disk slow", payload={"disk": "sda"}),
+            ReportedEvent(EventType.ERROR, "disk slow", payload={"disk": "sda"}),
         ),
     ],
 )
-def test_event_lines(line: str, event: OpEvent) -> None:
+def test_event_lines(line: str, event: ReportedEvent) -> None:
     assert parse_event_line(line) == event
 
 
@@ -97,9 +98,9 @@ def test_helper_events_are_what_the_agent_reads(
     op.error("oops")
     lines = capsys.readouterr().out.splitlines()
     assert [parse_event_line(line) for line in lines] == [
-        OpEvent(EventType.PROGRESS, "loading", 42),
-        OpEvent(EventType.INFO, "multi\nline"),
-        OpEvent(EventType.ERROR, "oops"),
+        ReportedEvent(EventType.PROGRESS, "loading", 42),
+        ReportedEvent(EventType.INFO, "multi\nline"),
+        ReportedEvent(EventType.ERROR, "oops"),
     ]
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
+from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType
 from gyoza.op import EVENT_MARKER
 
@@ -70,17 +70,7 @@ def _decode(raw: bytes | bytearray) -> str:
     return text[:-1] if text.endswith("\r") else text
 
 
-@dataclass(frozen=True)
-class OpEvent:
-    """An event an op printed as a marked line."""
-
-    type: EventType
-    message: str = ""
-    progress: int = 0
-    payload: dict[str, Any] | None = None
-
-
-def parse_event_line(text: str) -> OpEvent | None:
+def parse_event_line(text: str) -> ReportedEvent | None:
     """The event a stdout line carries, or ``None`` when it is plain log text.
 
     Raises
@@ -119,4 +109,4 @@ def parse_event_line(text: str) -> OpEvent | None:
         ):
             raise ValueError(f"progress must be a number from 0 to 100, not {value!r}")
         progress = max(0, min(100, round(value)))
-    return OpEvent(type=event_type, message=message, progress=progress, payload=payload)
+    return ReportedEvent(event_type, message, progress=progress, payload=payload or {})

@@ -21,7 +21,6 @@ from collections import deque
 from gyoza.agent.docker.follow import Frame
 from gyoza.agent.docker.output import STDOUT, LineSplitter, parse_event_line
 from gyoza.agent.executor import ReportSink
-from gyoza.models.reports import ReportedEvent
 from gyoza.op import EVENT_MARKER
 
 log = logging.getLogger(__name__)
@@ -165,12 +164,7 @@ class OutputReporter:
         if event is not None:
             await self.flush()  # the lines before it go first
             self._consumed = index + 1
-            await self._sink.event(
-                ReportedEvent(
-                    event.type, event.message, progress=event.progress, payload=event.payload or {}
-                ),
-                cursor=self.cursor,
-            )
+            await self._sink.event(event, cursor=self.cursor)
             return
         self._consumed = index + 1
         self._batch.append((text, stream))
