@@ -28,6 +28,8 @@ from gyoza.models import (
 )
 from gyoza.models import errors as errors_module
 from gyoza.models.op_run import OpRunLockedException
+from gyoza.models.reports import AgentReport, ReportedEvent
+from gyoza.models.resources import is_active_run
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -1107,3 +1109,82 @@ def test_events_the_server_makes_are_applied_when_they_happen(clock: Clock) -> N
     assert all(e.applied_at is None and e.applied == e.t for e in run.events)
     data = run.events[-1].to_dict()
     assert "applied_at" not in data
+
+
+# ----------------------------------------------------------------------
+# Agent reports: the run applies the typed event; its payload is data
+# ----------------------------------------------------------------------
+
+
+def report(run: OpRun, seq: int, event: ReportedEvent) -> AgentReport:
+    return AgentReport(run.id, run.current_attempt, seq, T0, event=event)
+
+
+def test_a_reported_payload_does_not_change_where_the_attempt_runs() -> None:
+    run = assigned_run()
+    started = ReportedEvent(EventType.STARTED, payload={"worker_id": "other", "gpu_ids": [5]})
+    run.consume_report(report(run, 1, started), max_outputs_bytes=1024)
+    assert run.state is OpRunState.RUNNING
+    assert run.execution_summary.worker_id == "agent-1"
+    assert run.execution_summary.gpu_ids == [0]
+    assert run.events[-1].payload["worker_id"] == "other"  # recorded as it was sent
+
+
+def test_a_reported_failure_applies_its_typed_fields_not_its_payload_keys() -> None:
+    run = running_run()
+    failed = ReportedEvent(
+        EventType.FAILED,
+        "exited with code 3",
+        payload={"failure_class": "OOM", "exit_code": 9, "duration_ms": 1},
+        failure_class=FailureClass.EXIT_CODE,
+        exit_code=3,
+        duration_ms=250,
+    )
+    run.consume_report(report(run, 1, failed), max_outputs_bytes=1024)
+    summary = run.execution_summary
+    assert summary.failure_class is FailureClass.EXIT_CODE
+    assert (summary.exit_code, summary.duration_ms) == (3, 250)
+    assert summary.error_message == "exited with code 3"
+
+
+def test_a_reported_cancel_ignores_outputs_and_exit_code_in_its_payload() -> None:
+    run = running_run()
+    run.request_cancel("user")
+    cancelled = ReportedEvent(
+        EventType.CANCELLED, "stopped", payload={"outputs": {"x": 1}, "exit_code": 137}
+    )
+    run.consume_report(report(run, 1, cancelled), max_outputs_bytes=1024)
+    assert run.state is OpRunState.CANCELLED
+    assert run.outputs == {}
+    assert run.execution_summary.exit_code is None
+
+
+def test_a_reported_completion_without_outputs_completes_with_none() -> None:
+    run = running_run()
+    run.consume_report(
+        report(run, 1, ReportedEvent(EventType.COMPLETED, "done")), max_outputs_bytes=1024
+    )
+    assert run.state is OpRunState.COMPLETED
+    assert run.outputs == {}
+    assert run.events[-1].payload["outputs"] == {}
+
+
+@pytest.mark.parametrize(
+    ("state", "retry_at", "active"),
+    [
+        (OpRunState.PENDING, None, True),
+        (OpRunState.RUNNING, None, True),
+        (OpRunState.FAILED, T0, True),
+        (OpRunState.FAILED, None, False),
+        (OpRunState.COMPLETED, None, False),
+        (OpRunState.CANCELLED, None, False),
+    ],
+)
+def test_an_active_run_has_one_definition(
+    state: OpRunState, retry_at: datetime | None, active: bool
+) -> None:
+    run = new_run()
+    run.state = state
+    run.next_retry_at = retry_at
+    assert run.is_active is active
+    assert is_active_run(state, retry_at) is active
