@@ -102,12 +102,20 @@ async def connected_agents(channel: grpc.aio.Channel, prefix: str) -> int:
     stub: agent_service_pb2_grpc.AgentServiceAsyncStub = agent_service_pb2_grpc.AgentServiceStub(
         channel
     )
-    response = await stub.ListAgents(agent_service_pb2.ListAgentsRequest(), timeout=30)
-    return sum(
-        1
-        for agent in response.agents
-        if agent.name.startswith(prefix) and agent.state == agent_pb2.AGENT_STATE_CONNECTED
-    )
+    count = 0
+    token = ""
+    while True:  # every page
+        response = await stub.ListAgents(
+            agent_service_pb2.ListAgentsRequest(page_token=token), timeout=30
+        )
+        count += sum(
+            1
+            for agent in response.agents
+            if agent.name.startswith(prefix) and agent.state == agent_pb2.AGENT_STATE_CONNECTED
+        )
+        token = response.next_page_token
+        if not token:
+            return count
 
 
 async def wait_for_agents(
