@@ -53,6 +53,7 @@ from gyoza.agent.sink import OutboxSink
 from gyoza.api.v1 import agent_pb2
 from gyoza.api.v1 import agent_service_pb2 as pb
 from gyoza.api.v1 import agent_service_pb2_grpc as pb_grpc
+from gyoza.metrics_endpoint import MetricsEndpoint
 from gyoza.models.reports import ReportedEvent
 from gyoza.models.resources import EventType, FailureClass
 
@@ -764,9 +765,9 @@ async def run_agent(config: AgentConfig) -> None:
     """
     agent = Agent(config)
     loop = asyncio.get_running_loop()
-    endpoint: metrics.MetricsEndpoint | None = None
+    endpoint: MetricsEndpoint | None = None
     if config.metrics_port is not None:
-        endpoint = metrics.MetricsEndpoint(config.metrics_port)
+        endpoint = MetricsEndpoint("0.0.0.0", config.metrics_port)
         metrics.OUTBOX_REPORTS.set_function(lambda: agent.outbox_depth)
         metrics.HELD_ATTEMPTS.set_function(lambda: agent.held_attempts)
         log.info(

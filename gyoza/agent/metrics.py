@@ -17,10 +17,7 @@ Their names are part of the operator's interface: keep them stable.
 
 from __future__ import annotations
 
-import threading
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 OUTBOX_REPORTS = Gauge(
     "gyoza_agent_outbox_reports", "Reports stored in the outbox and not yet acknowledged."
@@ -38,31 +35,3 @@ EXECUTOR_OUTCOMES = Counter(
     "Attempts ended, by outcome and failure class (empty when it completed).",
     ["outcome", "failure_class"],
 )
-
-
-class MetricsEndpoint:
-    """The ``/metrics`` HTTP endpoint, served from a background thread.
-
-    Parameters
-    ----------
-    port : int
-        Port to bind on every interface; ``0`` picks a free one (see :attr:`port`).
-    host : str
-        Address to bind.
-    """
-
-    def __init__(self, port: int, host: str = "0.0.0.0") -> None:
-        server, thread = start_http_server(port, addr=host)
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
-
-    @property
-    def port(self) -> int:
-        """The port actually bound."""
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)

@@ -37,6 +37,7 @@ from gyoza.api.v1 import (
     op_run_service_pb2,
     op_run_service_pb2_grpc,
 )
+from gyoza.metrics_endpoint import MetricsEndpoint
 from gyoza.server import metrics
 from gyoza.server.agent_leases import AgentLeaseRecorder
 from gyoza.server.auth import AuthInterceptor, AuthPolicy
@@ -47,7 +48,6 @@ from gyoza.server.control import RunController
 from gyoza.server.errors import ApiError, DecodeInterceptor, ErrorInterceptor
 from gyoza.server.hub import Hub
 from gyoza.server.logs import configure_logging, log_event
-from gyoza.server.metrics import MetricsEndpoint
 from gyoza.server.reflection import enable_reflection
 from gyoza.server.retention import Retention
 from gyoza.server.run_gauge import RunStateGauge

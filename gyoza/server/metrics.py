@@ -11,11 +11,9 @@ keep them stable.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -156,31 +154,3 @@ def watch_agents(agents: Callable[[], Iterable[AgentSlot]]) -> None:
         REGISTRY.register(collector)
         _agent_collector.append(collector)
     _agent_collector[0]._agents = agents
-
-
-class MetricsEndpoint:
-    """The ``/metrics`` HTTP endpoint, served from a background thread.
-
-    Parameters
-    ----------
-    host : str
-        Address to bind.
-    port : int
-        Port to bind; ``0`` picks a free one (see :attr:`port`).
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host)
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
-
-    @property
-    def port(self) -> int:
-        """The port actually bound."""
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
