@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +77,8 @@ def test_restart_keeps_definitions_runs_events_and_queue_order(
 def test_sigterm_ends_open_streams_and_exits_promptly(
     server_factory: Callable[..., Any], fake_agent: Callable[..., Any]
 ) -> None:
-    server = server_factory(args=["--shutdown-grace", "30"])
+    # A grace far longer than the test may take: exiting at all shows it was not waited.
+    server = server_factory(args=["--shutdown-grace", "3600"])
     stubs = server.stubs()
     agent = fake_agent(server.channel(), cpu=4)
     # Too big for the agent: it stays PENDING, so the watch sees nothing new until the end.
@@ -93,7 +93,6 @@ def test_sigterm_ends_open_streams_and_exits_promptly(
     topic.initial_metadata()
 
     assert server.popen is not None
-    started = time.monotonic()
     server.popen.send_signal(15)
     with pytest.raises(grpc.RpcError) as caught:
         next(watch)
@@ -102,13 +101,11 @@ def test_sigterm_ends_open_streams_and_exits_promptly(
     with pytest.raises(grpc.RpcError) as caught:
         next(topic)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert server.popen.wait(20) == 0
+    assert server.popen.wait(60) == 0
     with pytest.raises(grpc.RpcError) as caught:  # the agent's session ended, to reconnect
         agent.receive("no-such-message", timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     assert "shutting down" in caught.value.details()  # type: ignore[attr-defined]
-    # Far less than the 30 s grace: nothing was left to wait for.
-    assert time.monotonic() - started < 15
     assert "server stopped" in [e.get("msg") for e in server.log_events()]
 
 
