@@ -214,12 +214,14 @@ def event_line(event: EventEntry, attempt: int | None = None) -> Text:
     return line
 
 
-def outcome_text(run: OpRun) -> Text:
-    """One line saying how a run ended (or where it stands)."""
+def outcome_text(run: OpRun, *, with_id: bool = True) -> Text:
+    """One line saying how a run ended (or where it stands), led by its id unless
+    *with_id* is false (where the id is shown already)."""
     summary = run.execution_summary
     text = Text()
-    text.append(run.id, style="bold")
-    text.append(" ")
+    if with_id:
+        text.append(run.id, style="bold")
+        text.append(" ")
     text.append_text(state_text(run.state))
     details: list[str] = []
     if run.current_attempt > 1:
@@ -277,7 +279,7 @@ def run_detail(run: OpRun) -> Table:
     grid.add_column()
     rows: list[tuple[str, str | Text]] = [
         ("id", run.id),
-        ("state", outcome_text(run) if run.is_locked else state_text(run.state)),
+        ("state", outcome_text(run, with_id=False) if run.is_locked else state_text(run.state)),
         ("op", op_name(run)),
         ("image", run.image),
         ("priority", str(run.priority)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -421,6 +422,11 @@ def test_failed_run_exits_1(stack: Stack) -> None:
     assert result.code == 1, result.explain()
     assert "FAILED" in result.stdout
     assert "exit code 3" in result.stdout
+    run_id = re.search(r"\brun_\w+", result.stdout).group(0)  # type: ignore[union-attr]
+    detail = stack.ok("runs", "get", run_id).stdout
+    (state_line,) = [line for line in detail.splitlines() if line.startswith("state")]
+    assert "FAILED" in state_line and "exit code 3" in state_line
+    assert run_id not in state_line  # the id has its own line
 
 
 def test_watch_follows_automatic_retries(stack: Stack) -> None:
