@@ -54,6 +54,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--server-log-level", default=default.server_log_level, help="the server's --log-level"
     )
     parser.add_argument(
+        "--topic-batch",
+        type=int,
+        default=default.topic_batch,
+        help="max_batch of the clients' SubscribeEvents stream (1: one record a message)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a small smoke run (few runs and agents); implies --no-docs",
@@ -87,6 +93,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             profile_s=4,
             profile=not args.no_profile,
             server_log_level=args.server_log_level,
+            topic_batch=args.topic_batch,
         )
     return BenchConfig(
         runs=args.runs,
@@ -102,6 +109,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         profile_s=args.profile_seconds,
         profile=not args.no_profile,
         server_log_level=args.server_log_level,
+        topic_batch=args.topic_batch,
     )
 
 

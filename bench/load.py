@@ -151,7 +151,7 @@ class TopicListener:
 
     ``expect(run_id)`` returns a future resolved with the time (ns) the run's terminal
     event arrived; PROGRESS latencies (ms) accumulate in :attr:`progress_latency_ms`
-    while :attr:`measuring` is true.
+    while :attr:`measuring` is true. :attr:`batch` is the stream's ``max_batch``.
     """
 
     channel: grpc.aio.Channel
@@ -159,6 +159,7 @@ class TopicListener:
     terminal_state: dict[str, int] = field(default_factory=dict)
     progress_latency_ms: list[float] = field(default_factory=list)
     measuring: bool = False
+    batch: int = TOPIC_BATCH
     received: int = 0
     _waiters: dict[str, asyncio.Future[int]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
@@ -172,7 +173,7 @@ class TopicListener:
             op_run_service_pb2_grpc.OpRunServiceStub(self.channel)
         )
         call = stub.SubscribeEvents(
-            op_run_service_pb2.SubscribeEventsRequest(topic=TOPIC, max_batch=TOPIC_BATCH)
+            op_run_service_pb2.SubscribeEventsRequest(topic=TOPIC, max_batch=self.batch)
         )
         self._call = call
         # The server sends the headers once the subscription is in place.

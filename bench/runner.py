@@ -39,6 +39,7 @@ from bench.common import (
     thread_cpu_seconds,
 )
 from bench.load import (
+    TOPIC_BATCH,
     BatchResult,
     TopicListener,
     dispatch_latencies_ms,
@@ -76,6 +77,7 @@ class BenchConfig:
     watch_max_s: float = 20.0
     single_max_s: float = 10.0
     server_log_level: str = "info"
+    topic_batch: int = TOPIC_BATCH
     profile_svg: Path = Path("/tmp/gyoza-bench-profile.svg")
     profile_raw: Path = Path("/tmp/gyoza-bench-profile.txt")
 
@@ -177,7 +179,7 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
         _say(f"starting {config.agents} agents")
         await fleet.start()
         await wait_for_agents(channel, "bench-", config.agents, 60, fleet.alive)
-        listener = TopicListener(channel)
+        listener = TopicListener(channel, batch=config.topic_batch)
         await listener.start()
 
         _say(f"warm-up: {config.warmup_runs} runs")
