@@ -60,6 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="max_batch of the clients' SubscribeEvents stream (1: one record a message)",
     )
     parser.add_argument(
+        "--agent-coalesce-ms",
+        type=float,
+        default=default.agent_coalesce_ms,
+        help="the working agents' report coalescing under load (0: off)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a small smoke run (few runs and agents); implies --no-docs",
@@ -94,6 +100,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             profile=not args.no_profile,
             server_log_level=args.server_log_level,
             topic_batch=args.topic_batch,
+            agent_coalesce_ms=args.agent_coalesce_ms,
         )
     return BenchConfig(
         runs=args.runs,
@@ -110,6 +117,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         profile=not args.no_profile,
         server_log_level=args.server_log_level,
         topic_batch=args.topic_batch,
+        agent_coalesce_ms=args.agent_coalesce_ms,
     )
 
 

@@ -78,6 +78,7 @@ class BenchConfig:
     single_max_s: float = 10.0
     server_log_level: str = "info"
     topic_batch: int = TOPIC_BATCH
+    agent_coalesce_ms: float = 1.0
     profile_svg: Path = Path("/tmp/gyoza-bench-profile.svg")
     profile_raw: Path = Path("/tmp/gyoza-bench-profile.txt")
 
@@ -175,6 +176,7 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
             "bench",
             record=workdir / "agents-record.json",
             cpu=config.agent_cpu,
+            coalesce_ms=config.agent_coalesce_ms,
         )
         _say(f"starting {config.agents} agents")
         await fleet.start()
