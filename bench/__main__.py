@@ -66,6 +66,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the working agents' report coalescing under load (0: off)",
     )
     parser.add_argument(
+        "--curve-runs",
+        type=int,
+        default=default.curve_runs,
+        help="runs per point of the cost curve (1, 4, 32, 128 in flight); 0: no curve",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a small smoke run (few runs and agents); implies --no-docs",
@@ -101,6 +107,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             server_log_level=args.server_log_level,
             topic_batch=args.topic_batch,
             agent_coalesce_ms=args.agent_coalesce_ms,
+            curve_runs=min(args.curve_runs, 60),
         )
     return BenchConfig(
         runs=args.runs,
@@ -118,6 +125,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         server_log_level=args.server_log_level,
         topic_batch=args.topic_batch,
         agent_coalesce_ms=args.agent_coalesce_ms,
+        curve_runs=args.curve_runs,
     )
 
 

@@ -79,6 +79,9 @@ class BenchConfig:
     server_log_level: str = "info"
     topic_batch: int = TOPIC_BATCH
     agent_coalesce_ms: float = 1.0
+    #: The cost curve: runs in flight of each point, and runs measured per point (0: none).
+    curve: tuple[int, ...] = (1, 4, 32, 128)
+    curve_runs: int = 400
     profile_svg: Path = Path("/tmp/gyoza-bench-profile.svg")
     profile_raw: Path = Path("/tmp/gyoza-bench-profile.txt")
 
@@ -109,6 +112,42 @@ def _batch_dict(batch: BatchResult, cpu: dict[str, float]) -> dict[str, Any]:
         "error_count": len(batch.errors),
         "cpu_percent": cpu,
     }
+
+
+async def _curve(
+    config: BenchConfig, channel: grpc.aio.Channel, listener: TopicListener, meter: CpuMeter
+) -> list[dict[str, Any]]:
+    """Lifecycles/s, CPU per lifecycle and latencies at each point of ``config.curve``."""
+    points: list[dict[str, Any]] = []
+    for concurrency in config.curve:
+        _say(f"curve: {config.curve_runs} runs, {concurrency} in flight")
+        listener.progress_latency_ms.clear()
+        listener.measuring = True
+        meter.start()
+        batch = await lifecycle_batch(
+            channel,
+            listener,
+            runs=config.curve_runs,
+            concurrency=concurrency,
+            deadline_s=config.runs_max_s,
+        )
+        cpu = meter.stop()
+        listener.measuring = False
+        point = _batch_dict(batch, cpu)
+        point["topic_event_latency"] = Summary.of(list(listener.progress_latency_ms)).to_dict()
+        per_lifecycle_ms = {
+            role: cpu[role] / 100 * batch.wall_s / max(batch.completed, 1) * 1000
+            for role in ("server", "agents")
+        }
+        point["cpu_ms_per_lifecycle"] = per_lifecycle_ms
+        points.append(point)
+        _say(
+            f"  {concurrency} in flight: {batch.per_second:.0f}/s, server "
+            f"{per_lifecycle_ms['server']:.2f} ms + agents {per_lifecycle_ms['agents']:.2f} ms "
+            f"per lifecycle, PROGRESS->topic p99 {point['topic_event_latency']['p99_ms']:.1f} ms, "
+            f"create p99 {point['create_latency']['p99_ms']:.1f} ms"
+        )
+    return points
 
 
 class CpuMeter:
@@ -259,6 +298,10 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
                 results["profile"] = {"errors": profiler.errors}
 
         server.check()
+
+        # -- 2b. the cost curve ---------------------------------------------------------
+        if config.curve_runs > 0:
+            results["curve"] = await _curve(config, channel, listener, meter)
 
         # -- 3. one run at a time -------------------------------------------------------
         _say(f"one at a time: {config.single_runs} runs, 1 in flight")
