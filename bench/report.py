@@ -211,6 +211,36 @@ def profile_lines(results: dict[str, Any], top: int = 12) -> list[str]:
     return out
 
 
+def curve_section(results: dict[str, Any]) -> list[str]:
+    """The cost curve's lines (none when the run measured no curve)."""
+    points = results.get("curve") or []
+    if not points:
+        return []
+    config = results["config"]
+    slots = int(config["agents"] * config["agent_cpu"])
+    lines = [
+        "## Cost curve",
+        "",
+        f"The same lifecycle, {points[0]['runs']} runs per point, on the same server and agents "
+        f"({config['agents']} agents of {config['agent_cpu']:g} cores: above {slots} in flight, "
+        "runs queue for a slot).",
+        "",
+        "| runs in flight | lifecycles/s | CPU per lifecycle: server / agents "
+        "| PROGRESS → topic p50 / p99 | CreateOpRun p99 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for point in points:
+        cpu = point["cpu_ms_per_lifecycle"]
+        topic = point["topic_event_latency"]
+        lines.append(
+            f"| {point['concurrency']} | {point['per_second']:.0f}/s "
+            f"| {cpu['server']:.2f} ms / {cpu['agents']:.2f} ms "
+            f"| {topic['p50_ms']:.1f} ms / {topic['p99_ms']:.1f} ms "
+            f"| {point['create_latency']['p99_ms']:.1f} ms |"
+        )
+    return [*lines, ""]
+
+
 def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
     """The whole ``docs/benchmarks.md``."""
     config = results["config"]
@@ -237,6 +267,7 @@ def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
         "",
         markdown_table(results),
         "",
+        *curve_section(results),
         "## How it measures",
         "",
         "One server process, started as",
