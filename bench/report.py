@@ -155,6 +155,15 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("  server RSS per idle agent", _kib(memory["per_agent"]), ""),
     ]
+    if "heartbeat_cpu_us" in memory:
+        out.append(
+            (
+                f"server CPU, {memory['idle_agents']} idle agents (heartbeats every 5 s)",
+                f"{memory['server_cpu_percent_idle_agents']:.1f}% of a core "
+                f"({memory['heartbeat_cpu_us']:.0f} us per heartbeat)",
+                "",
+            )
+        )
     return out
 
 

@@ -371,12 +371,15 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
         # -- 5. memory ----------------------------------------------------------------
         await asyncio.sleep(1.0)
         rss_zero = await _rss_sample(server)
+        idle_cpu_zero = await _cpu_rate(server, IDLE_CPU_WINDOW_S / 2)
         _say(f"memory: starting {config.idle_agents} idle agents")
         idle = FleetProcess(server.address, config.idle_agents, workdir / "idle", "idle")
         started = await idle.start(timeout_s=120)
         connect_s = await wait_for_agents(channel, "idle-", config.idle_agents, 120, idle.alive)
         await asyncio.sleep(2.0)  # let the connections settle
         rss_idle = await _rss_sample(server, samples=10)
+        idle_cpu = await _cpu_rate(server, IDLE_CPU_WINDOW_S)
+        heartbeats_per_s = config.idle_agents / HEARTBEAT_INTERVAL_S
         results["memory"] = {
             "rss_start": results["rss_start"],
             "rss_zero_agents": rss_zero,
@@ -387,7 +390,15 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
             "threads_idle_agents": server.threads(),
             "agents_open_s": started.get("open_s"),
             "agents_connect_s": connect_s,
+            "server_cpu_percent_zero_agents": idle_cpu_zero * 100,
+            "server_cpu_percent_idle_agents": idle_cpu * 100,
+            "heartbeat_cpu_us": max(idle_cpu - idle_cpu_zero, 0.0) / heartbeats_per_s * 1e6,
         }
+        _say(
+            f"  {config.idle_agents} idle agents: server RSS {rss_idle / 2**20:.1f} MiB, "
+            f"CPU {idle_cpu * 100:.1f}% of a core ({idle_cpu_zero * 100:.1f}% with none), "
+            f"{results['memory']['heartbeat_cpu_us']:.0f} us per heartbeat"
+        )
         _say("stopping the idle agents")
         await idle.stop()
         idle = None
@@ -402,6 +413,20 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
         _say("stopping the server")
         server.stop()
     return results
+
+
+IDLE_CPU_WINDOW_S = 10.0
+"""How long the server's CPU is measured with the idle agents connected."""
+
+HEARTBEAT_INTERVAL_S = 5.0
+"""The server's default heartbeat interval (``ControlSettings.heartbeat_interval_s``)."""
+
+
+async def _cpu_rate(server: ServerProcess, window_s: float) -> float:
+    """The server's CPU over the next *window_s*, in cores."""
+    before, start = cpu_seconds(server.pid), time.monotonic()
+    await asyncio.sleep(window_s)
+    return (cpu_seconds(server.pid) - before) / (time.monotonic() - start)
 
 
 def _thread_shares(
