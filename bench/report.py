@@ -381,9 +381,18 @@ def readme_section(results: dict[str, Any]) -> str:
     )
 
 
+KEPT_MARKER = "<!-- measured by hand: make bench keeps what follows -->"
+"""Line of ``docs/benchmarks.md`` after which the page is not regenerated (figures of
+other benchmarks: retention sweeps, the peer table)."""
+
+
 def write_docs(results: dict[str, Any], repo: Path, notes: str = "") -> None:
-    """Write ``docs/benchmarks.md`` and replace README's "Benchmarks" section."""
-    (repo / "docs" / "benchmarks.md").write_text(benchmarks_md(results, notes), encoding="utf-8")
+    """Write ``docs/benchmarks.md`` (keeping what follows :data:`KEPT_MARKER`) and
+    replace README's "Benchmarks" section."""
+    page = repo / "docs" / "benchmarks.md"
+    old = page.read_text(encoding="utf-8") if page.is_file() else ""
+    kept = old[old.index(KEPT_MARKER) :] if KEPT_MARKER in old else KEPT_MARKER + "\n"
+    page.write_text(benchmarks_md(results, notes).rstrip("\n") + "\n\n" + kept, encoding="utf-8")
     readme = repo / "README.md"
     text = readme.read_text(encoding="utf-8")
     marker = "\n## Benchmarks\n"
