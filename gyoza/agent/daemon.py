@@ -547,6 +547,7 @@ class Agent:
                 metadata=self._metadata,
                 heartbeat_interval_s=heartbeat_s,
                 welcome_timeout_s=self.config.welcome_timeout_s,
+                coalesce_s=self.config.coalesce_ms / 1000,
             )
             self._session = session
             try:
