@@ -56,6 +56,7 @@ from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
 from gyoza.server.services.op_run_service import OpRunServiceServicer
 from gyoza.server.sessions import SessionRegistry
+from gyoza.server.store.leadership import Leadership
 from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.store import Store
 
@@ -111,6 +112,7 @@ class Built:
         self.server = server
         self.port = port
         self.health = health_servicer
+        self.peer_port: int | None = None
 
 
 def build_server(
@@ -168,7 +170,28 @@ def build_server(
         raise RuntimeError(f"cannot listen on {config.listen}: {error}") from error
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
-    return Built(server, port, health_servicer)
+    built = Built(server, port, health_servicer)
+    built.peer_port = add_peer_port(server, config, credentials)
+    return built
+
+
+def add_peer_port(
+    server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None
+) -> int | None:
+    """Also serve on ``config.peer_listen`` (the address other replicas forward to), if
+    set; its bound port, or None."""
+    if config.peer_listen is None:
+        return None
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.peer_listen)
+        else:
+            port = server.add_secure_port(config.peer_listen, credentials)
+    except RuntimeError as error:
+        raise RuntimeError(f"cannot listen on {config.peer_listen}: {error}") from error
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.peer_listen}")
+    return port
 
 
 class ControlPlane:
@@ -182,9 +205,23 @@ class ControlPlane:
         Settings.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        leadership: Leadership | None = None,
+        metrics_endpoint: MetricsEndpoint | None = None,
+        replica_id: str = "",
+    ) -> None:
         self.config = config
         self.port = 0
+        self.peer_port: int | None = None
+        # Set when this plane runs as the leader of replicas: every write is fenced by
+        # its term, and agents that held runs get lease plus grace from the takeover.
+        self._leadership = leadership
+        # An endpoint given by the caller is the caller's to close.
+        self._shared_metrics = metrics_endpoint
+        self.replica_id = replica_id
         self._store: Store | None = None
         self._controller: RunController | None = None
         self._hub: Hub | None = None
@@ -205,6 +242,8 @@ class ControlPlane:
         config = self.config
         # Opening applies the migrations: blocking work, off the event loop.
         self._store = store = await asyncio.to_thread(Store.open, config.database_url)
+        if self._leadership is not None:
+            store.set_fence(self._leadership.check)
         try:
             core = build_core(
                 store, settings=config.control, max_outputs_bytes=config.max_json_bytes
@@ -239,11 +278,12 @@ class ControlPlane:
                 leases=leases,
             )
             self.port = built.port
+            self.peer_port = built.peer_port
             await built.server.start()
             for name in ("", *SERVICE_NAMES):
                 await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            await controller.open_reconnect_windows()
-            if config.metrics_port is not None:
+            await controller.open_reconnect_windows(takeover=self._leadership is not None)
+            if config.metrics_port is not None and self._shared_metrics is None:
                 self._metrics = MetricsEndpoint(config.listen_host, config.metrics_port)
         except BaseException:
             await self._close_core()
@@ -260,7 +300,10 @@ class ControlPlane:
             port=self.port,
             database=_redacted(config.database_url),
             tls="mtls" if config.tls and config.tls.client_ca else "tls" if config.tls else "off",
-            metrics_port=None if self._metrics is None else self._metrics.port,
+            metrics_port=next(
+                (m.port for m in (self._metrics, self._shared_metrics) if m is not None), None
+            ),
+            **({"role": "leader", "replica": self.replica_id} if self._leadership else {}),
         )
         policy = AuthPolicy(config.api_keys, config.agent_tokens)
         if policy.clients_open and policy.agents_open:
@@ -285,9 +328,10 @@ class ControlPlane:
                 log, logging.WARNING, "no agent tokens configured: anyone may connect as an agent"
             )
 
-    async def stop(self) -> None:
-        """Stop taking calls, let in-flight ones finish within the grace, close the store."""
-        grace = self.config.shutdown_grace_s
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish within the grace (by default the
+        configured one), close the store."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
         log_event(log, logging.INFO, "server stopping", grace_s=grace)
         if self._built is not None:
             built, self._built = self._built, None
@@ -367,8 +411,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
             pass
     try:
-        async with ControlPlane(config):
-            await stop.wait()
+        if config.database_url.startswith("postgresql"):
+            # Several replicas may share the database: lead or follow (replica.py).
+            from gyoza.server.replica import serve_replica
+
+            await serve_replica(config, stop)
+        else:
+            async with ControlPlane(config):
+                await stop.wait()
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)

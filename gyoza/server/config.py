@@ -126,6 +126,9 @@ class ServerConfig:
     control: ControlSettings = field(default_factory=ControlSettings)
     retention: timedelta | None = None
     retention_interval_s: float = 60.0
+    replica_id: str = ""
+    peer_listen: str | None = None
+    leader_lease_s: float = 10.0
 
     @property
     def listen_host(self) -> str:
@@ -263,6 +266,18 @@ class ServerConfig:
         if interval <= 0:
             raise ConfigError("GYOZA_RETENTION_INTERVAL_S must be more than zero")
 
+        replica = env.get("GYOZA_REPLICA_ID", "").strip()
+        peer = env.get("GYOZA_PEER_LISTEN", "").strip() or None
+        if peer is not None:
+            split_listen(peer)
+        raw = env.get("GYOZA_LEADER_LEASE_S", "").strip()
+        try:
+            leader_lease = float(raw) if raw else 10.0
+        except ValueError:
+            raise ConfigError(f"GYOZA_LEADER_LEASE_S must be seconds, not {raw!r}") from None
+        if not leader_lease > 0:
+            raise ConfigError("GYOZA_LEADER_LEASE_S must be more than zero")
+
         return cls(
             listen=listen_value,
             database_url=database_url,
@@ -276,6 +291,9 @@ class ServerConfig:
             control=control,
             retention=keep,
             retention_interval_s=interval,
+            replica_id=replica,
+            peer_listen=peer,
+            leader_lease_s=leader_lease,
         )
 
 

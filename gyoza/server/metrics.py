@@ -45,6 +45,15 @@ AGENTS_HELD = Gauge(
 
 CONNECTED_AGENTS = Gauge("gyoza_connected_agents", "Agents with a live stream session.")
 
+REPLICA_LEADER = Gauge(
+    "gyoza_replica_leader",
+    "1 while this replica leads (runs the core) on a shared PostgreSQL database, else 0.",
+)
+
+REPLICA_TERM = Gauge(
+    "gyoza_replica_term", "The leadership term this replica last led under (0: never)."
+)
+
 EVENT_APPLY_SECONDS = Histogram(
     "gyoza_event_apply_seconds",
     "Time from receiving an agent report to its committed, published change.",
