@@ -1,0 +1,283 @@
+"""Several replicas on one PostgreSQL database, as users run them: real processes.
+
+What a user relies on: any replica serves any call and any agent; a replica that dies,
+the leader included, loses nothing (every run ends once, every attempt's events are
+numbered 1..n with no gap or repeat, no run gets a second attempt, a topic subscriber
+that resumes on another replica sees every offset once and in order); a leader that was
+paused and comes back commits nothing for what it lost and rejoins as a follower.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from gyoza.api.v1 import op_run_service_pb2, resources_pb2
+from tests.replicas.conftest import LEADER_LEASE_S, RETRYABLE, ReplicaCluster
+
+pytestmark = pytest.mark.timeout(300)
+
+COMPLETED = resources_pb2.OP_RUN_STATE_COMPLETED
+
+
+def _check_runs(cluster: ReplicaCluster, run_ids: list[str]) -> None:
+    """Every run COMPLETED, started once and completed once, each attempt's events
+    numbered 1..n without a gap or repeat."""
+    final = cluster.wait_terminal(run_ids)
+    states = {run_id: run.state for run_id, run in final.items()}
+    assert set(states.values()) == {COMPLETED}, {
+        k: v for k, v in states.items() if v != COMPLETED
+    }
+    with cluster.engine.connect() as conn:
+        # An assignment that never reached its agent (the leader died between its
+        # commit and the send) is released and assigned again: that attempt never
+        # started. What must never happen is a run started twice.
+        started = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT run_id, count(DISTINCT attempt) FROM op_events "
+                    "WHERE type = 'STARTED' GROUP BY run_id"
+                )
+            ).all()
+        )
+        completed = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT run_id, count(*) FROM op_events WHERE type = 'COMPLETED' "
+                    "GROUP BY run_id"
+                )
+            ).all()
+        )
+        gaps = conn.execute(
+            sa.text(
+                "SELECT run_id, attempt, count(*), min(seq), max(seq), count(DISTINCT seq) "
+                "FROM op_events GROUP BY run_id, attempt"
+            )
+        ).all()
+    assert {run_id: started.get(run_id) for run_id in run_ids} == dict.fromkeys(run_ids, 1)
+    assert {run_id: completed.get(run_id) for run_id in run_ids} == dict.fromkeys(run_ids, 1)
+    for run_id, attempt, count, low, high, distinct in gaps:
+        assert (low, high, distinct) == (1, count, count), (run_id, attempt)
+
+
+class TopicReader:
+    """Follows a topic on some replica, resuming on another after an error."""
+
+    def __init__(self, cluster: ReplicaCluster, topic: str) -> None:
+        self.cluster = cluster
+        self.topic = topic
+        self.offsets: list[int] = []
+        self.runs_done: set[str] = set()
+        self.resumes = 0
+        self._stop = threading.Event()
+        self._errors: queue.Queue[BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._call: Any = None
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            while not self._stop.is_set():
+                replica = self.cluster.any_replica()
+                after = self.offsets[-1] if self.offsets else 0
+                request = op_run_service_pb2.SubscribeEventsRequest(
+                    topic=self.topic, after_offset=after
+                )
+                try:
+                    self._call = replica.runs.SubscribeEvents(request)
+                    for record in self._call:
+                        self.offsets.append(record.offset)
+                        if record.event.type == resources_pb2.EVENT_TYPE_COMPLETED:
+                            self.runs_done.add(record.run_id)
+                except grpc.RpcError as error:
+                    if self._stop.is_set():
+                        return
+                    if error.code() not in RETRYABLE:
+                        raise
+                    self.resumes += 1
+                    time.sleep(0.1)
+        except BaseException as error:  # reported to the test
+            self._errors.put(error)
+
+    def wait_runs(self, run_ids: set[str], timeout: float = 120) -> None:
+        ReplicaCluster.wait_until(
+            lambda: run_ids <= self.runs_done or not self._errors.empty(),
+            timeout,
+            "the subscriber to see every run complete",
+        )
+        if not self._errors.empty():
+            raise self._errors.get()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(10)
+
+
+def _create_many(
+    cluster: ReplicaCluster, count: int, topic: str, during: Callable[[int], None]
+) -> list[str]:
+    """Create *count* runs with request ids on random replicas, calling during(i)."""
+    ids = []
+    for i in range(count):
+        during(i)
+        ids.append(cluster.create(f"req-{i}-{uuid.uuid4().hex[:6]}", sleep_ms=20, topic=topic).id)
+    return ids
+
+
+def test_any_replica_serves_and_a_run_created_on_one_runs_on_an_agent_of_another(
+    replica_cluster: Callable[[int], ReplicaCluster],
+) -> None:
+    cluster = replica_cluster(2)
+    leader = cluster.leader()
+    follower = next(r for r in cluster.replicas if r is not leader)
+    # The agent is on the follower, the client on the leader, and the other way round.
+    cluster.add_agent("far", addresses=[follower.address])
+    cluster.wait_agents({"far"})
+    request = op_run_service_pb2.CreateOpRunRequest(image="scripted")
+    for client in (leader, follower):
+        run = client.runs.CreateOpRun(request, timeout=10).op_run
+        seen = []
+        other = follower if client is leader else leader
+        for change in other.runs.WatchOpRun(
+            op_run_service_pb2.WatchOpRunRequest(run_id=run.id), timeout=30
+        ):
+            seen.append(change.op_run.state)
+            if change.op_run.state == COMPLETED:
+                break
+        assert seen[-1] == COMPLETED
+        assert run.id in {r.id for r in client.runs.ListOpRuns(
+            op_run_service_pb2.ListOpRunsRequest(), timeout=10
+        ).op_runs}
+    # Both replicas list the whole fleet, and say which replica holds the agent.
+    for replica in cluster.replicas:
+        agents = {a.name: a for a in cluster.list_agents(replica)}
+        assert agents["far"].replica == follower.replica_id
+    # A missing run is NOT_FOUND through the follower too, with its reason.
+    with pytest.raises(grpc.RpcError) as caught:
+        follower.runs.GetOpRun(op_run_service_pb2.GetOpRunRequest(run_id="nope"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("victim", ["leader", "follower"])
+def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
+    replica_cluster: Callable[[int], ReplicaCluster], victim: str
+) -> None:
+    cluster = replica_cluster(3)
+    names = {f"agent-{i}" for i in range(20)}
+    for name in sorted(names):
+        cluster.add_agent(name)
+    cluster.wait_agents(names)
+    topic = f"load-{victim}"
+    reader = TopicReader(cluster, topic)
+    _, term, _ = cluster.leadership()
+    leader = cluster.leader()
+    killed = (
+        leader if victim == "leader" else next(r for r in cluster.replicas if r is not leader)
+    )
+
+    def during(i: int) -> None:
+        if i == 1000:
+            killed.proc.kill9()
+
+    try:
+        run_ids = _create_many(cluster, 2000, topic, during)
+        if victim == "leader":
+            new = cluster.wait_new_leader(term)
+            assert new is not killed
+        _check_runs(cluster, run_ids)
+        reader.wait_runs(set(run_ids))
+        # Every topic offset once, in order, across the subscriber's resumes.
+        assert reader.offsets == sorted(set(reader.offsets))
+        assert reader.resumes >= (1 if victim == "leader" else 0)
+        # The whole fleet came back, to the replicas that are left.
+        cluster.wait_agents(names)
+        holders = {a.replica for a in cluster.list_agents()}
+        assert killed.replica_id not in holders
+    finally:
+        reader.stop()
+
+
+def test_a_paused_leader_is_fenced_out_and_rejoins_as_a_follower(
+    replica_cluster: Callable[[int], ReplicaCluster],
+) -> None:
+    cluster = replica_cluster(2)
+    cluster.add_agent("a1")
+    cluster.add_agent("a2")
+    cluster.wait_agents({"a1", "a2"})
+    zombie = cluster.leader()
+    _, term, _ = cluster.leadership()
+    # Long runs: the agents hold attempts through the pause.
+    held = [cluster.create(f"long-{i}", sleep_ms=3000).id for i in range(4)]
+    zombie.signal(signal.SIGSTOP)
+    try:
+        new = cluster.wait_new_leader(term, timeout=LEADER_LEASE_S * 10)
+        assert new is not zombie
+        # Work goes on under the new leader while the old one is paused.
+        during = [cluster.create(f"during-{i}", sleep_ms=10).id for i in range(10)]
+        time.sleep(LEADER_LEASE_S)  # paused for twice its lease in all
+    finally:
+        zombie.signal(signal.SIGCONT)
+    # It finds out at once, commits nothing, and follows the new leader.
+    cluster.wait_until(
+        lambda: "replica lost the leadership" in zombie.proc.log_path.read_text(),
+        30,
+        "the old leader to step down",
+    )
+    cluster.wait_until(zombie.serving, 30, "the old leader to serve as a follower")
+    assert cluster.leadership()[0] == new.replica_id
+    after = [cluster.create(f"after-{i}").id for i in range(5)]
+    run = zombie.runs.GetOpRun(op_run_service_pb2.GetOpRunRequest(run_id=after[0]), timeout=10)
+    assert run.op_run.id == after[0]
+    _check_runs(cluster, held + during + after)
+
+
+def test_the_leaders_lease_connection_cut_loses_nothing(
+    replica_cluster: Callable[[int], ReplicaCluster],
+) -> None:
+    """Cut by the database (``pg_terminate_backend``): either the leader renews on a
+    new connection first, or a follower sees the session gone and takes over; either
+    way one replica leads and no run or event is lost or doubled."""
+    cluster = replica_cluster(2)
+    cluster.add_agent("a1")
+    cluster.wait_agents({"a1"})
+    first = [cluster.create(f"before-{i}", sleep_ms=500).id for i in range(5)]
+    with cluster.engine.connect() as conn:
+        cut = conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'gyoza-leadership' AND pid = "
+                "(SELECT session_pid FROM leadership WHERE name = 'control')"
+            )
+        ).all()
+        conn.commit()
+    assert cut == [(True,)]
+    cluster.wait_until(lambda: cluster.leadership()[2] > 0, 30, "a live lease")
+    cluster.wait_until(lambda: cluster.leader().serving(), 30, "the leader serving")
+    second = [cluster.create(f"after-{i}").id for i in range(5)]
+    _check_runs(cluster, first + second)
+
+
+def test_a_leader_stopped_cleanly_hands_over_at_once(
+    replica_cluster: Callable[[int], ReplicaCluster],
+) -> None:
+    cluster = replica_cluster(2)
+    cluster.add_agent("a1")
+    cluster.wait_agents({"a1"})
+    leader = cluster.leader()
+    _, term, _ = cluster.leadership()
+    leader.proc.stop()
+    assert leader.proc.popen is not None and leader.proc.popen.returncode == 0
+    new = cluster.wait_new_leader(term, timeout=LEADER_LEASE_S * 3)
+    assert new is not leader
+    _check_runs(cluster, [cluster.create("after-stop").id])
