@@ -154,6 +154,7 @@ def build_server(
             settings=config.control,
             max_json_bytes=config.max_json_bytes,
             leases=leases,
+            replica_id=config.replica_id,
         ),
         server,
     )

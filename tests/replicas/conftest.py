@@ -94,7 +94,7 @@ class ReplicaCluster:
             replica.proc.start()
             # The first one leads; waiting for each keeps that order predictable.
             self.wait_until(
-                lambda r=replica: r.serving() or not r.alive, 60, f"{r.replica_id} serving"
+                lambda r=replica: r.serving() or not r.alive, 60, f"{replica.replica_id} serving"
             )
             assert replica.alive, replica.proc.log()
 

@@ -24,6 +24,7 @@ from gyoza.server.agent_leases import AgentLeaseRecorder
 from gyoza.server.auth import authorize_agent_name
 from gyoza.server.control import AckOut, ControlSettings, HeldIn, NackOut, RunController
 from gyoza.server.errors import ApiError, status_for
+from gyoza.server.forward import REPLICA_METADATA_KEY
 from gyoza.server.services import hello_checks, request_checks
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 from gyoza.server.store import paging
@@ -37,6 +38,13 @@ MAX_AGENTS_PAGE = 1000
 HELLO_TIMEOUT_S = 30.0
 
 
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
+    for name, value in context.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value[:200]
+    return ""
+
+
 class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
     """Serves agent streams and the fleet views."""
 
@@ -48,8 +56,11 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         settings: ControlSettings,
         max_json_bytes: int = 1 << 20,
         leases: AgentLeaseRecorder | None = None,
+        replica_id: str = "",
     ) -> None:
         self.controller = controller
+        # Named for agents connected here directly; a forwarding replica names itself.
+        self.replica_id = replica_id
         self.sessions = sessions
         self.settings = settings
         self.max_json_bytes = max_json_bytes
@@ -89,6 +100,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
             identity=identity,
             draining_itself=hello.draining,
+            replica=_metadata(context, REPLICA_METADATA_KEY) or self.replica_id,
         )
         session.touch(loop.time())
         if self.leases is not None:
