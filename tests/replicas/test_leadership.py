@@ -88,35 +88,65 @@ def test_a_holder_whose_session_is_gone_is_replaced_at_once(database: str) -> No
 def test_a_takeover_waits_for_the_holders_fenced_write_to_commit(database: str) -> None:
     """A write that passed the fence commits before a takeover can: the check holds
     the leadership row until the end of its transaction."""
-    a = Leadership(database, "a", lease_s=0.2)
+    a = Leadership(database, "a", lease_s=2.0)
     b = Leadership(database, "b", lease_s=60)
     writes = sa.create_engine(database, poolclass=NullPool)
+    release = threading.Event()
     try:
         a.acquire("x:1")
         term = a.term
-        time.sleep(0.3)  # a's lease has expired, but a is mid-write
-        checked, release = threading.Event(), threading.Event()
+        time.sleep(2.1)  # a's lease has expired, but a is mid-write
+        checked, committed = threading.Event(), threading.Event()
 
         def slow_write() -> None:
             with writes.begin() as conn:
                 a.check(conn)
                 checked.set()
                 release.wait(10)
+            committed.set()
 
         writer = threading.Thread(target=slow_write)
         writer.start()
         assert checked.wait(10)
         taken = threading.Event()
         threading.Thread(target=lambda: (b.acquire("y:2"), taken.set())).start()
-        assert not taken.wait(0.5), "the takeover did not wait for the fenced write"
+        assert not taken.wait(0.3), "the takeover did not wait for the fenced write"
         release.set()
         writer.join(10)
+        assert committed.is_set()
         assert taken.wait(10)
         assert b.term == term + 1
         with pytest.raises(FencedOut):
             _fenced_write(a, writes)
     finally:
         release.set()
+        for leadership in (a, b):
+            leadership.close()
+        writes.dispose()
+
+
+def test_a_write_left_open_by_a_paused_holder_cannot_block_a_takeover(database: str) -> None:
+    """A holder paused in the middle of a write transaction (SIGSTOP) would hold the
+    row forever: the database ends that idle transaction, uncommitted, within half a
+    lease, and the takeover goes on."""
+    a = Leadership(database, "a", lease_s=0.4)
+    b = Leadership(database, "b", lease_s=60)
+    writes = sa.create_engine(database, poolclass=NullPool)
+    try:
+        a.acquire("x:1")
+        term = a.term
+        conn = writes.connect()
+        conn.begin()
+        a.check(conn)  # ...and a is paused here, its transaction open
+        deadline = time.monotonic() + 10
+        while b.acquire("y:2").holder != "b":
+            assert time.monotonic() < deadline, "the paused write blocked the takeover"
+            time.sleep(0.05)
+        assert b.term == term + 1
+        with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout"):
+            conn.execute(sa.text("SELECT 1"))  # its session was ended
+        conn.invalidate()
+    finally:
         for leadership in (a, b):
             leadership.close()
         writes.dispose()

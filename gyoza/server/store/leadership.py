@@ -113,8 +113,13 @@ _READ = text(
     "acquired_at FROM leadership WHERE name = :role"
 )
 
+# The check also bounds how long its transaction may sit idle, waiting for this process:
+# a replica paused mid-transaction (SIGSTOP, a VM freeze) would otherwise hold the row
+# share-locked and block every takeover until it woke up; PostgreSQL ends that session
+# instead, rolling back what it had not committed.
 _CHECK = text(
-    "SELECT term FROM leadership WHERE name = :role AND holder = :me AND term = :term FOR SHARE"
+    "SELECT term, set_config('idle_in_transaction_session_timeout', :idle_ms, true) "
+    "FROM leadership WHERE name = :role AND holder = :me AND term = :term FOR SHARE"
 )
 
 
@@ -137,8 +142,16 @@ class Leadership:
             raise ValueError("leadership needs PostgreSQL; SQLite runs one server only")
         self.replica_id = replica_id
         self.lease_s = lease_s
+        # A transaction left idle by a paused process ends well within the lease (see
+        # _CHECK); the lease connection's own statements are single ones.
+        self._idle_ms = str(max(100, int(lease_s * 1000 / 2)))
         self._engine: Engine = create_engine(
-            parsed, poolclass=NullPool, connect_args={"application_name": APPLICATION_NAME}
+            parsed,
+            poolclass=NullPool,
+            connect_args={
+                "application_name": APPLICATION_NAME,
+                "options": f"-c idle_in_transaction_session_timeout={self._idle_ms}",
+            },
         )
         self._conn: Connection | None = None
         self._lock = threading.Lock()
@@ -228,7 +241,10 @@ class Leadership:
         term = self._term
         held = (
             term
-            and conn.execute(_CHECK, {"role": ROLE, "me": self.replica_id, "term": term}).first()
+            and conn.execute(
+                _CHECK,
+                {"role": ROLE, "me": self.replica_id, "term": term, "idle_ms": self._idle_ms},
+            ).first()
             is not None
         )
         if not held:
