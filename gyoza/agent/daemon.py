@@ -615,10 +615,19 @@ class Agent:
                         exc.code(),
                     ) from exc
                 log.warning(
-                    "agent %s: stream failed: %s: %s", self.name, exc.code().name, exc.details()
+                    "agent %s: stream to %s failed: %s: %s",
+                    self.name,
+                    address,
+                    exc.code().name,
+                    exc.details(),
                 )
             except (SessionEnded, TimeoutError, asyncio.InvalidStateError) as exc:
-                log.warning("agent %s: stream ended: %s", self.name, exc or type(exc).__name__)
+                log.warning(
+                    "agent %s: stream to %s ended: %s",
+                    self.name,
+                    address,
+                    exc or type(exc).__name__,
+                )
             finally:
                 self._session = None
                 heartbeat_s = session.heartbeat_interval_s
