@@ -59,6 +59,7 @@ from gyoza.server.sessions import SessionRegistry
 from gyoza.server.store.leadership import Leadership
 from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.store import Store
+from gyoza.server.workers import die_with_supervisor, run_supervisor
 
 log = logging.getLogger("gyoza.server")
 
@@ -71,12 +72,18 @@ SERVICE_NAMES = (
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Channel options of the server: message size limits, no port sharing."""
+    """Channel options of the server: message size limits, no port sharing.
+
+    grpc sets ``SO_REUSEPORT`` by default on Linux; it is turned off unless
+    ``GYOZA_REUSE_PORT=1``, which the ``--workers`` supervisor gives its replicas so that
+    they share one port (:mod:`gyoza.server.workers`).
+    """
+    reuse_port = os.environ.get("GYOZA_REUSE_PORT", "").strip() == "1"
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Two servers must not silently share one port.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Agents keep one stream open for hours: let them ping to keep it alive.
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -455,12 +462,17 @@ def main_server(
     agent_tokens_file: str | Path | None = None,
     retention: str | None = None,
     starvation_s: float | None = None,
+    replica_id: str | None = None,
+    peer_listen: str | None = None,
+    leader_lease_s: float | None = None,
+    workers: int | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
     Each argument is a flag's value, ``None`` where the flag was not given (then its
     environment variable, then its default applies; see :mod:`gyoza.server.config`).
     """
+    flags = {k: v for k, v in locals().items() if k != "workers"}
     try:
         config = ServerConfig.resolve(
             listen=listen,
@@ -478,11 +490,18 @@ def main_server(
             agent_tokens_file=agent_tokens_file,
             retention=retention,
             starvation=starvation_s,
+            replica_id=replica_id,
+            peer_listen=peer_listen,
+            leader_lease_s=leader_lease_s,
+            workers=workers,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(config.log_level, config.log_format)
+    if config.workers is not None:
+        raise SystemExit(run_supervisor(config, flags))
+    die_with_supervisor()
     # The event loop hands every write to the store's writer thread and back: with the
     # default 5 ms GIL switch interval each hand-off can wait that long.
     sys.setswitchinterval(float(os.environ.get("GYOZA_SWITCH_INTERVAL_S", "0.0005")))
