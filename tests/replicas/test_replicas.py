@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -29,12 +30,26 @@ pytestmark = pytest.mark.timeout(300)
 COMPLETED = resources_pb2.OP_RUN_STATE_COMPLETED
 
 
-def _check_runs(cluster: ReplicaCluster, run_ids: list[str]) -> None:
+def _check_runs(cluster: ReplicaCluster, run_ids: list[str], timeout: float = 120) -> None:
     """Every run COMPLETED, started once and completed once, each attempt's events
-    numbered 1..n without a gap or repeat."""
-    final = cluster.wait_terminal(run_ids)
-    states = {run_id: run.state for run_id, run in final.items()}
-    assert set(states.values()) == {COMPLETED}, {k: v for k, v in states.items() if v != COMPLETED}
+    numbered 1..n without a gap or repeat (read from the database: the runs are many)."""
+    wanted = set(run_ids)
+
+    def finished() -> dict[str, str]:
+        with cluster.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT id, state FROM op_runs WHERE state IN "
+                    "('COMPLETED', 'FAILED', 'CANCELLED')"
+                )
+            ).all()
+        return {run_id: state for run_id, state in rows if run_id in wanted}
+
+    cluster.wait_until(lambda: len(finished()) == len(wanted), timeout, "every run to finish")
+    states = finished()
+    assert set(states.values()) == {"COMPLETED"}, {
+        k: v for k, v in states.items() if v != "COMPLETED"
+    }
     with cluster.engine.connect() as conn:
         # An assignment that never reached its agent (the leader died between its
         # commit and the send) is released and assigned again: that attempt never
@@ -123,14 +138,23 @@ class TopicReader:
 
 
 def _create_many(
-    cluster: ReplicaCluster, count: int, topic: str, during: Callable[[int], None]
+    cluster: ReplicaCluster, count: int, topic: str, at: int, event: Callable[[], None]
 ) -> list[str]:
-    """Create *count* runs with request ids on random replicas, calling during(i)."""
-    ids = []
-    for i in range(count):
-        during(i)
-        ids.append(cluster.create(f"req-{i}-{uuid.uuid4().hex[:6]}", sleep_ms=20, topic=topic).id)
-    return ids
+    """Create *count* runs with request ids on random replicas, 16 clients at once;
+    *event* happens once *at* runs were created, while the others are being created."""
+    tag = uuid.uuid4().hex[:6]
+    created = iter(range(count))
+    lock = threading.Lock()
+
+    def create(i: int) -> str:
+        run_id = cluster.create(f"req-{tag}-{i}", sleep_ms=20, topic=topic).id
+        with lock:
+            if next(created) == at:
+                event()
+        return run_id
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(create, range(count)))
 
 
 def test_any_replica_serves_and_a_run_created_on_one_runs_on_an_agent_of_another(
@@ -185,12 +209,8 @@ def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
     leader = cluster.leader()
     killed = leader if victim == "leader" else next(r for r in cluster.replicas if r is not leader)
 
-    def during(i: int) -> None:
-        if i == 1000:
-            killed.proc.kill9()
-
     try:
-        run_ids = _create_many(cluster, 2000, topic, during)
+        run_ids = _create_many(cluster, 2000, topic, 1000, killed.proc.kill9)
         if victim == "leader":
             new = cluster.wait_new_leader(term)
             assert new is not killed
