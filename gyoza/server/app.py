@@ -311,7 +311,8 @@ class ControlPlane:
             metrics_port=next(
                 (m.port for m in (self._metrics, self._shared_metrics) if m is not None), None
             ),
-            **({"role": "leader", "replica": self.replica_id} if self._leadership else {}),
+            role="leader" if self._leadership else None,
+            replica=self.replica_id or None,
         )
         policy = AuthPolicy(config.api_keys, config.agent_tokens)
         if policy.clients_open and policy.agents_open:

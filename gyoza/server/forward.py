@@ -49,7 +49,8 @@ def _kept(metadata: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
     return [
         (key, value)
         for key, value in metadata or ()
-        if not key.startswith((":", "grpc-")) and key not in _HOP_HEADERS
+        if not key.startswith((":", "grpc-"))
+        and key not in _HOP_HEADERS
         and key != REPLICA_METADATA_KEY
     ]
 

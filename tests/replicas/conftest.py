@@ -149,8 +149,9 @@ class ReplicaCluster:
 
     def wait_new_leader(self, old_term: int, timeout: float = 30) -> Replica:
         def moved() -> bool:
-            holder, term, expires_in = self.leadership()
+            _holder, term, expires_in = self.leadership()
             return term > old_term and expires_in > 0
+
         self.wait_until(moved, timeout, f"a leader after term {old_term}")
         leader = self.leader()
         self.wait_until(leader.serving, timeout, f"{leader.replica_id} serving as leader")
@@ -171,7 +172,10 @@ class ReplicaCluster:
             try:
                 return method(self.any_replica())
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE and error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if (
+                    error.code() not in RETRYABLE
+                    and error.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+                ):
                     raise
                 if time.monotonic() > deadline:
                     raise

@@ -34,9 +34,7 @@ def _check_runs(cluster: ReplicaCluster, run_ids: list[str]) -> None:
     numbered 1..n without a gap or repeat."""
     final = cluster.wait_terminal(run_ids)
     states = {run_id: run.state for run_id, run in final.items()}
-    assert set(states.values()) == {COMPLETED}, {
-        k: v for k, v in states.items() if v != COMPLETED
-    }
+    assert set(states.values()) == {COMPLETED}, {k: v for k, v in states.items() if v != COMPLETED}
     with cluster.engine.connect() as conn:
         # An assignment that never reached its agent (the leader died between its
         # commit and the send) is released and assigned again: that attempt never
@@ -156,9 +154,12 @@ def test_any_replica_serves_and_a_run_created_on_one_runs_on_an_agent_of_another
             if change.op_run.state == COMPLETED:
                 break
         assert seen[-1] == COMPLETED
-        assert run.id in {r.id for r in client.runs.ListOpRuns(
-            op_run_service_pb2.ListOpRunsRequest(), timeout=10
-        ).op_runs}
+        assert run.id in {
+            r.id
+            for r in client.runs.ListOpRuns(
+                op_run_service_pb2.ListOpRunsRequest(), timeout=10
+            ).op_runs
+        }
     # Both replicas list the whole fleet, and say which replica holds the agent.
     for replica in cluster.replicas:
         agents = {a.name: a for a in cluster.list_agents(replica)}
@@ -182,9 +183,7 @@ def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
     reader = TopicReader(cluster, topic)
     _, term, _ = cluster.leadership()
     leader = cluster.leader()
-    killed = (
-        leader if victim == "leader" else next(r for r in cluster.replicas if r is not leader)
-    )
+    killed = leader if victim == "leader" else next(r for r in cluster.replicas if r is not leader)
 
     def during(i: int) -> None:
         if i == 1000:

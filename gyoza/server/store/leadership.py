@@ -22,6 +22,7 @@ worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -265,10 +266,8 @@ class Leadership:
     def _reset(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
                 conn.close()
-            except Exception:  # a broken connection may fail to close
-                pass
 
     @staticmethod
     def _read(conn: Connection) -> Leader:
