@@ -8,6 +8,8 @@ Each scenario gets a fresh PostgreSQL database and its own server processes on
 - ``two-split``: two replicas; clients on the leader, agents on the follower;
 - ``two-follower``: two replicas; clients and agents both on the follower (every call
   and every agent message forwarded);
+- ``workers-2``: ``gyoza server --workers 2``: two replicas behind one address, clients
+  and agents spread over them by the kernel;
 
 then the takeover: the leader is killed (``kill -9``) with agents on both replicas and a
 client on the follower; the times to the new leader serving, to the first run created
@@ -102,7 +104,8 @@ def _libpq(url: str) -> str:
 class Replica:
     """One ``python -m gyoza.server`` replica process."""
 
-    def __init__(self, index: int, workdir: Path, database: str) -> None:
+    def __init__(self, index: int, workdir: Path, database: str, extra: Sequence[str] = ()) -> None:
+        self.extra = list(extra)
         self.replica_id = f"bench-replica-{index}"
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
@@ -120,7 +123,7 @@ class Replica:
         )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gyoza.server", "--listen", self.address,
-             "--database", self.database, "--log-level", "warning"],
+             "--database", self.database, "--log-level", "warning", *self.extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         log.close()
@@ -144,8 +147,9 @@ class Replica:
                 await asyncio.sleep(0.02)
 
     def cpu_seconds(self) -> float:
+        """CPU time of the process and its children (the workers of a supervisor)."""
         assert self.process is not None
-        return cpu_seconds(self.process.pid)
+        return sum(_cpu_or_zero(pid) for pid in _tree(self.process.pid))
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -165,6 +169,24 @@ class Replica:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
 
 
+def _tree(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as children:
+            for child in children.read().split():
+                pids += _tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
 async def lifecycle_scenario(
     name: str,
     base_url: str,
@@ -174,12 +196,14 @@ async def lifecycle_scenario(
     client_on: int,
     agents_on: int,
     args: argparse.Namespace,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Lifecycles with *args.concurrency* in flight; figures as a dictionary."""
     scenario_dir = workdir / name
     scenario_dir.mkdir()
     with Database(base_url) as database:
-        nodes = [Replica(i, scenario_dir, database.url) for i in range(replicas)]
+        extra = ["--workers", str(workers)] if workers else []
+        nodes = [Replica(i, scenario_dir, database.url, extra) for i in range(replicas)]
         fleet: FleetProcess | None = None
         channel: grpc.aio.Channel | None = None
         listener: TopicListener | None = None
@@ -220,7 +244,7 @@ async def lifecycle_scenario(
             per_run = max(batch.completed, 1)
             result = {
                 "scenario": name,
-                "replicas": replicas,
+                "replicas": workers or replicas,
                 "completed": batch.completed,
                 "failed": batch.failed,
                 "errors": first_errors(batch.errors),
@@ -359,6 +383,7 @@ async def main_async(args: argparse.Namespace) -> int:
             ("one", 1, 0, 0),
             ("two-split", 2, 0, 1),
             ("two-follower", 2, 1, 1),
+            ("workers-2", 1, 0, 0),
         ):
             _say(f"scenario {name}")
             results.append(
@@ -370,6 +395,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     client_on=client_on,
                     agents_on=agents_on,
                     args=args,
+                    workers=2 if name.startswith("workers") else 0,
                 )
             )
         _say("scenario takeover")

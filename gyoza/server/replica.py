@@ -139,9 +139,18 @@ class ReplicaNode:
             return None
 
     def _advertised(self) -> str:
-        # Before the first bind (port 0) the address is not known yet: the leader
-        # rewrites it on its first renewal (see _lead).
-        return self.address if self.port else _join(self.config.listen_host, self._listen_port)
+        """The address to advertise when taking the lease.
+
+        Before the first bind of a port 0 (or of a peer port, which workers sharing
+        one listening address need, since forwarding to the shared address could reach
+        the follower itself) it is not known yet: "" until the leader's first renewal,
+        right after it binds, and followers forward nothing to "".
+        """
+        if self.port:
+            return self.address
+        if self.config.peer_listen is not None or not split_listen(self.config.listen)[1]:
+            return ""
+        return _join(self.config.listen_host, self._listen_port)
 
     @property
     def _listen_port(self) -> int:
@@ -283,7 +292,12 @@ class ReplicaNode:
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:
-                live = holder is not None and holder.live and holder.holder != self.replica_id
+                live = (
+                    holder is not None
+                    and holder.live
+                    and bool(holder.address)
+                    and holder.holder != self.replica_id
+                )
                 wanted = holder.address if live and holder is not None else None
                 if wanted != target:
                     target = wanted
