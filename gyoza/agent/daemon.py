@@ -156,9 +156,13 @@ def create_channel(config: AgentConfig, address: str | None = None) -> grpc.aio.
         ("grpc.max_reconnect_backoff_ms", maximum_ms),
         # Ping an idle stream so that a server that vanished without closing the
         # connection (a dead machine, a dropped route) is noticed in seconds, not at
-        # TCP's retransmission timeout. The server permits pings every 5 s.
+        # TCP's retransmission timeout. The server permits pings every 5 s. While the
+        # agent writes (heartbeats), an unanswered ping times out after
+        # ping_timeout_ms (60 s by default), not keepalive_timeout_ms: both are 5 s, so a
+        # hung server (stopped process, dead machine) is left within 15 s.
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.ping_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -16,7 +16,7 @@ environment:
 The children are replicas on one PostgreSQL database (:mod:`gyoza.server.replica`):
 one leads, the others forward to it. A child that dies is started again after a backoff
 (logged); SIGTERM or SIGINT is passed on to every child, and the supervisor waits for
-them (their shutdown grace) before it exits. A child dies with the supervisor: it asks
+them (their shutdown grace) before it exits; a second signal kills them at once. A child dies with the supervisor: it asks
 the kernel for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
 """
 
@@ -148,16 +148,22 @@ class Supervisor:
         self._children: dict[int, asyncio.subprocess.Process] = {}
 
     def request_stop(self, signum: signal.Signals = signal.SIGTERM) -> None:
-        """Stop: pass *signum* on to every child, and wait for them."""
-        if self._stop.is_set():
-            return
-        self._signal = signum
-        log_event(log, logging.INFO, "supervisor stopping", signal=signum.name)
-        self._stop.set()
+        """Stop: pass *signum* on to every child, and wait for them; a second request
+        kills them at once."""
+        again = self._stop.is_set()
+        if not again:
+            self._signal = signum
+            self._stop.set()
+        log_event(
+            log,
+            logging.INFO if not again else logging.WARNING,
+            "supervisor stopping" if not again else "supervisor killing its workers",
+            signal=signum.name,
+        )
         for process in self._children.values():
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signum)
+                    process.send_signal(signal.SIGKILL if again else signum)
 
     async def run(self) -> int:
         """Run the children until stopped; the exit status (0)."""

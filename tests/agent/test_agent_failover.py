@@ -8,6 +8,7 @@ run at the same time); agents use the scripted executor.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,4 +119,30 @@ def test_agent_fails_over_to_a_server_on_the_same_database(patient: Cluster) -> 
         _assert_once(attempt, steps=8)
         assert f"connected to {b.address}" in agent.log()
     finally:
+        b.close()
+
+
+def test_agent_leaves_a_hung_server_for_the_next_address(tmp_path: Path) -> None:
+    """A server that stops answering without closing the connection (SIGSTOP, as a
+    hung process or a dead machine looks) is left once a keepalive ping goes unanswered
+    (10 s + 5 s), not after grpc's default ping timeout of a minute."""
+    a = Cluster(tmp_path / "a")
+    b = Cluster(tmp_path / "b")
+    for cluster in (a, b):
+        cluster.tmp.mkdir()
+        cluster.start_server()
+    agent = _agent(tmp_path, "a1", [a.address, b.address])
+    a.agents["a1"] = agent
+    try:
+        agent.start()
+        a.wait_agents({"a1"})
+        assert a.server.popen is not None
+        a.server.popen.send_signal(signal.SIGSTOP)
+        try:
+            b.wait_agents({"a1"}, timeout=40)
+        finally:
+            a.server.popen.send_signal(signal.SIGCONT)
+        assert "ping timeout" in agent.log()
+    finally:
+        a.close()
         b.close()
