@@ -28,6 +28,7 @@ catalog (:mod:`gyoza.server.errors`): ``NO_LEADER`` while no target is set,
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -103,14 +104,14 @@ def _passable(key: str) -> bool:
     return not key.startswith((":", "grpc-")) and key not in _HOP_KEYS
 
 
-def _returned(metadata: Sequence[tuple[str, str | bytes]] | None) -> list[tuple[str, Any]]:
+def _returned(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, Any], ...]:
     """The leader's metadata as the caller gets it (gRPC's own keys are set again by
     this hop; the status details are the leader's, kept)."""
-    return [
+    return tuple(
         (key, value)
         for key, value in metadata or ()
         if key == STATUS_DETAILS_KEY or (_passable(key) and key != REPLICA_METADATA_KEY)
-    ]
+    )
 
 
 class _Forwarded:
@@ -328,10 +329,9 @@ class _ForwardingHandler(grpc.GenericRpcHandler):
         method: str = handler_call_details.method
         if is_local(method):
             return None
-        forward = self._forwarder.forward
-
-        def relay(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
-            return forward(method, requests, context)
-
-        # No (de)serializers: raw bytes in, raw bytes out.
-        return grpc.stream_stream_rpc_method_handler(relay)
+        # No (de)serializers: raw bytes in, raw bytes out. A partial of the async
+        # generator function, which gRPC recognises as one (a plain function returning
+        # the generator it does not).
+        return grpc.stream_stream_rpc_method_handler(
+            functools.partial(self._forwarder.forward, method)
+        )
