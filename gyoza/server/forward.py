@@ -31,7 +31,7 @@ import asyncio
 import functools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -91,7 +91,7 @@ def is_local(method: str) -> bool:
 
 
 def forwarded_metadata(
-    metadata: Sequence[tuple[str, str | bytes]] | None, replica_id: str
+    metadata: Iterable[tuple[str, Any]] | None, replica_id: str
 ) -> list[tuple[str, str | bytes]]:
     """The caller's metadata as the leader gets it: gRPC's own keys (pseudo-headers,
     ``grpc-*``, ``user-agent``...) left out, ``x-gyoza-replica`` set to *replica_id*."""
@@ -104,7 +104,7 @@ def _passable(key: str) -> bool:
     return not key.startswith((":", "grpc-")) and key not in _HOP_KEYS
 
 
-def _returned(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, Any], ...]:
+def _returned(metadata: Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
     """The leader's metadata as the caller gets it (gRPC's own keys are set again by
     this hop; the status details are the leader's, kept)."""
     return tuple(

@@ -217,7 +217,7 @@ def test_metadata_loses_grpc_keys_and_gains_the_replica() -> None:
 def test_unary_and_server_streaming_calls_pass_through(tmp_path: Path) -> None:
     async def test() -> None:
         async with stack(tmp_path) as s:
-            created = (await s.runs.CreateOpRun(adhoc(), metadata=(("x-request-id", "r-1"),)))
+            created = await s.runs.CreateOpRun(adhoc(), metadata=(("x-request-id", "r-1"),))
             run_id = created.op_run.id
             got = await s.runs.GetOpRun(pb.GetOpRunRequest(run_id=run_id))
             assert got.op_run.id == run_id and got.op_run.image == "scripted"
@@ -332,36 +332,38 @@ def test_a_scripted_agent_through_the_forwarder(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def test() -> None:
-        async with stack(tmp_path) as s:
-            async with Agent(agent_config(s.address, tmp_path / "agent")) as agent:
-                await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
-                listed = await s.agents.ListAgents(agent_service_pb2.ListAgentsRequest())
-                (shown,) = listed.agents
-                assert (shown.name, shown.replica) == ("agent-f", REPLICA)
-                first_session = shown.session_id
+        async with (
+            stack(tmp_path) as s,
+            Agent(agent_config(s.address, tmp_path / "agent")) as agent,
+        ):
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
+            listed = await s.agents.ListAgents(agent_service_pb2.ListAgentsRequest())
+            (shown,) = listed.agents
+            assert (shown.name, shown.replica) == ("agent-f", REPLICA)
+            first_session = shown.session_id
 
-                await _completes(s, adhoc(progress_steps=3, outputs={"y": 1}))
+            await _completes(s, adhoc(progress_steps=3, outputs={"y": 1}))
 
-                # A new leader: the agent's stream ends UNAVAILABLE and it comes back.
-                other = s.plane.address.replace("127.0.0.1", "localhost")
-                with caplog.at_level(logging.WARNING, logger="gyoza.agent.daemon"):
-                    s.forwarder.set_target(other)
+            # A new leader: the agent's stream ends UNAVAILABLE and it comes back.
+            other = s.plane.address.replace("127.0.0.1", "localhost")
+            with caplog.at_level(logging.WARNING, logger="gyoza.agent.daemon"):
+                s.forwarder.set_target(other)
 
-                    async def new_session() -> str | None:
-                        reply = await s.agents.ListAgents(agent_service_pb2.ListAgentsRequest())
-                        connected = [
-                            a
-                            for a in reply.agents
-                            if a.session_id != first_session and a.state == shown.state
-                        ]
-                        return connected[0].replica if connected else None
+                async def new_session() -> str | None:
+                    reply = await s.agents.ListAgents(agent_service_pb2.ListAgentsRequest())
+                    connected = [
+                        a
+                        for a in reply.agents
+                        if a.session_id != first_session and a.state == shown.state
+                    ]
+                    return connected[0].replica if connected else None
 
-                    assert await until(new_session, "the agent to reconnect") == REPLICA
-                assert any(
-                    "UNAVAILABLE" in r.getMessage() and "leader changed" in r.getMessage()
-                    for r in caplog.records
-                ), [r.getMessage() for r in caplog.records]
-                await _completes(s, adhoc(progress_steps=1))
+                assert await until(new_session, "the agent to reconnect") == REPLICA
+            assert any(
+                "UNAVAILABLE" in r.getMessage() and "leader changed" in r.getMessage()
+                for r in caplog.records
+            ), [r.getMessage() for r in caplog.records]
+            await _completes(s, adhoc(progress_steps=1))
 
     run(test)
 
@@ -445,43 +447,44 @@ def test_metadata_deadline_bytes_and_cancel_reach_the_upstream(tmp_path: Path) -
         forwarder = Forwarder(replica_id=REPLICA)
         forwarder.set_target(f"127.0.0.1:{port}")
         try:
-            async with forwarding_server(forwarder, config) as (address, _):
-                async with grpc.aio.insecure_channel(address) as channel:
-                    bidi = channel.stream_stream("/x.Echo/Talk")
+            async with (
+                forwarding_server(forwarder, config) as (address, _),
+                grpc.aio.insecure_channel(address) as channel,
+            ):
+                bidi = channel.stream_stream("/x.Echo/Talk")
 
-                    async def two() -> AsyncIterator[bytes]:
-                        yield b"abc"
-                        yield b"\x00\x01"
+                async def two() -> AsyncIterator[bytes]:
+                    yield b"abc"
+                    yield b"\x00\x01"
 
-                    call = bidi(
-                        two(),
-                        timeout=30,
-                        metadata=(("authorization", "Bearer k"), ("trace-bin", b"\x07")),
-                    )
-                    assert [await call.read(), await call.read()] == [b"cba", b"\x01\x00"]
-                    assert await call.code() is grpc.StatusCode.ABORTED
-                    assert await call.details() == "echo done"
-                    trailing = dict(await call.trailing_metadata())
-                    assert (trailing["x-answer"], trailing["answer-bin"]) == ("42", b"\x00\x2a")
-                    seen = recorder.calls[0]
-                    assert seen.requests == [b"abc", b"\x00\x01"]
-                    assert seen.metadata["authorization"] == "Bearer k"
-                    assert seen.metadata["trace-bin"] == b"\x07"
-                    assert seen.metadata[REPLICA_METADATA_KEY] == REPLICA
-                    assert seen.time_remaining is not None and 20 < seen.time_remaining <= 31
+                call = bidi(
+                    two(),
+                    timeout=30,
+                    metadata=(("authorization", "Bearer k"), ("trace-bin", b"\x07")),
+                )
+                assert [await call.read(), await call.read()] == [b"cba", b"\x01\x00"]
+                assert await call.code() is grpc.StatusCode.ABORTED
+                assert await call.details() == "echo done"
+                trailing = dict(await call.trailing_metadata())
+                assert (trailing["x-answer"], trailing["answer-bin"]) == ("42", b"\x00\x2a")
+                seen = recorder.calls[0]
+                assert seen.requests == [b"abc", b"\x00\x01"]
+                assert seen.metadata["authorization"] == "Bearer k"
+                assert seen.metadata["trace-bin"] == b"\x07"
+                assert seen.metadata[REPLICA_METADATA_KEY] == REPLICA
+                assert seen.time_remaining is not None and 20 < seen.time_remaining <= 31
 
-                    # The caller cancels: the upstream's call ends, cancelled.
-                    recorder.arrived.clear()
-                    hanging = bidi(timeout=30)
-                    await hanging.write(b"hang")
-                    await asyncio.wait_for(recorder.arrived.wait(), WAIT_S)
-                    assert await hanging.read() == b"gnah"
-                    hanging.cancel()
-                    second = recorder.calls[1]
-                    await asyncio.wait_for(second.ended.wait(), WAIT_S)
-                    assert second.cancelled
+                # The caller cancels: the upstream's call ends, cancelled.
+                recorder.arrived.clear()
+                hanging = bidi(timeout=30)
+                await hanging.write(b"hang")
+                await asyncio.wait_for(recorder.arrived.wait(), WAIT_S)
+                assert await hanging.read() == b"gnah"
+                hanging.cancel()
+                second = recorder.calls[1]
+                await asyncio.wait_for(second.ended.wait(), WAIT_S)
+                assert second.cancelled
         finally:
             await upstream.stop(0)
 
     run(test)
-
