@@ -389,6 +389,36 @@ async def _async(value: T) -> T:
     return value
 
 
+def test_the_replica_of_a_direct_stream_and_a_malformed_replica(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with stack(tmp_path) as s:
+            direct = grpc.aio.insecure_channel(s.plane.address)
+            stub = agent_service_pb2_grpc.AgentServiceStub(direct)
+            try:
+                hello = agent_service_pb2.ConnectRequest(
+                    hello=agent_service_pb2.Hello(agent_name="agent-d", version="test")
+                )
+                # No x-gyoza-replica: the serving replica's own id (none configured here).
+                stream = stub.Connect(timeout=WAIT_S)
+                await stream.write(hello)
+                assert (await stream.read()).HasField("welcome")
+                listed = await stub.ListAgents(agent_service_pb2.ListAgentsRequest())
+                assert [(a.name, a.replica) for a in listed.agents] == [("agent-d", "")]
+                stream.cancel()
+
+                forged = stub.Connect(
+                    timeout=WAIT_S, metadata=((REPLICA_METADATA_KEY, "r" * 200),)
+                )
+                await forged.write(hello)
+                code, reason, violations = error_info(await failure(forged))
+                assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+                assert set(violations) == {REPLICA_METADATA_KEY}
+            finally:
+                await direct.close()
+
+    run(test)
+
+
 # -- what the leader receives: a recording upstream -------------------------------------
 
 
