@@ -406,9 +406,7 @@ def test_the_replica_of_a_direct_stream_and_a_malformed_replica(tmp_path: Path) 
                 assert [(a.name, a.replica) for a in listed.agents] == [("agent-d", "")]
                 stream.cancel()
 
-                forged = stub.Connect(
-                    timeout=WAIT_S, metadata=((REPLICA_METADATA_KEY, "r" * 200),)
-                )
+                forged = stub.Connect(timeout=WAIT_S, metadata=((REPLICA_METADATA_KEY, "r" * 200),))
                 await forged.write(hello)
                 code, reason, violations = error_info(await failure(forged))
                 assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
