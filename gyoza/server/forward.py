@@ -272,8 +272,6 @@ class Forwarder:
             # The caller cancelling (or its deadline) ends the leader's call, even while
             # this generator waits at a yield, where it may never be resumed.
             context.add_done_callback(lambda _: call.cancel())  # type: ignore[arg-type]
-            if forwarded.ended_by is not None:
-                call.cancel()
             async for message in self._relay(call, forwarded, context):
                 yield message
         finally:
