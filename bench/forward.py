@@ -33,7 +33,11 @@ import grpc.aio
 
 from bench.common import HOST, cpu_seconds, free_port, percentile, wait_for_port
 
-METHOD = "/gyoza.bench.Echo/Talk"
+UNARY = "/gyoza.api.v1.OpRunService/GetOpRun"
+BIDI = "/gyoza.api.v1.AgentService/Connect"
+STREAM = "/gyoza.bench.Echo/Talk"
+"""A method the forwarder has no descriptor of: relayed as a bidi stream, whatever the
+caller's kind."""
 PAYLOAD = b"x" * 200
 WINDOW = 32
 
@@ -42,8 +46,15 @@ WINDOW = 32
 
 
 class _Echo(grpc.GenericRpcHandler):
+    """Answers GetOpRun with its request, and every other method as an echoing stream."""
+
     def service(self, details: grpc.HandlerCallDetails) -> Any:
+        if details.method == UNARY:
+            return grpc.unary_unary_rpc_method_handler(self.answer)
         return grpc.stream_stream_rpc_method_handler(self.echo)
+
+    async def answer(self, request: bytes, context: Any) -> bytes:
+        return request
 
     async def echo(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for request in requests:
@@ -82,9 +93,11 @@ def _start(role: str, target: str = "") -> tuple[subprocess.Popen[bytes], str]:
 Load = Callable[[grpc.aio.Channel, int], Awaitable[list[float]]]
 
 
-async def unary_one_at_a_time(channel: grpc.aio.Channel, count: int) -> list[float]:
+async def unary_one_at_a_time(
+    channel: grpc.aio.Channel, count: int, method: str = UNARY
+) -> list[float]:
     """*count* unary calls in sequence; the latency of each."""
-    call = channel.unary_unary(METHOD)
+    call = channel.unary_unary(method)
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
@@ -94,10 +107,10 @@ async def unary_one_at_a_time(channel: grpc.aio.Channel, count: int) -> list[flo
 
 
 async def unary_in_flight(
-    channel: grpc.aio.Channel, count: int, in_flight: int = 64
+    channel: grpc.aio.Channel, count: int, in_flight: int = 64, method: str = UNARY
 ) -> list[float]:
     """*count* unary calls, *in_flight* at a time."""
-    call = channel.unary_unary(METHOD)
+    call = channel.unary_unary(method)
 
     async def worker(share: int) -> None:
         for _ in range(share):
@@ -109,7 +122,7 @@ async def unary_in_flight(
 
 async def bidi(channel: grpc.aio.Channel, count: int, streams: int = 1) -> list[float]:
     """*count* messages over *streams* bidi streams, WINDOW requests written ahead."""
-    talk = channel.stream_stream(METHOD)
+    talk = channel.stream_stream(BIDI)
 
     async def stream(share: int) -> None:
         call = talk()
@@ -130,9 +143,14 @@ async def bidi_100(channel: grpc.aio.Channel, count: int) -> list[float]:
     return await bidi(channel, count, streams=100)
 
 
+async def unary_as_stream(channel: grpc.aio.Channel, count: int) -> list[float]:
+    return await unary_in_flight(channel, count, method=STREAM)
+
+
 LOADS: tuple[tuple[str, Load, int], ...] = (
     ("unary, 1 at a time", unary_one_at_a_time, 2_000),
     ("unary, 64 in flight", unary_in_flight, 10_240),
+    ("unary, 64 in flight, relayed as a stream", unary_as_stream, 10_240),
     ("bidi, 1 stream", bidi, 20_000),
     ("bidi, 100 streams", bidi_100, 40_000),
 )

@@ -4,10 +4,13 @@ A replica that is not the leader serves health and reflection itself and hands e
 other call to :class:`Forwarder`, which relays it to the leader's address
 (:meth:`Forwarder.set_target`) without parsing a message:
 
-- requests and responses travel as the bytes they came as, in both directions, through
-  one ``stream_stream`` call per method (on the wire a unary or server-streaming call is
-  a stream that carries one request, so unary, server-streaming and the agents' bidi
-  ``Connect`` are all forwarded the same way);
+- requests and responses travel as the bytes they came as, in both directions: no
+  (de)serializer on either side. Each gyoza method is relayed as the kind its
+  descriptor declares (unary, server-streaming, the agents' bidi ``Connect``); any
+  other method as a bidi stream, which on the wire carries every kind (a unary call is
+  a stream of one request and one response). The kind only picks grpc.aio's cheaper
+  per-call machinery: a unary call relayed as a stream costs the forwarder about twice
+  the CPU (``python -m bench.forward``);
 - the invocation metadata goes along (less what gRPC itself owns), with
   ``x-gyoza-replica: <replica id>`` added, and so does the deadline;
 - the leader's initial metadata, status code, details and trailing metadata come back
@@ -28,6 +31,7 @@ catalog (:mod:`gyoza.server.errors`): ``NO_LEADER`` while no target is set,
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 from collections import Counter
@@ -37,6 +41,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from gyoza.api.v1 import agent_service_pb2, definition_service_pb2, op_run_service_pb2
 from gyoza.server.errors import (
     ApiError,
     leader_changed,
@@ -84,6 +89,39 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+class MethodKind(enum.Enum):
+    """How a method's messages travel, as its descriptor says."""
+
+    UNARY = "unary"
+    SERVER_STREAMING = "server_streaming"
+    STREAMING = "streaming"
+    """Client or bidi streaming, and every method this replica has no descriptor of."""
+
+
+def _method_kinds() -> dict[str, MethodKind]:
+    kinds: dict[str, MethodKind] = {}
+    for api in (agent_service_pb2, definition_service_pb2, op_run_service_pb2):
+        for service in api.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                if method.client_streaming:
+                    kind = MethodKind.STREAMING
+                elif method.server_streaming:
+                    kind = MethodKind.SERVER_STREAMING
+                else:
+                    kind = MethodKind.UNARY
+                kinds[f"/{service.full_name}/{method.name}"] = kind
+    return kinds
+
+
+_METHOD_KINDS = _method_kinds()
+
+
+def method_kind(method: str) -> MethodKind:
+    """The kind of *method* (``/package.Service/Method``) as the gyoza API declares it;
+    any other method is forwarded as a stream, which carries every kind."""
+    return _METHOD_KINDS.get(method, MethodKind.STREAMING)
+
+
 def is_local(method: str) -> bool:
     """True for a method a follower serves itself (health, reflection)."""
     service = method.lstrip("/").split("/", 1)[0]
@@ -121,7 +159,7 @@ class _Forwarded:
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self.call: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self.call: Any = None  # the leader's call: grpc.aio's call of the method's kind
         self.ended_by: ApiError | None = None
 
     def end(self, status: ApiError) -> None:
@@ -166,7 +204,7 @@ class Forwarder:
         self._options = [*channel_options(max_message_bytes), *options]
         self._target: str | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._callables: dict[str, grpc.aio.StreamStreamMultiCallable[Any, Any]] = {}
+        self._callables: dict[str, Any] = {}  # method -> its multi-callable
         self._in_flight: set[_Forwarded] = set()
         self._open: Counter[str] = Counter()
         self._forwarded = 0
@@ -236,79 +274,124 @@ class Forwarder:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def _callable(
-        self, channel: grpc.aio.Channel, method: str
-    ) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
+    def _callable(self, channel: grpc.aio.Channel, method: str) -> Any:
         found = self._callables.get(method)
         if found is None:
             # No serializers: the bytes go as they came.
-            found = channel.stream_stream(method)
+            kind = method_kind(method)
+            if kind is MethodKind.UNARY:
+                found = channel.unary_unary(method)
+            elif kind is MethodKind.SERVER_STREAMING:
+                found = channel.unary_stream(method)
+            else:
+                found = channel.stream_stream(method)
             if len(self._callables) < _MAX_CACHED_METHODS:
                 self._callables[method] = found
         return found
 
     # -- one call --------------------------------------------------------------------
 
-    async def forward(
-        self, method: str, requests: AsyncIterator[bytes], context: Context
-    ) -> AsyncIterator[bytes]:
-        """Relay one call to the target, and its answer back to the caller."""
+    def _begin(self, method: str, context: Context, request: Any) -> _Forwarded | None:
+        """Start the leader's call (None: no leader known)."""
         channel = self._channel
         if channel is None:
-            await _abort(context, no_leader())
-        assert channel is not None
+            return None
         forwarded = _Forwarded(method)
         # Registered before the first await: a target set from now on ends this call.
         self._in_flight.add(forwarded)
         self._forwarded += 1
         self._open[method] += 1
-        try:
-            call = self._callable(channel, method)(
-                requests,
-                timeout=context.time_remaining(),
-                metadata=forwarded_metadata(context.invocation_metadata(), self.replica_id),
-            )
-            forwarded.call = call
-            # The caller cancelling (or its deadline) ends the leader's call, even while
-            # this generator waits at a yield, where it may never be resumed.
-            context.add_done_callback(lambda _: call.cancel())  # type: ignore[arg-type]
-            async for message in self._relay(call, forwarded, context):
-                yield message
-        finally:
-            self._in_flight.discard(forwarded)
-            self._open[method] -= 1
+        call = self._callable(channel, method)(
+            request,
+            timeout=context.time_remaining(),
+            metadata=forwarded_metadata(context.invocation_metadata(), self.replica_id),
+        )
+        forwarded.call = call
+        # The caller cancelling (or its deadline) ends the leader's call, even while a
+        # streaming handler waits at a yield, where it may never be resumed.
+        context.add_done_callback(lambda _: call.cancel())  # type: ignore[arg-type]
+        return forwarded
 
-    async def _relay(
-        self,
-        call: grpc.aio.StreamStreamCall[Any, Any],
-        forwarded: _Forwarded,
-        context: Context,
+    def _end(self, forwarded: _Forwarded) -> None:
+        self._in_flight.discard(forwarded)
+        self._open[forwarded.method] -= 1
+
+    async def forward_unary(self, method: str, request: bytes, context: Context) -> bytes:
+        """Relay one unary call to the target, and its answer back to the caller."""
+        forwarded = self._begin(method, context, request)
+        if forwarded is None:
+            await _abort(context, no_leader())
+        assert forwarded is not None and forwarded.call is not None
+        call = forwarded.call
+        try:
+            try:
+                response: bytes = await call
+            except (asyncio.CancelledError, grpc.aio.AioRpcError) as error:
+                await self._failed(error, forwarded, context, answered=False)
+                raise
+            await _pass_initial(call, context)
+            context.set_trailing_metadata(_returned(await call.trailing_metadata()))
+            return response
+        finally:
+            self._end(forwarded)
+
+    async def forward_stream(
+        self, method: str, request: bytes | AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
+        """Relay one streaming call (server-streaming: *request* is its one message;
+        otherwise the caller's request stream) to the target, and its answers back."""
+        forwarded = self._begin(method, context, request)
+        if forwarded is None:
+            await _abort(context, no_leader())
+        assert forwarded is not None and forwarded.call is not None
+        call = forwarded.call
         answered = False
         try:
-            async for message in call:
-                if not answered:
-                    answered = True
-                    initial = _returned(await call.initial_metadata())
-                    if initial:
-                        await context.send_initial_metadata(initial)
-                yield message
-        except asyncio.CancelledError:
-            if forwarded.ended_by is None:
-                call.cancel()  # the caller went away
+            try:
+                async for message in call:
+                    if not answered:
+                        answered = True
+                        await _pass_initial(call, context)
+                    yield message
+            except (asyncio.CancelledError, grpc.aio.AioRpcError) as error:
+                await self._failed(error, forwarded, context, answered=answered)
                 raise
+            context.set_trailing_metadata(_returned(await call.trailing_metadata()))
+        finally:
+            self._end(forwarded)
+
+    async def _failed(
+        self,
+        error: asyncio.CancelledError | grpc.aio.AioRpcError,
+        forwarded: _Forwarded,
+        context: Context,
+        *,
+        answered: bool,
+    ) -> None:
+        """End the caller's call as the leader's ended (or as the forwarder ended it);
+        returns only for a cancel of the caller's own, which the caller re-raises."""
+        if isinstance(error, asyncio.CancelledError):
+            if forwarded.ended_by is None:
+                assert forwarded.call is not None
+                forwarded.call.cancel()  # the caller went away
+                return
             await _abort(context, forwarded.ended_by)
-        except grpc.aio.AioRpcError as error:
-            trailing = error.trailing_metadata()
-            if (
-                error.code() is grpc.StatusCode.UNAVAILABLE
-                and not answered
-                and not any(key == STATUS_DETAILS_KEY for key, _ in trailing or ())
-            ):
-                # The transport's own UNAVAILABLE (no ErrorInfo: not the leader's answer).
-                await _abort(context, leader_unreachable(self._target, error.details() or ""))
-            await context.abort(error.code(), error.details() or "", _returned(trailing))
-        context.set_trailing_metadata(_returned(await call.trailing_metadata()))
+        assert isinstance(error, grpc.aio.AioRpcError)
+        trailing = error.trailing_metadata()
+        if (
+            error.code() is grpc.StatusCode.UNAVAILABLE
+            and not answered
+            and not any(key == STATUS_DETAILS_KEY for key, _ in trailing or ())
+        ):
+            # The transport's own UNAVAILABLE (no ErrorInfo: not the leader's answer).
+            await _abort(context, leader_unreachable(self._target, error.details() or ""))
+        await context.abort(error.code(), error.details() or "", _returned(trailing))
+
+
+async def _pass_initial(call: Any, context: Context) -> None:
+    initial = _returned(await call.initial_metadata())
+    if initial:
+        await context.send_initial_metadata(initial)
 
 
 async def _abort(context: Context, error: ApiError) -> None:
@@ -327,9 +410,14 @@ class _ForwardingHandler(grpc.GenericRpcHandler):
         method: str = handler_call_details.method
         if is_local(method):
             return None
-        # No (de)serializers: raw bytes in, raw bytes out. A partial of the async
-        # generator function, which gRPC recognises as one (a plain function returning
-        # the generator it does not).
-        return grpc.stream_stream_rpc_method_handler(
-            functools.partial(self._forwarder.forward, method)
-        )
+        # No (de)serializers: raw bytes in, raw bytes out. Partials of the coroutine and
+        # async generator functions, which gRPC recognises as such.
+        kind = method_kind(method)
+        if kind is MethodKind.UNARY:
+            return grpc.unary_unary_rpc_method_handler(
+                functools.partial(self._forwarder.forward_unary, method)
+            )
+        relay = functools.partial(self._forwarder.forward_stream, method)
+        if kind is MethodKind.SERVER_STREAMING:
+            return grpc.unary_stream_rpc_method_handler(relay)
+        return grpc.stream_stream_rpc_method_handler(relay)

@@ -110,8 +110,7 @@ async def failure(call: Awaitable[Any] | AsyncIterator[Any]) -> grpc.aio.AioRpcE
     """The error a call (or a stream, read to its end) fails with."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         if hasattr(call, "__aiter__"):
-            async for _ in call:
-                pass
+            await drain(call)
         else:
             await call
     return caught.value
@@ -303,17 +302,25 @@ def test_a_cancelled_watch_cancels_the_leaders_call(tmp_path: Path) -> None:
 def test_no_leader_is_unavailable_and_health_stays_local(tmp_path: Path) -> None:
     async def test() -> None:
         async with stack(tmp_path) as s:
+            run_id = (await s.runs.CreateOpRun(adhoc())).op_run.id
+            watch = s.runs.WatchOpRun(pb.WatchOpRunRequest(run_id=run_id), timeout=WAIT_S)
+            await watch.read()
             s.forwarder.set_target(None)
             assert s.forwarder.target is None
+            # The stream in flight to the former leader ends; new calls find no leader.
+            ended = await failure(watch)
+            assert error_info(ended)[:2] == (grpc.StatusCode.UNAVAILABLE, "LEADER_CHANGED")
             error = await failure(s.runs.GetOpRun(pb.GetOpRunRequest(run_id="run_1")))
             assert error_info(error)[:2] == (grpc.StatusCode.UNAVAILABLE, "NO_LEADER")
+            stream = await failure(s.runs.WatchOpRun(pb.WatchOpRunRequest(run_id=run_id)))
+            assert error_info(stream)[:2] == (grpc.StatusCode.UNAVAILABLE, "NO_LEADER")
             checked = await health_pb2_grpc.HealthStub(s.channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=WAIT_S
             )
             assert checked.status == health_pb2.HealthCheckResponse.SERVING
             s.forwarder.set_target(s.plane.address)
-            run_id = (await s.runs.CreateOpRun(adhoc())).op_run.id
-            assert run_id
+            got = await s.runs.GetOpRun(pb.GetOpRunRequest(run_id=run_id))
+            assert got.op_run.id == run_id
 
     run(test)
 
