@@ -31,7 +31,14 @@ from gyoza.api.v1 import op_run_service_pb2_grpc as pb_grpc
 from gyoza.server.app import ControlPlane, grpc_options
 from gyoza.server.config import ServerConfig
 from gyoza.server.control import ControlSettings
-from gyoza.server.forward import REPLICA_METADATA_KEY, Forwarder, forwarded_metadata, is_local
+from gyoza.server.forward import (
+    REPLICA_METADATA_KEY,
+    Forwarder,
+    MethodKind,
+    forwarded_metadata,
+    is_local,
+    method_kind,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -208,6 +215,10 @@ def test_metadata_loses_grpc_keys_and_gains_the_replica() -> None:
     assert is_local("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
     assert is_local("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
     assert not is_local("/gyoza.api.v1.OpRunService/GetOpRun")
+    assert method_kind("/gyoza.api.v1.OpRunService/GetOpRun") is MethodKind.UNARY
+    assert method_kind("/gyoza.api.v1.OpRunService/WatchOpRun") is MethodKind.SERVER_STREAMING
+    assert method_kind("/gyoza.api.v1.AgentService/Connect") is MethodKind.STREAMING
+    assert method_kind("/some.Other/Method") is MethodKind.STREAMING
 
 
 # -- through the forwarder, to the real control plane ----------------------------------
