@@ -12,9 +12,11 @@ through the forwarder, and the figures are:
   each way (in and out of the forwarder);
 - for unary calls one at a time, the latency each way (p50, p99).
 
-Loads: unary calls one at a time, unary calls 64 in flight, and bidi streams (the
-agents' ``Connect``), 1 and 100 of them, each with 32 requests written ahead. Payloads
-are 200 bytes. Both servers run uvloop, like ``gyoza server``.
+Loads: unary calls (``GetOpRun``'s name) one at a time and 64 in flight; the same
+64 in flight on a method the forwarder has no descriptor of, which it relays as a bidi
+stream; and bidi streams (``Connect``'s name), 1 and 100 of them, each with 32 requests
+written ahead. Payloads are 200 bytes. Both servers run uvloop, like ``gyoza server``.
+The figures are in docs/benchmarks.md (bench/notes.md).
 """
 
 from __future__ import annotations

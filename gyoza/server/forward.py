@@ -9,8 +9,8 @@ other call to :class:`Forwarder`, which relays it to the leader's address
   descriptor declares (unary, server-streaming, the agents' bidi ``Connect``); any
   other method as a bidi stream, which on the wire carries every kind (a unary call is
   a stream of one request and one response). The kind only picks grpc.aio's cheaper
-  per-call machinery: a unary call relayed as a stream costs the forwarder about twice
-  the CPU (``python -m bench.forward``);
+  per-call machinery: a unary call relayed as a stream costs the forwarder half as
+  much CPU again (``python -m bench.forward``);
 - the invocation metadata goes along (less what gRPC itself owns), with
   ``x-gyoza-replica: <replica id>`` added, and so does the deadline;
 - the leader's initial metadata, status code, details and trailing metadata come back
