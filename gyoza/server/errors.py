@@ -376,3 +376,42 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         return None if handler is None else _decoding(handler)
+
+
+NO_LEADER = "NO_LEADER"
+"""ErrorInfo reason of a call a follower cannot forward: no leader is known."""
+
+LEADER_CHANGED = "LEADER_CHANGED"
+"""ErrorInfo reason of a forwarded call ended because the leader changed."""
+
+LEADER_UNREACHABLE = "LEADER_UNREACHABLE"
+"""ErrorInfo reason of a forwarded call the leader's address did not answer."""
+
+
+def no_leader() -> ApiError:
+    """The UNAVAILABLE of a call a follower gets while no leader is known."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        NO_LEADER,
+        "this replica knows no leader to forward the call to; retry",
+    )
+
+
+def leader_changed(previous: str | None, current: str | None) -> ApiError:
+    """The UNAVAILABLE that ends a forwarded call when the leader changes."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        LEADER_CHANGED,
+        "the leader changed; retry (a stream: reconnect)",
+        {"previous": previous or "", "leader": current or ""},
+    )
+
+
+def leader_unreachable(address: str | None, detail: str) -> ApiError:
+    """The UNAVAILABLE of a forwarded call whose transport to the leader failed."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        LEADER_UNREACHABLE,
+        f"the leader at {address or '?'} did not answer: {detail[:300]}",
+        {"leader": address or ""},
+    )

@@ -258,7 +258,7 @@ class ReplicaNode:
         forwarder = Forwarder(
             replica_id=self.replica_id,
             credentials=_peer_credentials(config),
-            options=grpc_options(config),
+            max_message_bytes=config.max_message_bytes,
         )
         server = grpc.aio.server(options=grpc_options(config))
         server.add_generic_rpc_handlers((forwarder.handler(),))
@@ -322,6 +322,7 @@ class ReplicaNode:
                         await health_servicer.set(name, status)
                     if live:
                         self._ready.set()
+                _export_forwarding(forwarder)
                 await asyncio.wait({stopping}, timeout=self._tick_s)
                 if stop.is_set():
                     break
@@ -335,6 +336,22 @@ class ReplicaNode:
             forwarder.set_target(None)
             await server.stop(0 if not stop.is_set() else self.config.shutdown_grace_s)
             await forwarder.close()
+            _export_forwarding(forwarder)
+
+
+def _export_forwarding(forwarder: Forwarder) -> None:
+    """Publish what the forwarder holds: its open calls by method, its call count."""
+    open_calls = forwarder.open_calls
+    for labels in list(_exported_methods):
+        if labels not in open_calls:
+            metrics.REPLICA_FORWARDED_OPEN.labels(method=labels).set(0)
+    for method, count in open_calls.items():
+        _exported_methods.add(method)
+        metrics.REPLICA_FORWARDED_OPEN.labels(method=method).set(count)
+    metrics.REPLICA_FORWARDED_CALLS.set(forwarder.forwarded_calls)
+
+
+_exported_methods: set[str] = set()
 
 
 def _join_listen(host: str, port: int) -> str:

@@ -69,7 +69,7 @@ class AgentSession:
     #: The agent said in its Hello that it drains by itself (shutting down, or drained
     #: locally): an operator's undrain does not make it take work.
     draining_itself: bool = False
-    #: The replica holding the stream (see forward.REPLICA_METADATA_KEY).
+    #: Id of the server replica holding the stream (see Agent.replica in the API).
     replica: str = ""
     outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
         default_factory=asyncio.Queue

@@ -46,7 +46,9 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 class Replica:
     """One server replica process and its stubs."""
 
-    def __init__(self, index: int, tmp: Path, database: str) -> None:
+    def __init__(
+        self, index: int, tmp: Path, database: str, timing: dict[str, str] | None = None
+    ) -> None:
         self.index = index
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -55,7 +57,7 @@ class Replica:
             self.replica_id,
             [GYOZA, "server", "--listen", self.address, "--database", database],
             tmp / f"{self.replica_id}.log",
-            env={**TIMING, "GYOZA_REPLICA_ID": self.replica_id},
+            env={**(timing or TIMING), "GYOZA_REPLICA_ID": self.replica_id},
         )
         self.channel = grpc.insecure_channel(self.address)
         self.runs = op_run_service_pb2_grpc.OpRunServiceStub(self.channel)
@@ -81,11 +83,14 @@ class Replica:
 class ReplicaCluster:
     """Replicas on one fresh PostgreSQL database, and agents connected to them."""
 
-    def __init__(self, tmp: Path, database: str, replicas: int) -> None:
+    def __init__(
+        self, tmp: Path, database: str, replicas: int, timing: dict[str, str] | None = None
+    ) -> None:
         self.tmp = tmp
         self.database = database
+        self.timing = {**TIMING, **(timing or {})}
         self.engine = sa.create_engine(database, poolclass=sa.pool.NullPool)
-        self.replicas = [Replica(i, tmp, database) for i in range(replicas)]
+        self.replicas = [Replica(i, tmp, database, self.timing) for i in range(replicas)]
         self.agents: dict[str, Proc] = {}
 
     # -- processes --------------------------------------------------------
@@ -107,7 +112,7 @@ class ReplicaCluster:
             "--executor", "scripted",
             "--state-dir", str(self.tmp / f"agent-{name}"),
         ]  # fmt: skip
-        proc = Proc(name, args, self.tmp / f"agent-{name}.log", env=dict(TIMING))
+        proc = Proc(name, args, self.tmp / f"agent-{name}.log", env=dict(self.timing))
         self.agents[name] = proc
         proc.start()
         return proc
@@ -164,13 +169,18 @@ class ReplicaCluster:
         return random.choice(self.live())
 
     # -- API, retried on another replica while one is away -----------------
-    def call(self, method: Callable[[Replica], Any], timeout: float = 60) -> Any:
-        """Call on a random live replica; UNAVAILABLE (a replica stopping, a takeover
-        under way) is retried on another until *timeout*."""
+    def call(
+        self,
+        method: Callable[[Replica], Any],
+        timeout: float = 60,
+        on: Replica | None = None,
+    ) -> Any:
+        """Call on a random live replica (or on *on*); UNAVAILABLE (a replica stopping,
+        a takeover under way) is retried on another until *timeout*."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return method(self.any_replica())
+                return method(on or self.any_replica())
             except grpc.RpcError as error:
                 if (
                     error.code() not in RETRYABLE
@@ -182,7 +192,13 @@ class ReplicaCluster:
                 time.sleep(0.1)
 
     def create(
-        self, request_id: str, *, sleep_ms: int = 0, progress_steps: int = 3, topic: str = ""
+        self,
+        request_id: str,
+        *,
+        sleep_ms: int = 0,
+        progress_steps: int = 3,
+        topic: str = "",
+        on: Replica | None = None,
     ) -> op_run_pb2.OpRun:
         inputs = struct_pb2.Struct()
         inputs.update({"sleep_ms": sleep_ms, "progress_steps": progress_steps})
@@ -192,7 +208,7 @@ class ReplicaCluster:
             request_id=request_id,
             event_delivery=resources_pb2.EventDelivery(topic=topic),
         )
-        return self.call(lambda r: r.runs.CreateOpRun(request, timeout=10).op_run)
+        return self.call(lambda r: r.runs.CreateOpRun(request, timeout=10).op_run, on=on)
 
     def get(self, run_id: str) -> op_run_pb2.OpRun:
         request = op_run_service_pb2.GetOpRunRequest(run_id=run_id)
@@ -245,12 +261,13 @@ _LIVE = {1, 2}  # AGENT_STATE_CONNECTED, AGENT_STATE_DRAINING
 @pytest.fixture
 def replica_cluster(
     tmp_path: Path, fresh_pg_database: str
-) -> Iterator[Callable[[int], ReplicaCluster]]:
-    """``replica_cluster(n)``: n replicas started on a fresh database (stopped after)."""
+) -> Iterator[Callable[..., ReplicaCluster]]:
+    """``replica_cluster(n, timing)``: n replicas started on a fresh database (stopped
+    after); *timing* overrides :data:`TIMING` for its replicas and agents."""
     made: list[ReplicaCluster] = []
 
-    def make(replicas: int) -> ReplicaCluster:
-        cluster = ReplicaCluster(tmp_path, fresh_pg_database, replicas)
+    def make(replicas: int, timing: dict[str, str] | None = None) -> ReplicaCluster:
+        cluster = ReplicaCluster(tmp_path, fresh_pg_database, replicas, timing)
         made.append(cluster)
         cluster.start()
         return cluster

@@ -158,7 +158,7 @@ def _create_many(
 
 
 def test_any_replica_serves_and_a_run_created_on_one_runs_on_an_agent_of_another(
-    replica_cluster: Callable[[int], ReplicaCluster],
+    replica_cluster: Callable[..., ReplicaCluster],
 ) -> None:
     cluster = replica_cluster(2)
     leader = cluster.leader()
@@ -196,7 +196,7 @@ def test_any_replica_serves_and_a_run_created_on_one_runs_on_an_agent_of_another
 
 @pytest.mark.parametrize("victim", ["leader", "follower"])
 def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
-    replica_cluster: Callable[[int], ReplicaCluster], victim: str
+    replica_cluster: Callable[..., ReplicaCluster], victim: str
 ) -> None:
     cluster = replica_cluster(3)
     names = {f"agent-{i}" for i in range(20)}
@@ -228,9 +228,12 @@ def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
 
 
 def test_a_paused_leader_is_fenced_out_and_rejoins_as_a_follower(
-    replica_cluster: Callable[[int], ReplicaCluster],
+    replica_cluster: Callable[..., ReplicaCluster],
 ) -> None:
-    cluster = replica_cluster(2)
+    # An agent whose stream hangs on the paused leader leaves it within ~15 s (an
+    # unanswered keepalive ping): lease + grace must cover that (docs/server.md), else
+    # its held attempts would be declared lost and started again.
+    cluster = replica_cluster(2, {"GYOZA_LEASE_TIMEOUT_S": "10.0", "GYOZA_GRACE_S": "20.0"})
     cluster.add_agent("a1")
     cluster.add_agent("a2")
     cluster.wait_agents({"a1", "a2"})
@@ -243,7 +246,8 @@ def test_a_paused_leader_is_fenced_out_and_rejoins_as_a_follower(
         new = cluster.wait_new_leader(term, timeout=LEADER_LEASE_S * 10)
         assert new is not zombie
         # Work goes on under the new leader while the old one is paused.
-        during = [cluster.create(f"during-{i}", sleep_ms=10).id for i in range(10)]
+        # (on the new leader: a call to the paused one would hang to its deadline)
+        during = [cluster.create(f"during-{i}", sleep_ms=10, on=new).id for i in range(10)]
         time.sleep(LEADER_LEASE_S)  # paused for twice its lease in all
     finally:
         zombie.signal(signal.SIGCONT)
@@ -262,7 +266,7 @@ def test_a_paused_leader_is_fenced_out_and_rejoins_as_a_follower(
 
 
 def test_the_leaders_lease_connection_cut_loses_nothing(
-    replica_cluster: Callable[[int], ReplicaCluster],
+    replica_cluster: Callable[..., ReplicaCluster],
 ) -> None:
     """Cut by the database (``pg_terminate_backend``): either the leader renews on a
     new connection first, or a follower sees the session gone and takes over; either
@@ -288,7 +292,7 @@ def test_the_leaders_lease_connection_cut_loses_nothing(
 
 
 def test_a_leader_stopped_cleanly_hands_over_at_once(
-    replica_cluster: Callable[[int], ReplicaCluster],
+    replica_cluster: Callable[..., ReplicaCluster],
 ) -> None:
     cluster = replica_cluster(2)
     cluster.add_agent("a1")

@@ -125,6 +125,12 @@ class Workers:
         except grpc.RpcError:
             return False
 
+    def all_serving(self, connections: int = 12) -> bool:
+        """SERVING on every one of *connections* new connections: the kernel spreads
+        them over the workers, so each worker answered (a follower is NOT_SERVING until
+        the leader has advertised its address)."""
+        return all(self.serving() for _ in range(connections))
+
     def start(self) -> None:
         self.proc.start()
         wait_until(
@@ -134,7 +140,7 @@ class Workers:
         )
         assert self.proc.popen is not None and self.proc.popen.poll() is None, self.proc.log()
         wait_until(lambda: listening(self.current(), self.port), 60, "the workers listening")
-        wait_until(self.serving, 60, "the workers serving")
+        wait_until(self.all_serving, 60, "the workers serving")
 
 
 @pytest.fixture
@@ -178,7 +184,7 @@ def test_workers_share_one_address_are_restarted_and_stop_with_the_supervisor(
     assert second[0] != first[0] and second[1] == first[1]
     assert "worker died; restarting" in workers.proc.log_path.read_text()
     wait_until(lambda: listening(second, workers.port), 60, "the new worker listening")
-    assert workers.serving()
+    wait_until(workers.all_serving, 60, "both workers serving again")
 
     # SIGTERM to the supervisor stops every worker, and it exits 0.
     assert workers.proc.popen is not None

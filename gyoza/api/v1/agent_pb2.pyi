@@ -248,8 +248,9 @@ class Agent(_message.Message):
     version: _builtins.str
     """Version of the agent software."""
     replica: _builtins.str
-    """The server replica holding the agent's stream (the one it connected to, which
-    forwards it to the leading replica); empty with a single server on SQLite.
+    """Id of the server replica that holds the agent's stream: the replica the agent
+    connected to, which forwards it to the leader (metadata `x-gyoza-replica`), or the
+    serving replica's own id for a direct connection. Empty when not known.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

@@ -38,15 +38,15 @@ MAX_AGENTS_PAGE = 1000
 HELLO_TIMEOUT_S = 30.0
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
-    for name, value in context.invocation_metadata() or ():
-        if name == key and isinstance(value, str):
-            return value[:200]
-    return ""
-
-
 class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
-    """Serves agent streams and the fleet views."""
+    """Serves agent streams and the fleet views.
+
+    Parameters
+    ----------
+    replica_id : str
+        This server replica's id: the replica a session records when its stream came
+        straight here, with no ``x-gyoza-replica`` metadata.
+    """
 
     def __init__(
         self,
@@ -58,9 +58,8 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         leases: AgentLeaseRecorder | None = None,
         replica_id: str = "",
     ) -> None:
-        self.controller = controller
-        # Named for agents connected here directly; a forwarding replica names itself.
         self.replica_id = replica_id
+        self.controller = controller
         self.sessions = sessions
         self.settings = settings
         self.max_json_bytes = max_json_bytes
@@ -88,6 +87,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             )
         hello = first.hello
         hello_checks.check_hello(hello)
+        replica = self._replica(context)
         identity = authorize_agent_name(hello.agent_name, context)
         # Before reconciling: a Hello that may not replace the connected session must not
         # release or drop anything of it either.
@@ -100,7 +100,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
             identity=identity,
             draining_itself=hello.draining,
-            replica=_metadata(context, REPLICA_METADATA_KEY) or self.replica_id,
+            replica=replica,
         )
         session.touch(loop.time())
         if self.leases is not None:
@@ -201,6 +201,22 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         finally:
             end(SessionState.DISCONNECTED)
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _replica(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The replica holding this stream: the forwarding one named in the metadata,
+        else this one."""
+        named = [
+            value
+            for key, value in context.invocation_metadata() or ()
+            if key == REPLICA_METADATA_KEY
+        ]
+        if not named:
+            return self.replica_id
+        replica = named[-1]
+        violations = hello_checks.replica_violations(replica, REPLICA_METADATA_KEY)
+        if violations:
+            raise InvalidInput(violations)
+        return str(replica)
 
     async def _read(
         self,
