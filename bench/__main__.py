@@ -54,6 +54,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--server-log-level", default=default.server_log_level, help="the server's --log-level"
     )
     parser.add_argument(
+        "--topic-batch",
+        type=int,
+        default=default.topic_batch,
+        help="max_batch of the clients' SubscribeEvents stream (1: one record a message)",
+    )
+    parser.add_argument(
+        "--agent-coalesce-ms",
+        type=float,
+        default=default.agent_coalesce_ms,
+        help="the working agents' report coalescing under load (0: off)",
+    )
+    parser.add_argument(
+        "--curve-runs",
+        type=int,
+        default=default.curve_runs,
+        help="runs per point of the cost curve (1, 4, 32, 128 in flight); 0: no curve",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a small smoke run (few runs and agents); implies --no-docs",
@@ -87,6 +105,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             profile_s=4,
             profile=not args.no_profile,
             server_log_level=args.server_log_level,
+            topic_batch=args.topic_batch,
+            agent_coalesce_ms=args.agent_coalesce_ms,
+            curve_runs=min(args.curve_runs, 60),
         )
     return BenchConfig(
         runs=args.runs,
@@ -102,6 +123,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         profile_s=args.profile_seconds,
         profile=not args.no_profile,
         server_log_level=args.server_log_level,
+        topic_batch=args.topic_batch,
+        agent_coalesce_ms=args.agent_coalesce_ms,
+        curve_runs=args.curve_runs,
     )
 
 

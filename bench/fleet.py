@@ -128,7 +128,7 @@ async def run_fleet(args: argparse.Namespace) -> None:
                 server=args.server,
                 base_dir=base_dir,
                 cpu=args.cpu,
-            ),
+            ).with_changes(coalesce_ms=args.coalesce_ms),
             executor=StampingExecutor(recorder),
             channel=shared,
             recorder=recorder,
@@ -193,6 +193,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix", default="bench", help="agent name prefix")
     parser.add_argument("--record", help="JSON file for the per-run times")
     parser.add_argument("--cpu", type=float, default=16.0, help="CPU cores each agent declares")
+    parser.add_argument(
+        "--coalesce-ms", type=float, default=1.0, help="each agent's report coalescing under load"
+    )
     parser.add_argument(
         "--share-channel", action="store_true", help="one connection for every agent's stream"
     )

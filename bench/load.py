@@ -70,6 +70,9 @@ def open_channel(address: str) -> grpc.aio.Channel:
 #: CPU cores each benchmark run reserves on its agent, so that runs spread over the fleet.
 RUN_CPU = 1.0
 
+TOPIC_BATCH = 100
+"""Most topic records the listener takes per SubscribeEvents message."""
+
 
 def create_request(*, sleep_ms: int, progress_steps: int) -> op_run_service_pb2.CreateOpRunRequest:
     """An ad-hoc scripted run published on the benchmark's topic, reserving
@@ -148,7 +151,7 @@ class TopicListener:
 
     ``expect(run_id)`` returns a future resolved with the time (ns) the run's terminal
     event arrived; PROGRESS latencies (ms) accumulate in :attr:`progress_latency_ms`
-    while :attr:`measuring` is true.
+    while :attr:`measuring` is true. :attr:`batch` is the stream's ``max_batch``.
     """
 
     channel: grpc.aio.Channel
@@ -156,6 +159,7 @@ class TopicListener:
     terminal_state: dict[str, int] = field(default_factory=dict)
     progress_latency_ms: list[float] = field(default_factory=list)
     measuring: bool = False
+    batch: int = TOPIC_BATCH
     received: int = 0
     _waiters: dict[str, asyncio.Future[int]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
@@ -168,7 +172,9 @@ class TopicListener:
         stub: op_run_service_pb2_grpc.OpRunServiceAsyncStub = (
             op_run_service_pb2_grpc.OpRunServiceStub(self.channel)
         )
-        call = stub.SubscribeEvents(op_run_service_pb2.SubscribeEventsRequest(topic=TOPIC))
+        call = stub.SubscribeEvents(
+            op_run_service_pb2.SubscribeEventsRequest(topic=TOPIC, max_batch=self.batch)
+        )
         self._call = call
         # The server sends the headers once the subscription is in place.
         await asyncio.wait_for(call.initial_metadata(), 30)
@@ -181,21 +187,11 @@ class TopicListener:
         ],
     ) -> None:
         try:
-            async for message in call:
+            async for batch in call:
                 now = time.time_ns()
-                self.received += 1
-                event = message.event
-                if self.measuring:
-                    stamp = stamp_of(event)
-                    if stamp is not None:
-                        self.progress_latency_ms.append((now - stamp) / 1e6)
-                if event.type in TERMINAL_EVENTS:
-                    run_id = message.run_id
-                    self.terminal_ns[run_id] = now
-                    self.terminal_state[run_id] = message.run_state
-                    waiter = self._waiters.pop(run_id, None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(now)
+                self._take(batch, now)
+                for message in batch.more:
+                    self._take(message, now)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # the stream broke: fail every waiter
@@ -204,6 +200,22 @@ class TopicListener:
                 if not waiter.done():
                     waiter.set_exception(RuntimeError(f"topic stream ended: {error}"))
             self._waiters.clear()
+
+    def _take(self, message: op_run_service_pb2.SubscribeEventsResponse, now: int) -> None:
+        """Note one record that arrived at *now* (ns)."""
+        self.received += 1
+        event = message.event
+        if self.measuring:
+            stamp = stamp_of(event)
+            if stamp is not None:
+                self.progress_latency_ms.append((now - stamp) / 1e6)
+        if event.type in TERMINAL_EVENTS:
+            run_id = message.run_id
+            self.terminal_ns[run_id] = now
+            self.terminal_state[run_id] = message.run_state
+            waiter = self._waiters.pop(run_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(now)
 
     def expect(self, run_id: str) -> asyncio.Future[int]:
         """A future resolved with the time the run's terminal event arrived."""

@@ -33,6 +33,8 @@ class FleetProcess:
         Where the fleet writes the per-run times when it stops.
     cpu : float
         CPU cores each agent declares.
+    coalesce_ms : float
+        Each agent's report coalescing under load (``AgentConfig.coalesce_ms``).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class FleetProcess:
         *,
         record: Path | None = None,
         cpu: float = 16.0,
+        coalesce_ms: float = 1.0,
     ) -> None:
         self.server = server
         self.agents = agents
@@ -51,6 +54,7 @@ class FleetProcess:
         self.prefix = prefix
         self.record = record
         self.cpu = cpu
+        self.coalesce_ms = coalesce_ms
         self.log_path = base_dir.parent / f"fleet-{prefix}.log"
         self._process: asyncio.subprocess.Process | None = None
         self.messages: list[dict[str, Any]] = []
@@ -96,6 +100,8 @@ class FleetProcess:
             self.prefix,
             "--cpu",
             str(self.cpu),
+            "--coalesce-ms",
+            str(self.coalesce_ms),
         ]
         if self.record is not None:
             command += ["--record", str(self.record)]

@@ -155,6 +155,15 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("  server RSS per idle agent", _kib(memory["per_agent"]), ""),
     ]
+    if "heartbeat_cpu_us" in memory:
+        out.append(
+            (
+                f"server CPU, {memory['idle_agents']} idle agents (heartbeats every 5 s)",
+                f"{memory['server_cpu_percent_idle_agents']:.1f}% of a core "
+                f"({memory['heartbeat_cpu_us']:.0f} us per heartbeat)",
+                "",
+            )
+        )
     return out
 
 
@@ -211,6 +220,36 @@ def profile_lines(results: dict[str, Any], top: int = 12) -> list[str]:
     return out
 
 
+def curve_section(results: dict[str, Any]) -> list[str]:
+    """The cost curve's lines (none when the run measured no curve)."""
+    points = results.get("curve") or []
+    if not points:
+        return []
+    config = results["config"]
+    slots = int(config["agents"] * config["agent_cpu"])
+    lines = [
+        "## Cost curve",
+        "",
+        f"The same lifecycle, {points[0]['runs']} runs per point, on the same server and agents "
+        f"({config['agents']} agents of {config['agent_cpu']:g} cores: above {slots} in flight, "
+        "runs queue for a slot).",
+        "",
+        "| runs in flight | lifecycles/s | CPU per lifecycle: server / agents "
+        "| PROGRESS → topic p50 / p99 | CreateOpRun p99 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for point in points:
+        cpu = point["cpu_ms_per_lifecycle"]
+        topic = point["topic_event_latency"]
+        lines.append(
+            f"| {point['concurrency']} | {point['per_second']:.0f}/s "
+            f"| {cpu['server']:.2f} ms / {cpu['agents']:.2f} ms "
+            f"| {topic['p50_ms']:.1f} ms / {topic['p99_ms']:.1f} ms "
+            f"| {point['create_latency']['p99_ms']:.1f} ms |"
+        )
+    return [*lines, ""]
+
+
 def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
     """The whole ``docs/benchmarks.md``."""
     config = results["config"]
@@ -237,6 +276,7 @@ def benchmarks_md(results: dict[str, Any], notes: str = "") -> str:
         "",
         markdown_table(results),
         "",
+        *curve_section(results),
         "## How it measures",
         "",
         "One server process, started as",
@@ -341,9 +381,18 @@ def readme_section(results: dict[str, Any]) -> str:
     )
 
 
+KEPT_MARKER = "<!-- measured by hand: make bench keeps what follows -->"
+"""Line of ``docs/benchmarks.md`` after which the page is not regenerated (figures of
+other benchmarks: retention sweeps, the peer table)."""
+
+
 def write_docs(results: dict[str, Any], repo: Path, notes: str = "") -> None:
-    """Write ``docs/benchmarks.md`` and replace README's "Benchmarks" section."""
-    (repo / "docs" / "benchmarks.md").write_text(benchmarks_md(results, notes), encoding="utf-8")
+    """Write ``docs/benchmarks.md`` (keeping what follows :data:`KEPT_MARKER`) and
+    replace README's "Benchmarks" section."""
+    page = repo / "docs" / "benchmarks.md"
+    old = page.read_text(encoding="utf-8") if page.is_file() else ""
+    kept = old[old.index(KEPT_MARKER) :] if KEPT_MARKER in old else KEPT_MARKER + "\n"
+    page.write_text(benchmarks_md(results, notes).rstrip("\n") + "\n\n" + kept, encoding="utf-8")
     readme = repo / "README.md"
     text = readme.read_text(encoding="utf-8")
     marker = "\n## Benchmarks\n"

@@ -39,6 +39,7 @@ from bench.common import (
     thread_cpu_seconds,
 )
 from bench.load import (
+    TOPIC_BATCH,
     BatchResult,
     TopicListener,
     dispatch_latencies_ms,
@@ -76,6 +77,11 @@ class BenchConfig:
     watch_max_s: float = 20.0
     single_max_s: float = 10.0
     server_log_level: str = "info"
+    topic_batch: int = TOPIC_BATCH
+    agent_coalesce_ms: float = 1.0
+    #: The cost curve: runs in flight of each point, and runs measured per point (0: none).
+    curve: tuple[int, ...] = (1, 4, 32, 128)
+    curve_runs: int = 400
     profile_svg: Path = Path("/tmp/gyoza-bench-profile.svg")
     profile_raw: Path = Path("/tmp/gyoza-bench-profile.txt")
 
@@ -106,6 +112,42 @@ def _batch_dict(batch: BatchResult, cpu: dict[str, float]) -> dict[str, Any]:
         "error_count": len(batch.errors),
         "cpu_percent": cpu,
     }
+
+
+async def _curve(
+    config: BenchConfig, channel: grpc.aio.Channel, listener: TopicListener, meter: CpuMeter
+) -> list[dict[str, Any]]:
+    """Lifecycles/s, CPU per lifecycle and latencies at each point of ``config.curve``."""
+    points: list[dict[str, Any]] = []
+    for concurrency in config.curve:
+        _say(f"curve: {config.curve_runs} runs, {concurrency} in flight")
+        listener.progress_latency_ms.clear()
+        listener.measuring = True
+        meter.start()
+        batch = await lifecycle_batch(
+            channel,
+            listener,
+            runs=config.curve_runs,
+            concurrency=concurrency,
+            deadline_s=config.runs_max_s,
+        )
+        cpu = meter.stop()
+        listener.measuring = False
+        point = _batch_dict(batch, cpu)
+        point["topic_event_latency"] = Summary.of(list(listener.progress_latency_ms)).to_dict()
+        per_lifecycle_ms = {
+            role: cpu[role] / 100 * batch.wall_s / max(batch.completed, 1) * 1000
+            for role in ("server", "agents")
+        }
+        point["cpu_ms_per_lifecycle"] = per_lifecycle_ms
+        points.append(point)
+        _say(
+            f"  {concurrency} in flight: {batch.per_second:.0f}/s, server "
+            f"{per_lifecycle_ms['server']:.2f} ms + agents {per_lifecycle_ms['agents']:.2f} ms "
+            f"per lifecycle, PROGRESS->topic p99 {point['topic_event_latency']['p99_ms']:.1f} ms, "
+            f"create p99 {point['create_latency']['p99_ms']:.1f} ms"
+        )
+    return points
 
 
 class CpuMeter:
@@ -173,11 +215,12 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
             "bench",
             record=workdir / "agents-record.json",
             cpu=config.agent_cpu,
+            coalesce_ms=config.agent_coalesce_ms,
         )
         _say(f"starting {config.agents} agents")
         await fleet.start()
         await wait_for_agents(channel, "bench-", config.agents, 60, fleet.alive)
-        listener = TopicListener(channel)
+        listener = TopicListener(channel, batch=config.topic_batch)
         await listener.start()
 
         _say(f"warm-up: {config.warmup_runs} runs")
@@ -256,6 +299,10 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
 
         server.check()
 
+        # -- 2b. the cost curve ---------------------------------------------------------
+        if config.curve_runs > 0:
+            results["curve"] = await _curve(config, channel, listener, meter)
+
         # -- 3. one run at a time -------------------------------------------------------
         _say(f"one at a time: {config.single_runs} runs, 1 in flight")
         listener.progress_latency_ms.clear()
@@ -324,12 +371,15 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
         # -- 5. memory ----------------------------------------------------------------
         await asyncio.sleep(1.0)
         rss_zero = await _rss_sample(server)
+        idle_cpu_zero = await _cpu_rate(server, IDLE_CPU_WINDOW_S / 2)
         _say(f"memory: starting {config.idle_agents} idle agents")
         idle = FleetProcess(server.address, config.idle_agents, workdir / "idle", "idle")
         started = await idle.start(timeout_s=120)
         connect_s = await wait_for_agents(channel, "idle-", config.idle_agents, 120, idle.alive)
         await asyncio.sleep(2.0)  # let the connections settle
         rss_idle = await _rss_sample(server, samples=10)
+        idle_cpu = await _cpu_rate(server, IDLE_CPU_WINDOW_S)
+        heartbeats_per_s = config.idle_agents / HEARTBEAT_INTERVAL_S
         results["memory"] = {
             "rss_start": results["rss_start"],
             "rss_zero_agents": rss_zero,
@@ -340,7 +390,15 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
             "threads_idle_agents": server.threads(),
             "agents_open_s": started.get("open_s"),
             "agents_connect_s": connect_s,
+            "server_cpu_percent_zero_agents": idle_cpu_zero * 100,
+            "server_cpu_percent_idle_agents": idle_cpu * 100,
+            "heartbeat_cpu_us": max(idle_cpu - idle_cpu_zero, 0.0) / heartbeats_per_s * 1e6,
         }
+        _say(
+            f"  {config.idle_agents} idle agents: server RSS {rss_idle / 2**20:.1f} MiB, "
+            f"CPU {idle_cpu * 100:.1f}% of a core ({idle_cpu_zero * 100:.1f}% with none), "
+            f"{results['memory']['heartbeat_cpu_us']:.0f} us per heartbeat"
+        )
         _say("stopping the idle agents")
         await idle.stop()
         idle = None
@@ -355,6 +413,20 @@ async def run_bench(config: BenchConfig, workdir: Path) -> dict[str, Any]:
         _say("stopping the server")
         server.stop()
     return results
+
+
+IDLE_CPU_WINDOW_S = 10.0
+"""How long the server's CPU is measured with the idle agents connected."""
+
+HEARTBEAT_INTERVAL_S = 5.0
+"""The server's default heartbeat interval (``ControlSettings.heartbeat_interval_s``)."""
+
+
+async def _cpu_rate(server: ServerProcess, window_s: float) -> float:
+    """The server's CPU over the next *window_s*, in cores."""
+    before, start = cpu_seconds(server.pid), time.monotonic()
+    await asyncio.sleep(window_s)
+    return (cpu_seconds(server.pid) - before) / (time.monotonic() - start)
 
 
 def _thread_shares(

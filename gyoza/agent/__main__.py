@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--ca-cert", "ca_cert", "PEM file of the server's CA (turns TLS on)")
     flag("--client-cert", "client_cert", "PEM certificate of this agent (mutual TLS)")
     flag("--client-key", "client_key", "PEM private key of this agent (mutual TLS)")
+    flag(
+        "--coalesce-ms",
+        "coalesce_ms",
+        "under load, wait this long for more reports before a batch goes out (1; 0: never)",
+        type=float,
+    )
     parser.add_argument(
         "--shutdown-timeout",
         dest="shutdown_timeout_s",

@@ -32,6 +32,7 @@ ENV_VARS: dict[str, str] = {
     "ram_mb": "GYOZA_RAM_MB",
     "on_stop": "GYOZA_ON_STOP",
     "metrics_port": "GYOZA_AGENT_METRICS_PORT",
+    "coalesce_ms": "GYOZA_AGENT_COALESCE_MS",
 }
 
 #: What ``--on-stop`` accepts: on SIGTERM, leave the containers running for the next agent
@@ -156,6 +157,10 @@ class AgentConfig:
         SQLite ``synchronous`` mode of the outbox: ``"FULL"`` (durable across power loss,
         the default) or ``"NORMAL"`` (durable across a process crash only; for simulated
         fleets on one disk).
+    coalesce_ms : float
+        Under load (a report batch went out within the last few milliseconds), how long
+        the stream waits for more committed reports before it writes the next batch, so
+        that several go in one message; 0: never wait. At most 50.
     """
 
     server: str = "127.0.0.1:50051"
@@ -178,6 +183,7 @@ class AgentConfig:
     welcome_timeout_s: float = 30.0
     shutdown_timeout_s: float = 0.0
     outbox_synchronous: str = "FULL"
+    coalesce_ms: float = 1.0
     on_stop: str = "leave"
     metrics_port: int | None = None
 
@@ -215,6 +221,8 @@ class AgentConfig:
             problems.append("shutdown_timeout_s: must be >= 0")
         if self.outbox_synchronous.upper() not in ("FULL", "NORMAL"):
             problems.append("outbox_synchronous: must be FULL or NORMAL")
+        if not 0 <= self.coalesce_ms <= 50:
+            problems.append("coalesce_ms: must be within 0-50")
         if self.heartbeat_interval_s <= 0 or self.welcome_timeout_s <= 0:
             problems.append("heartbeat_interval_s and welcome_timeout_s: must be > 0")
         if not 0 < self.reconnect_initial_s <= self.reconnect_max_s:
@@ -277,7 +285,7 @@ class AgentConfig:
 def _from_text(name: str, text: str) -> Any:
     if name == "tls":
         return text.strip().lower() in ("1", "true", "yes", "on")
-    if name == "cpu":
+    if name in ("cpu", "coalesce_ms"):
         return float(text)
     if name in ("ram_mb", "metrics_port"):
         return int(text)

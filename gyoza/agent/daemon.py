@@ -608,6 +608,7 @@ class Agent:
                 heartbeat_interval_s=heartbeat_s,
                 welcome_timeout_s=self.config.welcome_timeout_s,
                 wait_for_ready=not failover,
+                coalesce_s=self.config.coalesce_ms / 1000,
             )
             self._session = session
             try:

@@ -16,7 +16,9 @@ Guarantees
 * At most one terminal event per attempt: reports stored after it are dropped.
 * :meth:`pending` gives the unacknowledged reports in the order they were stored, across
   restarts. A cumulative ack drops every report up to its seq; once the terminal event
-  is acknowledged the attempt is forgotten.
+  is acknowledged the attempt is forgotten. The ack's deletes on disk wait up to
+  :data:`ACK_DEFER_S` to share the next report's transaction (a crash meanwhile only
+  resends reports the server already has, which it drops).
 
 Durability
 ----------
@@ -57,6 +59,9 @@ log = logging.getLogger(__name__)
 
 #: Name of the outbox file in the state directory.
 OUTBOX_FILE = "outbox.sqlite3"
+
+ACK_DEFER_S = 0.05
+"""Longest an acknowledgement's deletes wait to share a later transaction."""
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -171,6 +176,10 @@ class Outbox:
         self._waiters: list[asyncio.Future[None]] = []
         self._committing: list[tuple[_Attempt, _Stored]] = []
         self._writer: asyncio.Task[None] | None = None
+        # Ack deletes wait up to ACK_DEFER_S for the next transaction (a report's), so
+        # that a busy outbox commits them with it; a timer writes them otherwise.
+        self._deferred: list[_Statement] = []
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
         self._closing = False
         self._subscribers: list[Callable[[pb.Report], None]] = []
@@ -259,7 +268,9 @@ class Outbox:
             await asyncio.to_thread(db.close)
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
+        """Wait until everything queued so far is committed (deferred acks included)."""
+        if self._deferred and self._db is not None and self._error is None:
+            self._queue([])
         while self._writer is not None:
             await asyncio.shield(self._writer)
 
@@ -469,7 +480,7 @@ class Outbox:
             held.reports.popleft()
         if held.terminal_seq and seq >= held.terminal_seq:
             self._drop(held)
-            self._queue([_delete_attempt(held.key), _delete_reports(held.key, None)])
+            self._defer([_delete_attempt(held.key), _delete_reports(held.key, None)])
             return
         statements = [
             _delete_reports(held.key, seq),
@@ -488,7 +499,7 @@ class Outbox:
                 held.assigned_seq,
             )
             held.assigned_seq = held.durable_seq = seq
-        self._queue(statements)
+        self._defer(statements)
 
     def subscribe(self, callback: Callable[[pb.Report], None]) -> Callable[[], None]:
         """Call *callback* with each report as soon as it is committed; returns the
@@ -519,11 +530,36 @@ class Outbox:
         else:
             self._emptied.set()
 
+    def _defer(self, statements: Sequence[_Statement]) -> None:
+        """Queue ack statements with the next transaction, at most :data:`ACK_DEFER_S`
+        from now. Losing them to a crash only makes the agent resend reports the server
+        already has, which it drops."""
+        if self._error is not None:
+            raise OutboxError("the outbox failed to write") from self._error
+        if self._db is None:
+            raise OutboxError("the outbox is closed")
+        self._deferred.extend(statements)
+        if self._deferred_timer is None:
+            self._deferred_timer = asyncio.get_running_loop().call_later(
+                ACK_DEFER_S, self._write_deferred
+            )
+
+    def _write_deferred(self) -> None:
+        self._deferred_timer = None
+        if self._deferred and self._db is not None and self._error is None:
+            self._queue([])
+
     def _queue(self, statements: Sequence[_Statement]) -> None:
         if self._error is not None:
             raise OutboxError("the outbox failed to write") from self._error
         if self._db is None:
             raise OutboxError("the outbox is closed")
+        if self._deferred:
+            self._queued.extend(self._deferred)  # issued first: keep their order
+            self._deferred = []
+            if self._deferred_timer is not None:
+                self._deferred_timer.cancel()
+                self._deferred_timer = None
         self._queued.extend(statements)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())

@@ -9,8 +9,10 @@ every decision (take an assignment? cancel?) to a :class:`SessionHandler`, the d
 * One writer task owns the stream's write side. Control messages (assignment replies,
   heartbeats) go first; then every report committed since the last write goes in one
   ReportBatch. A report is sent the moment it is committed when the stream is idle, and
-  reports committed while a write is in flight are coalesced into the next batch. The
-  writer sleeps on an event: nothing polls.
+  reports committed while a write is in flight are coalesced into the next batch. Under
+  load (a batch went out within :data:`LOAD_WINDOW_S`), the writer also waits up to
+  ``coalesce_s`` (1 ms by default) for more reports before it writes, so that a busy
+  agent sends fewer, larger messages. The writer sleeps on an event: nothing polls.
 * Cumulative acks drop reports from the outbox as they arrive.
 * Heartbeats at the Welcome's interval carry fresh capacity.
 
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH_REPORTS = 512
 #: Rough ceiling of a ReportBatch in bytes (gRPC's default message limit is 4 MiB).
 MAX_BATCH_BYTES = 1 << 20
+
+LOAD_WINDOW_S = 0.005
+"""A stream that wrote a report batch this recently is under load: the writer may wait
+its ``coalesce_s`` for more reports before the next batch."""
 
 
 class SessionEnded(Exception):
@@ -102,6 +108,8 @@ class Session:
         Let the call wait while the channel is not connected (one server address: the
         channel's own retries find it when it comes back). ``False`` fails the call at
         once instead, so that the agent can try its next address.
+    coalesce_s : float
+        Under load, how long to wait for more reports before writing a batch (0: never).
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class Session:
         heartbeat_interval_s: float = 10.0,
         welcome_timeout_s: float = 30.0,
         wait_for_ready: bool = True,
+        coalesce_s: float = 0.0,
     ) -> None:
         self._stub = stub
         self._wait_for_ready = wait_for_ready
@@ -126,6 +135,8 @@ class Session:
         self._control: deque[pb.ConnectRequest] = deque()
         self._unsent: deque[pb.Report] = deque()
         self._wake = asyncio.Event()
+        self._coalesce_s = coalesce_s
+        self._last_batch = -1.0  # loop time of the last report batch written
         #: Reports and batches written on this stream (for tests and metrics).
         self.reports_sent = 0
         self.batches_sent = 0
@@ -213,8 +224,15 @@ class Session:
         self._wake.set()
 
     async def _write_loop(self, call: _Call) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
+            if (
+                self._coalesce_s > 0
+                and not self._control
+                and loop.time() - self._last_batch < LOAD_WINDOW_S
+            ):
+                await asyncio.sleep(self._coalesce_s)  # under load: let more reports join
             self._wake.clear()
             while self._control or self._unsent:
                 while self._control:
@@ -224,6 +242,7 @@ class Session:
                     await call.write(pb.ConnectRequest(reports=pb.ReportBatch(reports=batch)))
                     self.reports_sent += len(batch)
                     self.batches_sent += 1
+                    self._last_batch = loop.time()
 
     def _next_batch(self) -> list[pb.Report]:
         batch: list[pb.Report] = []

@@ -235,11 +235,13 @@ class ApiCalls:
         after_offset: int = 0,
         *,
         from_latest: bool = False,
+        max_batch: int = 0,
         timeout: float | None = None,
     ) -> Iterator[op_run_service_pb2.SubscribeEventsResponse]:
-        """``SubscribeEvents``'s messages as they come."""
+        """``SubscribeEvents``'s messages as they come (with *max_batch* above 1, a
+        message may carry further events in ``more``)."""
         request = op_run_service_pb2.SubscribeEventsRequest(
-            topic=topic, after_offset=after_offset, from_latest=from_latest
+            topic=topic, after_offset=after_offset, from_latest=from_latest, max_batch=max_batch
         )
         return self._stream(self._runs.SubscribeEvents, request, timeout)
 

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from gyoza import mapping
-from gyoza.api.v1 import op_run_pb2
+from gyoza.api.v1 import op_run_pb2, op_run_service_pb2
 from gyoza.client.agents import Agent, agent_from_proto
 from gyoza.client.calls import ApiCalls, RunFilter
 from gyoza.client.streams import AttemptEvent, LogLine, RunChange, TopicEvent
@@ -408,23 +408,12 @@ class Client:
         InvalidArgumentError
             Empty topic.
         """
-        for response in self.api.subscribe_events(
-            topic, after_offset, from_latest=from_latest, timeout=timeout
+        for batch in self.api.subscribe_events(
+            topic, after_offset, from_latest=from_latest, max_batch=TOPIC_BATCH, timeout=timeout
         ):
-            attempt, event = mapping.event_from_proto(response.event)
-            state = None
-            if response.run_state:
-                state = mapping.state_from_proto(response.run_state)
-            yield TopicEvent(
-                offset=response.offset,
-                topic=response.topic,
-                run_id=response.run_id,
-                attempt=attempt,
-                event=event,
-                run_state=state,
-                op_definition=response.op_definition or None,
-                attributes=dict(response.attributes),
-            )
+            yield _topic_event(batch)
+            for response in batch.more:
+                yield _topic_event(response)
 
     def logs(
         self,
@@ -536,3 +525,25 @@ def _all_pages(fetch: Callable[[str], Page[T]]) -> Iterator[T]:
         token = page.next_page_token
         if not token:
             return
+
+
+TOPIC_BATCH = 100
+"""Most events :meth:`Client.subscribe` takes per ``SubscribeEvents`` message."""
+
+
+def _topic_event(response: op_run_service_pb2.SubscribeEventsResponse) -> TopicEvent:
+    """One topic record of a ``SubscribeEvents`` message."""
+    attempt, event = mapping.event_from_proto(response.event)
+    state = None
+    if response.run_state:
+        state = mapping.state_from_proto(response.run_state)
+    return TopicEvent(
+        offset=response.offset,
+        topic=response.topic,
+        run_id=response.run_id,
+        attempt=attempt,
+        event=event,
+        run_state=state,
+        op_definition=response.op_definition or None,
+        attributes=dict(response.attributes),
+    )

@@ -122,12 +122,19 @@ class TopicEntry:
         Its offset.
     """
 
-    __slots__ = ("_response", "offset", "record")
+    __slots__ = ("_response", "_size", "offset", "record")
 
     def __init__(self, record: TopicRecord) -> None:
         self.record = record
         self.offset = record.offset
         self._response: service_pb.SubscribeEventsResponse | None = None
+        self._size = -1
+
+    def size(self) -> int:
+        """The encoded size of :meth:`response`, in bytes (computed once)."""
+        if self._size < 0:
+            self._size = self.response().ByteSize()
+        return self._size
 
     def response(self) -> service_pb.SubscribeEventsResponse:
         """The message every subscriber sends (shared: do not modify)."""

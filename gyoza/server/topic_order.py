@@ -106,8 +106,9 @@ class TopicFollower:
 
     async def follow(
         self, *, from_latest: bool, ready: Callable[[], Awaitable[None]]
-    ) -> AsyncIterator[TopicEntry]:
-        """The records, backlog then live; runs until the hub closes.
+    ) -> AsyncIterator[list[TopicEntry]]:
+        """The records, backlog then live, in lists of those ready at once (never
+        empty); runs until the hub closes.
 
         *ready* is awaited once the subscription is in place. With *from_latest* the
         backlog is skipped: only records committed from then on come.
@@ -157,9 +158,9 @@ class TopicFollower:
                                 records = await store.read_topic(
                                     topic, after_offset=position, limit=TOPIC_READ_LIMIT
                                 )
-                                for record in records:
-                                    yield TopicEntry(record)
-                                    self.position = position = record.offset
+                                if records:
+                                    yield [TopicEntry(record) for record in records]
+                                    self.position = position = records[-1].offset
                                 if len(records) < TOPIC_READ_LIMIT:
                                     break
                             covered = max(position, high)
@@ -170,12 +171,13 @@ class TopicFollower:
                             end = hub.published_offsets.contiguous_end(covered)
                             if held[0].offset > end:
                                 break  # an offset before it was never published here
+                            ready_now: list[TopicEntry] = []
                             while held and held[0].offset <= end:
-                                entry = heapq.heappop(held)
-                                yield entry
-                                self.position = position = entry.offset
-                                # What was queued meanwhile is above end: all below was held.
-                                _take_queued(subscription, held, end)
+                                ready_now.append(heapq.heappop(held))
+                            yield ready_now
+                            self.position = position = ready_now[-1].offset
+                            # What was queued meanwhile is above end: all below was held.
+                            _take_queued(subscription, held, end)
                             covered = end
                         if held:
                             must_read = True

@@ -105,6 +105,11 @@ def test_config_defaults_and_validation(tmp_path: Path) -> None:
         AgentConfig(metrics_port=70000)
     env = AgentConfig.from_env({"GYOZA_ON_STOP": "drain", "GYOZA_AGENT_METRICS_PORT": "9100"})
     assert (env.on_stop, env.metrics_port) == ("drain", 9100)
+    assert config.coalesce_ms == 1.0
+    assert AgentConfig.from_env({"GYOZA_AGENT_COALESCE_MS": "0"}).coalesce_ms == 0.0
+    for bad in (-1.0, 51.0):
+        with pytest.raises(ValueError, match="coalesce_ms"):
+            AgentConfig(coalesce_ms=bad)
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap_and_resets() -> None:

@@ -51,6 +51,7 @@ class PeerSession:
     metadata: dict[str, str]
     outgoing: asyncio.Queue[pb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     received: list[pb.Report] = field(default_factory=list)
+    batches: int = 0
 
 
 class StreamPeer(pb_grpc.AgentServiceServicer):
@@ -168,6 +169,7 @@ class StreamPeer(pb_grpc.AgentServiceServicer):
 
     def _reports(self, session: PeerSession, number: int, batch: pb.ReportBatch) -> None:
         session.received.extend(batch.reports)
+        session.batches += 1
         if not self.accepting(number):
             return
         acks: dict[Key, int] = {}
@@ -281,6 +283,22 @@ def test_hello_assignment_reports_acks_and_heartbeats(tmp_path: Path) -> None:
             await asyncio.wait_for(agent.outbox.wait_empty(), WAIT_S)
             await peer.until(lambda: peer.heartbeats >= 2)
         assert agent.state is ConnectionState.STOPPED
+
+    with_peer(test)
+
+
+def test_reports_of_a_busy_agent_are_coalesced_into_few_batches(tmp_path: Path) -> None:
+    async def test(peer: StreamPeer, address: str) -> None:
+        # 50 ms: far longer than the run takes to commit all its reports.
+        async with Agent(config(address, tmp_path, coalesce_ms=50)) as agent:
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
+            peer.send(assignment=assignment("run_c", sleep_ms=0, progress_steps=20))
+            await peer.until(lambda: peer.ended(("run_c", 1)))
+            reports = contiguous(peer, ("run_c", 1))
+            assert reports == list(range(1, len(reports) + 1)) and len(reports) > 40
+            assert peer.gaps == [] and peer.duplicates == 0
+            # The first report goes at once; those after it, under load, wait for company.
+            assert peer.sessions[0].batches <= 5, peer.sessions[0].batches
 
     with_peer(test)
 

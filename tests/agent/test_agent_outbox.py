@@ -114,6 +114,33 @@ def test_ack_is_cumulative_and_resend_starts_after_it(tmp_path: Path) -> None:
     run(scenario)
 
 
+def _reports_on_disk(path: Path) -> list[int]:
+    with sqlite3.connect(path / "outbox.sqlite3") as db:
+        return [seq for (seq,) in db.execute("SELECT seq FROM reports ORDER BY seq")]
+
+
+def test_an_acks_deletes_reach_the_disk_with_the_next_write_or_on_close(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        outbox = await open_outbox(tmp_path)
+        await outbox.hold(assignment())
+        sink = OutboxSink(outbox, "run_a", 1)
+        for i in range(3):
+            await sink.event(ReportedEvent(EventType.INFO, f"{i}"))
+        outbox.ack("run_a", 1, 2)
+        assert [r.seq for r in outbox.pending()] == [3]  # at once in memory
+        # The next report's transaction carries the deletes.
+        await sink.event(ReportedEvent(EventType.INFO, "3"))
+        assert _reports_on_disk(tmp_path) == [3, 4]
+        # Without a later write, closing writes them.
+        outbox.ack("run_a", 1, 3)
+        await outbox.close()
+        assert _reports_on_disk(tmp_path) == [4]
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
 def test_survives_reopen_with_seq_cursor_and_start_time(tmp_path: Path, synchronous: str) -> None:
     async def first() -> None:

@@ -173,6 +173,64 @@ def test_subscribe_needs_a_topic(stubs: Any, expect_error: ExpectError) -> None:
     assert "topic" in empty.violations
 
 
+def _records(stream: Iterator[Any], count: int) -> tuple[list[Any], list[int]]:
+    """*count* topic records off *stream* (each message's own and its ``more``), and how
+    many records each message carried."""
+    records: list[Any] = []
+    sizes: list[int] = []
+    while len(records) < count:
+        message = next(stream)
+        records.extend([message, *message.more])
+        sizes.append(1 + len(message.more))
+    return records, sizes
+
+
+def test_subscribe_with_max_batch_sends_the_backlog_in_few_messages(stubs: Any) -> None:
+    runs = [adhoc(stubs, "batched") for _ in range(6)]
+    for run in runs:
+        stubs.runs.CancelOpRun(pb.CancelOpRunRequest(run_id=run.id))
+    plain = stubs.runs.SubscribeEvents(
+        pb.SubscribeEventsRequest(topic="batched"), timeout=TIMEOUT_S
+    )
+    one_each = [next(plain)]
+    while one_each[-1].run_id != runs[-1].id or one_each[-1].run_state != CANCELLED:
+        one_each.append(next(plain))
+    plain.cancel()
+    assert not any(m.more for m in one_each)  # without max_batch: one record a response
+    count = len(one_each)
+    assert count >= 6  # at least each run's CANCELLED
+
+    batched = stubs.runs.SubscribeEvents(
+        pb.SubscribeEventsRequest(topic="batched", max_batch=4), timeout=TIMEOUT_S
+    )
+    together, sizes = _records(batched, count)
+    assert sizes == [4] * (count // 4) + ([count % 4] if count % 4 else [])  # read at once
+    assert [m.offset for m in together] == [m.offset for m in one_each]
+    assert [m.run_id for m in together] == [m.run_id for m in one_each]
+
+    # Live records keep coming on the batched stream, in order, each once.
+    late = adhoc(stubs, "batched")
+    stubs.runs.CancelOpRun(pb.CancelOpRunRequest(run_id=late.id))
+    live: list[Any] = []
+    while not live or live[-1].run_state != CANCELLED:
+        message = next(batched)
+        live.extend([message, *message.more])
+    batched.cancel()
+    assert {m.run_id for m in live} == {late.id}
+    assert live[0].offset > together[-1].offset
+
+
+def test_subscribe_max_batch_out_of_range(stubs: Any, expect_error: ExpectError) -> None:
+    for value in (-1, 1001):
+        error = expect_error(
+            lambda value=value: stubs.runs.SubscribeEvents(
+                pb.SubscribeEventsRequest(topic="t", max_batch=value), timeout=TIMEOUT_S
+            )
+        )
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_batch" in error.violations
+
+
 # -- with a scripted agent: events and logs -----------------------------------------------
 
 

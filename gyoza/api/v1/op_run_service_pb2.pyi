@@ -571,6 +571,7 @@ class SubscribeEventsRequest(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     AFTER_OFFSET_FIELD_NUMBER: _builtins.int
     FROM_LATEST_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """Topic to follow."""
     after_offset: _builtins.int
@@ -579,16 +580,22 @@ class SubscribeEventsRequest(_message.Message):
     """
     from_latest: _builtins.bool
     """Start after the newest event instead (after_offset is then ignored)."""
+    max_batch: _builtins.int
+    """Most events per response: when several are ready at once, the first fills the
+    response's own fields and the others come in its `more` field, in offset order.
+    0 or 1: one event per response (`more` stays empty). At most 1000.
+    """
     def __init__(
         self,
         *,
         topic: _builtins.str = ...,
         after_offset: _builtins.int = ...,
         from_latest: _builtins.bool = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_offset", b"after_offset", "from_latest", b"from_latest", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_offset", b"after_offset", "from_latest", b"from_latest", "max_batch", b"max_batch", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,6 +634,7 @@ class SubscribeEventsResponse(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     RUN_STATE_FIELD_NUMBER: _builtins.int
     OP_DEFINITION_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Position of the event in the server's durable event log; resume from it."""
     topic: _builtins.str
@@ -645,6 +653,13 @@ class SubscribeEventsResponse(_message.Message):
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The topic attributes of the run's event delivery."""
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscribeEventsResponse]:
+        """Further events after this one, in offset order, when the request's max_batch is
+        above 1 (each with its own fields; their own `more` is empty). Resume from the
+        offset of the last one.
+        """
+
     def __init__(
         self,
         *,
@@ -655,10 +670,11 @@ class SubscribeEventsResponse(_message.Message):
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         run_state: _resources_pb2.OpRunState.ValueType = ...,
         op_definition: _builtins.str = ...,
+        more: _abc.Iterable[Global___SubscribeEventsResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "event", b"event", "offset", b"offset", "op_definition", b"op_definition", "run_id", b"run_id", "run_state", b"run_state", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "event", b"event", "more", b"more", "offset", b"offset", "op_definition", b"op_definition", "run_id", b"run_id", "run_state", b"run_state", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

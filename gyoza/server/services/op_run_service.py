@@ -35,6 +35,8 @@ MAX_RUNS_PAGE = 500
 DEFAULT_EVENTS_PAGE = 500
 MAX_EVENTS_PAGE = 5000
 MAX_REQUEST_ID_LENGTH = 200
+MAX_TOPIC_BATCH = 1000
+"""Most events a SubscribeEvents request may ask for per response (`max_batch`)."""
 
 # Domain field names that differ from the request's.
 _FIELD_NAMES = {
@@ -331,6 +333,10 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
         topic = request_checks.required(request.topic, "topic")
         if request.after_offset < 0:
             raise InvalidInput([FieldViolation("after_offset", "must be >= 0")])
+        if not 0 <= request.max_batch <= MAX_TOPIC_BATCH:
+            raise InvalidInput(
+                [FieldViolation("max_batch", f"must be between 0 and {MAX_TOPIC_BATCH}")]
+            )
         async for response in run_streams.subscribe_topic(
             self.store,
             self.hub,
@@ -338,6 +344,7 @@ class OpRunServiceServicer(op_run_service_pb2_grpc.OpRunServiceServicer):
             request.after_offset,
             request.from_latest,
             lambda: context.send_initial_metadata(()),
+            max_batch=request.max_batch,
         ):
             yield response
 

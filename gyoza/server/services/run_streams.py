@@ -11,7 +11,7 @@ UNAVAILABLE and the position to resume from.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 
@@ -21,7 +21,7 @@ from gyoza.api.v1 import op_run_service_pb2 as pb
 from gyoza.models.op_run import OpRun
 from gyoza.server.control import RunController
 from gyoza.server.errors import ApiError
-from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped
+from gyoza.server.hub import Hub, HubClosed, SubscriptionDropped, TopicEntry
 from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.records import LogRecord
 from gyoza.server.topic_order import TopicFollower
@@ -122,19 +122,57 @@ async def subscribe_topic(
     after_offset: int,
     from_latest: bool,
     ready: Ready,
+    *,
+    max_batch: int = 1,
 ) -> AsyncIterator[pb.SubscribeEventsResponse]:
     """SubscribeEvents: the topic's durable log after the offset, then live records, in
     offset (commit) order, each once (:class:`~gyoza.server.topic_order.TopicFollower`).
 
     *ready* is awaited once the subscription is in place (the servicer sends the
     response headers then, so a client can tell that later events will reach it).
+    With *max_batch* above 1, records ready at once share a response (the first in its
+    own fields, the others in ``more``), up to *max_batch* records and about
+    :data:`TOPIC_BATCH_BYTES` each.
     """
     follower = TopicFollower(store, hub, topic, after_offset)
     try:
-        async for entry in follower.follow(from_latest=from_latest, ready=ready):
-            yield entry.response()
+        async for entries in follower.follow(from_latest=from_latest, ready=ready):
+            if max_batch <= 1 or len(entries) == 1:
+                for entry in entries:
+                    yield entry.response()
+            else:
+                for response in _topic_batches(entries, max_batch):
+                    yield response
     except HubClosed:
         raise _shutting_down("after_offset", follower.position) from None
+
+
+TOPIC_BATCH_BYTES = 1024 * 1024
+"""Encoded size after which a batched SubscribeEvents response takes no more records."""
+
+
+def _topic_batches(
+    entries: list[TopicEntry], max_batch: int
+) -> Iterator[pb.SubscribeEventsResponse]:
+    """*entries* as responses of up to *max_batch* records (the shared message alone when
+    a response has one record)."""
+    index, count = 0, len(entries)
+    while index < count:
+        first = entries[index]
+        index += 1
+        size = first.size()
+        end = index
+        while end < count and end - index + 1 < max_batch and size < TOPIC_BATCH_BYTES:
+            size += entries[end].size()
+            end += 1
+        if end == index:
+            yield first.response()
+            continue
+        response = pb.SubscribeEventsResponse()
+        response.CopyFrom(first.response())
+        response.more.extend([entry.response() for entry in entries[index:end]])
+        index = end
+        yield response
 
 
 def _log_responses(
