@@ -137,6 +137,60 @@ class TopicReader:
         self._thread.join(10)
 
 
+ENDING = {
+    resources_pb2.EVENT_TYPE_COMPLETED,
+    resources_pb2.EVENT_TYPE_FAILED,
+    resources_pb2.EVENT_TYPE_CANCELLED,
+}
+
+
+class RunWatcher:
+    """Watches one run on random replicas (WatchOpRun), resuming from the last sequence
+    on another replica after an error, until its attempt's ending event (the runs here
+    are not retried)."""
+
+    def __init__(self, cluster: ReplicaCluster, run_id: str) -> None:
+        self.cluster = cluster
+        self.run_id = run_id
+        self.sequences: list[int] = []
+        self.types: list[int] = []
+        self.resumes = 0
+        self._errors: queue.Queue[BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            while True:
+                after = self.sequences[-1] if self.sequences else 0
+                request = op_run_service_pb2.WatchOpRunRequest(
+                    run_id=self.run_id, after_sequence=after
+                )
+                try:
+                    for change in self.cluster.any_replica().runs.WatchOpRun(request, timeout=120):
+                        if not change.HasField("event"):
+                            continue  # the snapshot: replayed events carry the run as now
+                        self.sequences.append(change.sequence)
+                        self.types.append(change.event.type)
+                        if change.event.type in ENDING:
+                            return
+                except grpc.RpcError as error:
+                    if error.code() not in RETRYABLE:
+                        raise
+                    self.resumes += 1
+                    time.sleep(0.1)
+        except BaseException as error:  # reported to the test
+            self._errors.put(error)
+
+    def result(self, timeout: float = 120) -> list[int]:
+        """The event sequences seen, once the run ended (raises what the watch raised)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the watch of {self.run_id} did not end"
+        if not self._errors.empty():
+            raise self._errors.get()
+        return self.sequences
+
+
 def _create_many(
     cluster: ReplicaCluster, count: int, topic: str, at: int, event: Callable[[], None]
 ) -> list[str]:
@@ -209,8 +263,17 @@ def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
     leader = cluster.leader()
     killed = leader if victim == "leader" else next(r for r in cluster.replicas if r is not leader)
 
+    watchers: list[RunWatcher] = []
+
+    def kill() -> None:
+        # Watchers on random replicas of runs that live across the kill.
+        for i in range(3):
+            run_id = cluster.create(f"watched-{victim}-{i}", sleep_ms=2000).id
+            watchers.append(RunWatcher(cluster, run_id))
+        killed.proc.kill9()
+
     try:
-        run_ids = _create_many(cluster, 2000, topic, 1000, killed.proc.kill9)
+        run_ids = _create_many(cluster, 2000, topic, 1000, kill)
         if victim == "leader":
             new = cluster.wait_new_leader(term)
             assert new is not killed
@@ -219,6 +282,12 @@ def test_a_replica_killed_mid_load_loses_and_doubles_nothing(
         # Every topic offset once, in order, across the subscriber's resumes.
         assert reader.offsets == sorted(set(reader.offsets))
         assert reader.resumes >= (1 if victim == "leader" else 0)
+        # Each watcher saw every change of its run once, in order, across its resumes.
+        _check_runs(cluster, [w.run_id for w in watchers])
+        for watcher in watchers:
+            sequences = watcher.result()
+            assert sequences == list(range(1, len(sequences) + 1)), watcher.run_id
+            assert len(sequences) == len(cluster.events(watcher.run_id)), watcher.run_id
         # The whole fleet came back, to the replicas that are left.
         cluster.wait_agents(names)
         holders = {a.replica for a in cluster.list_agents()}
@@ -274,7 +343,9 @@ def test_the_leaders_lease_connection_cut_loses_nothing(
     cluster = replica_cluster(2)
     cluster.add_agent("a1")
     cluster.wait_agents({"a1"})
-    first = [cluster.create(f"before-{i}", sleep_ms=500).id for i in range(5)]
+    reader = TopicReader(cluster, "cut")
+    first = [cluster.create(f"before-{i}", sleep_ms=500, topic="cut").id for i in range(5)]
+    watchers = [RunWatcher(cluster, run_id) for run_id in first]
     with cluster.engine.connect() as conn:
         cut = conn.execute(
             sa.text(
@@ -287,8 +358,21 @@ def test_the_leaders_lease_connection_cut_loses_nothing(
     assert cut == [(True,)]
     cluster.wait_until(lambda: cluster.leadership()[2] > 0, 30, "a live lease")
     cluster.wait_until(lambda: cluster.leader().serving(), 30, "the leader serving")
-    second = [cluster.create(f"after-{i}").id for i in range(5)]
+    second = [cluster.create(f"after-{i}", topic="cut").id for i in range(5)]
     _check_runs(cluster, first + second)
+    # No watcher and no subscriber missed or repeated a change across the cut.
+    try:
+        reader.wait_runs(set(first + second))
+        assert reader.offsets == sorted(set(reader.offsets))
+        events = sum(len(cluster.events(run_id)) for run_id in first + second)
+        assert len(reader.offsets) == events
+    finally:
+        reader.stop()
+    for watcher, run_id in zip(watchers, first, strict=True):
+        sequences = watcher.result()
+        assert sequences == list(range(1, len(sequences) + 1)), (run_id, sequences)
+        assert len(sequences) == len(cluster.events(run_id)), run_id
+        assert watcher.types[-1] == resources_pb2.EVENT_TYPE_COMPLETED
 
 
 def test_a_leader_stopped_cleanly_hands_over_at_once(
