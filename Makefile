@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto proto-check lint services test bench serve screenshots all clean
+.PHONY: install proto proto-check lint services test bench bench-replicas serve screenshots all clean
 
 all: lint proto-check test
 
@@ -68,6 +68,11 @@ test: $(STAMP) services
 bench: $(STAMP)
 	$(PY) -m bench
 	$(PY) -m bench.placement
+
+# Replicas on PostgreSQL (the local test cluster unless GYOZA_BENCH_POSTGRES_URL is set).
+bench-replicas: $(STAMP) services
+	GYOZA_BENCH_POSTGRES_URL="$${GYOZA_BENCH_POSTGRES_URL:-$$(cat .tmp/postgres-url)}" \
+		$(PY) -m bench.replicas
 
 # A PNG of each page of the web dashboard under docs/ui/ (needs chromium and chromedriver:
 # scripts/install-system.sh installs them).

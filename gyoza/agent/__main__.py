@@ -23,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     def flag(name: str, field: str, help: str, **kwargs: object) -> None:
         parser.add_argument(name, dest=field, help=f"{help} [{ENV_VARS[field]}]", **kwargs)  # type: ignore[arg-type]
 
-    flag("--server", "server", "HOST:PORT of the gyoza server (127.0.0.1:50051)")
+    flag(
+        "--server",
+        "server",
+        "HOST:PORT of the gyoza server, or A,B,C: the replicas' addresses, tried in turn "
+        "(127.0.0.1:50051)",
+    )
     flag("--name", "name", "unique agent name (the host name)")
     flag("--token", "token", "agent token, sent as a bearer token")
     flag("--state-dir", "state_dir", "directory of the outbox")

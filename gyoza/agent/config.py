@@ -73,6 +73,32 @@ def parse_labels(text: str | None) -> dict[str, str]:
     return labels
 
 
+def parse_servers(text: str) -> tuple[str, ...]:
+    """Read ``"a:50051,b:50051"`` as its addresses, each ``HOST:PORT`` (``[::1]:PORT``
+    for IPv6).
+
+    Raises
+    ------
+    ValueError
+        When the list is empty, has an empty entry, or an entry is not ``HOST:PORT``
+        with a port within 1-65535.
+    """
+    if not text.strip():
+        raise ValueError("must be HOST:PORT or a comma-separated list of them")
+    addresses = [item.strip() for item in text.split(",")]
+    if "" in addresses:
+        raise ValueError(f"empty address in the list {text!r}")
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        bare = host.removeprefix("[").removesuffix("]")
+        bracketed = bare != host  # an IPv6 address, and only it, goes in brackets
+        if not sep or not bare or any(c in bare for c in "/ ") or (":" in bare) != bracketed:
+            raise ValueError(f"{address!r} is not HOST:PORT")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{address!r}: the port must be a number within 1-65535")
+    return tuple(dict.fromkeys(addresses))
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Configuration of one agent.
@@ -80,7 +106,9 @@ class AgentConfig:
     Parameters
     ----------
     server : str
-        ``HOST:PORT`` of the gyoza server.
+        ``HOST:PORT`` of the gyoza server, or a comma-separated list of the addresses of
+        its replicas (``a:50051,b:50051``): the agent connects to one and, when the
+        stream breaks or the connection cannot be made, moves on to the next.
     name : str
         Unique name of the agent; a reconnect or a restart uses the same one. Defaults to
         the host name.
@@ -167,8 +195,10 @@ class AgentConfig:
     def problems(self) -> list[str]:
         """Every problem with this configuration (empty when it is valid)."""
         problems: list[str] = []
-        if not self.server.strip():
-            problems.append("server: must be HOST:PORT")
+        try:
+            parse_servers(self.server)
+        except ValueError as exc:
+            problems.append(f"server: {exc}")
         if not self.name.strip():
             problems.append("name: must not be empty")
         if self.executor not in EXECUTORS:
@@ -198,6 +228,11 @@ class AgentConfig:
         if not 0 < self.reconnect_initial_s <= self.reconnect_max_s:
             problems.append("reconnect_initial_s: must be > 0 and <= reconnect_max_s")
         return problems
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The server addresses, in the order they are tried."""
+        return parse_servers(self.server)
 
     @property
     def uses_tls(self) -> bool:

@@ -3,6 +3,9 @@
 :class:`Agent` opens the outbox in its state directory, adopts the attempts a previous
 run left unfinished, then keeps one stream session to the server: connect, Hello,
 Welcome, serve; after any failure, back off (exponential, with jitter) and connect again.
+Given several server addresses (the replicas of one control plane), it uses one at a
+time and moves on to the next when the stream breaks or the connection cannot be made
+within :data:`CONNECT_TIMEOUT_S`, staying on the address that works.
 It decides what the session cannot: which assignments to take, how to cancel, what to
 drop. Sub-tasks fail fast (the first unexpected error stops the agent and is raised from
 :meth:`Agent.run`), and shutting down drains: no new work, then, within
@@ -131,8 +134,14 @@ CHANNEL_MAX_BACKOFF_S = 1.0
 """Longest wait between the channel's connection tries while the server is away."""
 
 
-def create_channel(config: AgentConfig) -> grpc.aio.Channel:
-    """An aio channel to ``config.server``, secure when TLS is configured.
+CONNECT_TIMEOUT_S = 3.0
+"""With several server addresses: how long a connection to one may take before the
+agent tries the next."""
+
+
+def create_channel(config: AgentConfig, address: str | None = None) -> grpc.aio.Channel:
+    """An aio channel to *address* (by default the first of ``config.servers``), secure
+    when TLS is configured.
 
     The channel's own reconnect backoff (1 s growing to 120 s by default) is what finds
     a server that came back: the agent's Connect waits for the channel to be ready, so
@@ -147,14 +156,19 @@ def create_channel(config: AgentConfig) -> grpc.aio.Channel:
         ("grpc.max_reconnect_backoff_ms", maximum_ms),
         # Ping an idle stream so that a server that vanished without closing the
         # connection (a dead machine, a dropped route) is noticed in seconds, not at
-        # TCP's retransmission timeout. The server permits pings every 5 s.
+        # TCP's retransmission timeout. The server permits pings every 5 s. While the
+        # agent writes (heartbeats), an unanswered ping times out after
+        # ping_timeout_ms (60 s by default), not keepalive_timeout_ms: both are 5 s, so a
+        # hung server (stopped process, dead machine) is left within 15 s.
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.ping_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    target = address or config.servers[0]
     if not config.uses_tls:
-        return grpc.aio.insecure_channel(config.server, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
     def read(path: Path | None) -> bytes | None:
         return None if path is None else path.read_bytes()
@@ -164,7 +178,32 @@ def create_channel(config: AgentConfig) -> grpc.aio.Channel:
         private_key=read(config.client_key),
         certificate_chain=read(config.client_cert),
     )
-    return grpc.aio.secure_channel(config.server, credentials, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+async def channel_reached(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+    """Connect *channel*; False when it fails, or is not connected within *timeout_s*.
+
+    A failure counts once the channel has tried again: a channel that starts in
+    ``TRANSIENT_FAILURE`` (from an earlier try) is given its next try.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    state = channel.get_state(try_to_connect=True)
+    first = True
+    while state is not grpc.ChannelConnectivity.READY:
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not first:
+            return False
+        first = False
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except TimeoutError:
+            return False
+        state = channel.get_state(try_to_connect=True)
+    return True
 
 
 class _StateDirLock:
@@ -216,8 +255,12 @@ class Agent:
         self._probe: CapacityProbe = capacity_probe or partial(
             probe_capacity, config.declared_gpus, cpu=config.cpu, ram_mb=config.ram_mb
         )
-        self._channel = channel
-        self._owns_channel = channel is None
+        # One channel per server address, made when first used; a given channel is the
+        # only one (its address is the caller's business).
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._given_channel = channel
+        self._address_index = 0
+        self._address: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
@@ -435,8 +478,6 @@ class Agent:
         self._outbox.on_failure(self._fail)
         if self._executor is None:
             self._executor = create_executor(config)
-        if self._channel is None:
-            self._channel = create_channel(config)
         await self._adopt()
 
     async def _adopt(self) -> None:
@@ -484,8 +525,9 @@ class Agent:
                 log.exception("agent %s: closing the executor failed", self.name)
         if self._outbox is not None:
             await self._outbox.close()
-        if self._channel is not None and self._owns_channel:
-            await self._channel.close()
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -533,20 +575,39 @@ class Agent:
         if not connection.cancelled() and connection.exception() is not None:
             self._fail(connection.exception())  # type: ignore[arg-type]
 
+    @property
+    def address(self) -> str | None:
+        """The server address in use (being connected to, or connected), if any."""
+        return self._address
+
+    def _channel_to(self, address: str) -> grpc.aio.Channel:
+        if self._given_channel is not None:
+            return self._given_channel
+        if address not in self._channels:
+            self._channels[address] = create_channel(self.config, address)
+        return self._channels[address]
+
     async def _connect_loop(self) -> None:
-        assert self._channel is not None
-        stub = pb_grpc.AgentServiceStub(self._channel)
+        servers = self.config.servers
+        failover = len(servers) > 1 and self._given_channel is None
         heartbeat_s = self.config.heartbeat_interval_s
         while True:
             self._set_state(ConnectionState.CONNECTING)
             self._drained_by_server = False  # a drain that still holds is sent again
+            address = self._address = servers[self._address_index % len(servers)]
+            channel = self._channel_to(address)
+            if failover and not await channel_reached(channel, CONNECT_TIMEOUT_S):
+                log.warning("agent %s: cannot connect to %s", self.name, address)
+                await self._next_address(servers)
+                continue
             session = Session(
-                stub,
+                pb_grpc.AgentServiceStub(channel),
                 self.outbox,
                 self,
                 metadata=self._metadata,
                 heartbeat_interval_s=heartbeat_s,
                 welcome_timeout_s=self.config.welcome_timeout_s,
+                wait_for_ready=not failover,
                 coalesce_s=self.config.coalesce_ms / 1000,
             )
             self._session = session
@@ -559,18 +620,37 @@ class Agent:
                         exc.code(),
                     ) from exc
                 log.warning(
-                    "agent %s: stream failed: %s: %s", self.name, exc.code().name, exc.details()
+                    "agent %s: stream to %s failed: %s: %s",
+                    self.name,
+                    address,
+                    exc.code().name,
+                    exc.details(),
                 )
             except (SessionEnded, TimeoutError, asyncio.InvalidStateError) as exc:
-                log.warning("agent %s: stream ended: %s", self.name, exc or type(exc).__name__)
+                log.warning(
+                    "agent %s: stream to %s ended: %s",
+                    self.name,
+                    address,
+                    exc or type(exc).__name__,
+                )
             finally:
                 self._session = None
                 heartbeat_s = session.heartbeat_interval_s
-            self._set_state(ConnectionState.DISCONNECTED)
-            metrics.RECONNECTS.inc()
-            delay = self._backoff.next_delay()
-            log.info("agent %s: reconnecting in %.2fs", self.name, delay)
-            await asyncio.sleep(delay)
+            await self._next_address(servers)
+
+    async def _next_address(self, servers: tuple[str, ...]) -> None:
+        """Back off, then try the next address (the same one when there is only one)."""
+        self._set_state(ConnectionState.DISCONNECTED)
+        metrics.RECONNECTS.inc()
+        self._address_index = (self._address_index + 1) % len(servers)
+        delay = self._backoff.next_delay()
+        log.info(
+            "agent %s: reconnecting to %s in %.2fs",
+            self.name,
+            servers[self._address_index],
+            delay,
+        )
+        await asyncio.sleep(delay)
 
     # -- SessionHandler ----------------------------------------------------------------
 
@@ -622,8 +702,9 @@ class Agent:
             )
         self._set_state(ConnectionState.DRAINING if self.draining else ConnectionState.CONNECTED)
         log.info(
-            "agent %s connected (session %s, %d held)",
+            "agent %s connected to %s (session %s, %d held)",
             self.name,
+            self._address,
             welcome.session_id,
             len(self.outbox.held()),
         )

@@ -104,6 +104,10 @@ class Session:
         Heartbeat period when the Welcome gives none.
     welcome_timeout_s : float
         How long to wait for the Welcome.
+    wait_for_ready : bool
+        Let the call wait while the channel is not connected (one server address: the
+        channel's own retries find it when it comes back). ``False`` fails the call at
+        once instead, so that the agent can try its next address.
     coalesce_s : float
         Under load, how long to wait for more reports before writing a batch (0: never).
     """
@@ -117,9 +121,11 @@ class Session:
         metadata: Sequence[tuple[str, str]] = (),
         heartbeat_interval_s: float = 10.0,
         welcome_timeout_s: float = 30.0,
+        wait_for_ready: bool = True,
         coalesce_s: float = 0.0,
     ) -> None:
         self._stub = stub
+        self._wait_for_ready = wait_for_ready
         self._outbox = outbox
         self._handler = handler
         self._metadata = tuple(metadata)
@@ -159,11 +165,11 @@ class Session:
         TimeoutError
             No Welcome came in time.
         """
-        # wait_for_ready: while the server is down the call waits for the channel, which
-        # retries on its own short backoff, instead of failing at once and leaving the
-        # next try to the agent's longer one; a server that comes back is found within
-        # the channel's backoff (see create_channel).
-        call = self._stub.Connect(metadata=self._metadata, wait_for_ready=True)
+        # wait_for_ready (one address): while the server is down the call waits for the
+        # channel, which retries on its own short backoff, instead of failing at once and
+        # leaving the next try to the agent's longer one; a server that comes back is
+        # found within the channel's backoff (see create_channel).
+        call = self._stub.Connect(metadata=self._metadata, wait_for_ready=self._wait_for_ready)
         unsubscribe = None
         tasks: list[asyncio.Task[None]] = []
         try:

@@ -462,9 +462,15 @@ def definition_detail(definition: OpDefinition) -> Table:
 
 
 def agents_table(agents: Iterable[Agent]) -> Table:
-    """Agents with their capacity, GPUs (VRAM free for new runs) and runs."""
+    """Agents with their capacity, GPUs (VRAM free for new runs) and runs; the replica
+    holding each one's stream when some agent names one (several server replicas)."""
+    agents = list(agents)
+    with_replica = any(agent.replica for agent in agents)
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN", "LABELS"):
+    columns = ["NAME", "STATE", "CPU", "RAM MiB", "GPUS", "RUNS", "LAST SEEN", "LABELS"]
+    if with_replica:
+        columns.insert(2, "REPLICA")
+    for column in columns:
         table.add_column(column, no_wrap=column not in ("GPUS", "LABELS"))
     for agent in agents:
         gpus = "\n".join(
@@ -473,7 +479,7 @@ def agents_table(agents: Iterable[Agent]) -> Table:
             + ("" if g.healthy else f", UNHEALTHY {g.health_reason}".rstrip())
             for g in agent.gpus
         )
-        table.add_row(
+        cells = [
             agent.name,
             agent.state.value,
             f"{agent.cpu_reserved:g}/{agent.cpu:g}",
@@ -482,7 +488,10 @@ def agents_table(agents: Iterable[Agent]) -> Table:
             str(len(agent.runs)),
             _ago(agent.last_seen_time),
             "\n".join(f"{k}={v}" for k, v in sorted(agent.labels.items())) or "-",
-        )
+        ]
+        if with_replica:
+            cells.insert(2, agent.replica or "-")
+        table.add_row(*cells)
     return table
 
 

@@ -9,7 +9,7 @@ The functions called:
 
 * ``gyoza.server.app.main_server(*, listen, database, tls_cert, tls_key, tls_client_ca,
   api_keys, agent_tokens, metrics_port, log_level, log_format, shutdown_grace,
-  starvation_s, retention)``
+  starvation_s, retention, replica_id, peer_listen, leader_lease_s, workers)``
 * ``gyoza.agent.daemon.run_agent(AgentConfig)`` (async), the configuration built by
   ``gyoza.agent.config.AgentConfig.from_env(**flags)``
 * ``gyoza.dev.main_dev(*, database, listen, state_dir, executor, ui_listen)``
@@ -115,6 +115,31 @@ def _load(module: str, command: str) -> ModuleType:
     "overtaken this long, the agent where it fits soonest is held for it and takes no "
     "new run until it starts [env GYOZA_STARVATION_S; default 60].",
 )
+@click.option(
+    "--replica-id",
+    metavar="NAME",
+    help="Name of this replica among those sharing one PostgreSQL database "
+    "[env GYOZA_REPLICA_ID; default <hostname>-<pid>-<random4>].",
+)
+@click.option(
+    "--peer-listen",
+    metavar="HOST:PORT",
+    help="Also serve here, and advertise it to the other replicas for forwarding; port 0 "
+    "picks one [env GYOZA_PEER_LISTEN; default: advertise --listen].",
+)
+@click.option(
+    "--leader-lease-s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds of the leadership lease, renewed every third of it "
+    "[env GYOZA_LEADER_LEASE_S; default 10].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Run N replica processes sharing the --listen address (SO_REUSEPORT), restarted "
+    "when they die; PostgreSQL only, with a fixed port [env GYOZA_WORKERS].",
+)
 def server(**options: Any) -> None:
     """Run the gyoza server (the control plane) until SIGTERM or Ctrl-C."""
     app = _load("gyoza.server.app", "gyoza server")
@@ -127,7 +152,10 @@ def server(**options: Any) -> None:
 
 @click.command()
 @click.option(
-    "--server", metavar="HOST:PORT", help="Server address [env GYOZA_SERVER; 127.0.0.1:50051]."
+    "--server",
+    metavar="HOST:PORT[,...]",
+    help="Server address, or the addresses of all replicas as a comma-separated list: the "
+    "agent uses one and moves to the next when it fails [env GYOZA_SERVER; 127.0.0.1:50051].",
 )
 @click.option("--name", help="Unique agent name [env GYOZA_AGENT_NAME; default the host name].")
 @click.option("--token", metavar="TOKEN", help="Agent token [env GYOZA_TOKEN].")

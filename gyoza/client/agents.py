@@ -96,6 +96,8 @@ class Agent:
         Labels it declared.
     session_id, version : str
         Current stream session and agent software version.
+    replica : str
+        Id of the server replica holding its stream ("" when not known).
     connect_time, last_seen_time : datetime | None
         When its session began and when it was last heard from.
     """
@@ -111,6 +113,7 @@ class Agent:
     labels: dict[str, str] = field(default_factory=dict)
     session_id: str = ""
     version: str = ""
+    replica: str = ""
     connect_time: datetime | None = None
     last_seen_time: datetime | None = None
 
@@ -160,6 +163,7 @@ def agent_from_proto(message: agent_pb2.Agent) -> Agent:
         labels=dict(message.labels),
         session_id=message.session_id,
         version=message.version,
+        replica=message.replica,
         connect_time=optional_timestamp_from_proto(message, "connect_time"),
         last_seen_time=optional_timestamp_from_proto(message, "last_seen_time"),
     )

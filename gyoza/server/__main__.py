@@ -52,6 +52,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds the first waiting run may be overtaken before an agent is held for "
         "it (default 60)",
     )
+    parser.add_argument(
+        "--replica-id",
+        help="name of this replica among those on one PostgreSQL database "
+        "(default <hostname>-<pid>-<random4>)",
+    )
+    parser.add_argument(
+        "--peer-listen",
+        help="extra HOST:PORT served and advertised to the other replicas for forwarding; "
+        "port 0 picks one (default: advertise --listen)",
+    )
+    parser.add_argument(
+        "--leader-lease-s", type=float, help="seconds of the leadership lease (default 10)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="run N replica processes sharing --listen (PostgreSQL only; a fixed port)",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         agent_tokens_file=args.agent_tokens_file,
         retention=args.retention,
         starvation_s=args.starvation_s,
+        replica_id=args.replica_id,
+        peer_listen=args.peer_listen,
+        leader_lease_s=args.leader_lease_s,
+        workers=args.workers,
     )
 
 

@@ -56,8 +56,10 @@ from gyoza.server.services.agent_service import AgentServiceServicer
 from gyoza.server.services.definition_service import DefinitionServiceServicer
 from gyoza.server.services.op_run_service import OpRunServiceServicer
 from gyoza.server.sessions import SessionRegistry
+from gyoza.server.store.leadership import Leadership
 from gyoza.server.store.protocol import RunStore
 from gyoza.server.store.store import Store
+from gyoza.server.workers import die_with_supervisor, run_supervisor
 
 log = logging.getLogger("gyoza.server")
 
@@ -70,12 +72,18 @@ SERVICE_NAMES = (
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Channel options of the server: message size limits, no port sharing."""
+    """Channel options of the server: message size limits, no port sharing.
+
+    grpc sets ``SO_REUSEPORT`` by default on Linux; it is turned off unless
+    ``GYOZA_REUSE_PORT=1``, which the ``--workers`` supervisor gives its replicas so that
+    they share one port (:mod:`gyoza.server.workers`).
+    """
+    reuse_port = os.environ.get("GYOZA_REUSE_PORT", "").strip() == "1"
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Two servers must not silently share one port.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Agents keep one stream open for hours: let them ping to keep it alive.
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -111,6 +119,7 @@ class Built:
         self.server = server
         self.port = port
         self.health = health_servicer
+        self.peer_port: int | None = None
 
 
 def build_server(
@@ -152,6 +161,7 @@ def build_server(
             settings=config.control,
             max_json_bytes=config.max_json_bytes,
             leases=leases,
+            replica_id=config.replica_id,
         ),
         server,
     )
@@ -168,7 +178,28 @@ def build_server(
         raise RuntimeError(f"cannot listen on {config.listen}: {error}") from error
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
-    return Built(server, port, health_servicer)
+    built = Built(server, port, health_servicer)
+    built.peer_port = add_peer_port(server, config, credentials)
+    return built
+
+
+def add_peer_port(
+    server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None
+) -> int | None:
+    """Also serve on ``config.peer_listen`` (the address other replicas forward to), if
+    set; its bound port, or None."""
+    if config.peer_listen is None:
+        return None
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.peer_listen)
+        else:
+            port = server.add_secure_port(config.peer_listen, credentials)
+    except RuntimeError as error:
+        raise RuntimeError(f"cannot listen on {config.peer_listen}: {error}") from error
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.peer_listen}")
+    return port
 
 
 class ControlPlane:
@@ -182,9 +213,23 @@ class ControlPlane:
         Settings.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        leadership: Leadership | None = None,
+        metrics_endpoint: MetricsEndpoint | None = None,
+        replica_id: str = "",
+    ) -> None:
         self.config = config
         self.port = 0
+        self.peer_port: int | None = None
+        # Set when this plane runs as the leader of replicas: every write is fenced by
+        # its term, and agents that held runs get lease plus grace from the takeover.
+        self._leadership = leadership
+        # An endpoint given by the caller is the caller's to close.
+        self._shared_metrics = metrics_endpoint
+        self.replica_id = replica_id
         self._store: Store | None = None
         self._controller: RunController | None = None
         self._hub: Hub | None = None
@@ -205,6 +250,8 @@ class ControlPlane:
         config = self.config
         # Opening applies the migrations: blocking work, off the event loop.
         self._store = store = await asyncio.to_thread(Store.open, config.database_url)
+        if self._leadership is not None:
+            store.set_fence(self._leadership.check)
         try:
             core = build_core(
                 store, settings=config.control, max_outputs_bytes=config.max_json_bytes
@@ -239,11 +286,12 @@ class ControlPlane:
                 leases=leases,
             )
             self.port = built.port
+            self.peer_port = built.peer_port
             await built.server.start()
             for name in ("", *SERVICE_NAMES):
                 await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            await controller.open_reconnect_windows()
-            if config.metrics_port is not None:
+            await controller.open_reconnect_windows(takeover=self._leadership is not None)
+            if config.metrics_port is not None and self._shared_metrics is None:
                 self._metrics = MetricsEndpoint(config.listen_host, config.metrics_port)
         except BaseException:
             await self._close_core()
@@ -260,7 +308,11 @@ class ControlPlane:
             port=self.port,
             database=_redacted(config.database_url),
             tls="mtls" if config.tls and config.tls.client_ca else "tls" if config.tls else "off",
-            metrics_port=None if self._metrics is None else self._metrics.port,
+            metrics_port=next(
+                (m.port for m in (self._metrics, self._shared_metrics) if m is not None), None
+            ),
+            role="leader" if self._leadership else None,
+            replica=self.replica_id or None,
         )
         policy = AuthPolicy(config.api_keys, config.agent_tokens)
         if policy.clients_open and policy.agents_open:
@@ -285,9 +337,10 @@ class ControlPlane:
                 log, logging.WARNING, "no agent tokens configured: anyone may connect as an agent"
             )
 
-    async def stop(self) -> None:
-        """Stop taking calls, let in-flight ones finish within the grace, close the store."""
-        grace = self.config.shutdown_grace_s
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish within the grace (by default the
+        configured one), close the store."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
         log_event(log, logging.INFO, "server stopping", grace_s=grace)
         if self._built is not None:
             built, self._built = self._built, None
@@ -367,8 +420,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
             pass
     try:
-        async with ControlPlane(config):
-            await stop.wait()
+        if config.database_url.startswith("postgresql"):
+            # Several replicas may share the database: lead or follow (replica.py).
+            from gyoza.server.replica import serve_replica
+
+            await serve_replica(config, stop)
+        else:
+            async with ControlPlane(config):
+                await stop.wait()
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -403,12 +462,17 @@ def main_server(
     agent_tokens_file: str | Path | None = None,
     retention: str | None = None,
     starvation_s: float | None = None,
+    replica_id: str | None = None,
+    peer_listen: str | None = None,
+    leader_lease_s: float | None = None,
+    workers: int | None = None,
 ) -> None:
     """Run ``gyoza server`` with the given flag values until SIGTERM; exit on failure.
 
     Each argument is a flag's value, ``None`` where the flag was not given (then its
     environment variable, then its default applies; see :mod:`gyoza.server.config`).
     """
+    flags = {k: v for k, v in locals().items() if k != "workers"}
     try:
         config = ServerConfig.resolve(
             listen=listen,
@@ -426,11 +490,18 @@ def main_server(
             agent_tokens_file=agent_tokens_file,
             retention=retention,
             starvation=starvation_s,
+            replica_id=replica_id,
+            peer_listen=peer_listen,
+            leader_lease_s=leader_lease_s,
+            workers=workers,
         )
     except ConfigError as error:
         print(f"gyoza server: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(config.log_level, config.log_format)
+    if config.workers is not None:
+        raise SystemExit(run_supervisor(config, flags))
+    die_with_supervisor()
     # The event loop hands every write to the store's writer thread and back: with the
     # default 5 ms GIL switch interval each hand-off can wait that long.
     sys.setswitchinterval(float(os.environ.get("GYOZA_SWITCH_INTERVAL_S", "0.0005")))

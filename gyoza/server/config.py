@@ -23,7 +23,15 @@ flag                   environment                default
 ``--shutdown-grace``   ``GYOZA_SHUTDOWN_GRACE``   ``10`` seconds
 ``--retention``        ``GYOZA_RETENTION``        off (finished runs are kept)
 ``--starvation-s``     ``GYOZA_STARVATION_S``     ``60`` seconds
+``--replica-id``       ``GYOZA_REPLICA_ID``       ``<hostname>-<pid>-<random4>``
+``--peer-listen``      ``GYOZA_PEER_LISTEN``      none (advertise ``--listen``)
+``--leader-lease-s``   ``GYOZA_LEADER_LEASE_S``   ``10`` seconds
+``--workers``          ``GYOZA_WORKERS``          none (one process)
 =====================  =========================  ==============================
+
+The last four concern several replicas on one PostgreSQL database (see
+:mod:`gyoza.server.replica` and :mod:`gyoza.server.workers`); ``--workers`` is refused
+on SQLite and with a ``--listen`` port of 0.
 """
 
 from __future__ import annotations
@@ -110,6 +118,17 @@ class ServerConfig:
         events, logs and topic records; ``None`` keeps them.
     retention_interval_s : float
         Time between retention sweeps (``GYOZA_RETENTION_INTERVAL_S``, default 60).
+    replica_id : str
+        Name of this replica in the leadership row and in ListAgents; empty: a default
+        of ``<hostname>-<pid>-<random4>``.
+    peer_listen : str | None
+        Extra ``HOST:PORT`` served and advertised to the other replicas for
+        forwarding (port 0 picks one); ``None``: the ``listen`` address is advertised.
+    leader_lease_s : float
+        Length of the leadership lease; the leader renews it every third of it.
+    workers : int | None
+        Run a supervisor of this many replica processes sharing ``listen`` (PostgreSQL
+        only, :mod:`gyoza.server.workers`); ``None``: this process is the server.
     """
 
     listen: str = DEFAULT_LISTEN
@@ -126,6 +145,10 @@ class ServerConfig:
     control: ControlSettings = field(default_factory=ControlSettings)
     retention: timedelta | None = None
     retention_interval_s: float = 60.0
+    replica_id: str = ""
+    peer_listen: str | None = None
+    leader_lease_s: float = 10.0
+    workers: int | None = None
 
     @property
     def listen_host(self) -> str:
@@ -152,6 +175,10 @@ class ServerConfig:
         environ: Mapping[str, str] | None = None,
         api_keys_file: str | Path | None = None,
         agent_tokens_file: str | Path | None = None,
+        replica_id: str | None = None,
+        peer_listen: str | None = None,
+        leader_lease_s: float | None = None,
+        workers: int | None = None,
     ) -> ServerConfig:
         """Build the settings from flag values, the environment and the defaults.
 
@@ -263,6 +290,32 @@ class ServerConfig:
         if interval <= 0:
             raise ConfigError("GYOZA_RETENTION_INTERVAL_S must be more than zero")
 
+        replica = pick(replica_id, "GYOZA_REPLICA_ID", "")
+        peer = pick(peer_listen, "GYOZA_PEER_LISTEN", "") or None
+        if peer is not None:
+            try:
+                split_listen(peer)
+            except ConfigError as error:
+                raise ConfigError(f"--peer-listen: {error}") from None
+        leader_lease = leader_lease_s
+        if leader_lease is None:
+            raw = env.get("GYOZA_LEADER_LEASE_S", "").strip()
+            try:
+                leader_lease = float(raw) if raw else 10.0
+            except ValueError:
+                raise ConfigError(f"GYOZA_LEADER_LEASE_S must be seconds, not {raw!r}") from None
+        if not leader_lease > 0:
+            raise ConfigError(f"--leader-lease-s must be more than zero, not {leader_lease}")
+        count = workers
+        if count is None:
+            raw = env.get("GYOZA_WORKERS", "").strip()
+            try:
+                count = int(raw) if raw else None
+            except ValueError:
+                raise ConfigError(f"GYOZA_WORKERS must be a number, not {raw!r}") from None
+        if count is not None:
+            check_workers(count, listen_value, database_url, peer)
+
         return cls(
             listen=listen_value,
             database_url=database_url,
@@ -276,6 +329,38 @@ class ServerConfig:
             control=control,
             retention=keep,
             retention_interval_s=interval,
+            replica_id=replica,
+            peer_listen=peer,
+            leader_lease_s=leader_lease,
+            workers=count,
+        )
+
+
+def check_workers(count: int, listen: str, database_url: str, peer_listen: str | None) -> None:
+    """Refuse a ``--workers`` setting the supervisor cannot run.
+
+    Raises
+    ------
+    ConfigError
+        When *count* is below 1, the store is not PostgreSQL (SQLite is one process's
+        file), the listen port is 0 (the workers must share one fixed port) or a peer
+        address has a fixed port (each worker needs its own).
+    """
+    if count < 1:
+        raise ConfigError(f"--workers must be 1 or more, not {count}")
+    if not database_url.startswith("postgresql"):
+        raise ConfigError(
+            "--workers needs a PostgreSQL database (--database postgresql://...): "
+            "a SQLite store is served by one process"
+        )
+    if split_listen(listen)[1] == 0:
+        raise ConfigError(
+            f"--workers needs a fixed --listen port, not {listen!r}: the workers share it"
+        )
+    if peer_listen is not None and split_listen(peer_listen)[1] != 0:
+        raise ConfigError(
+            f"--peer-listen {peer_listen!r} with --workers must have port 0: each worker "
+            "serves its own peer port"
         )
 
 

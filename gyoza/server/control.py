@@ -246,7 +246,7 @@ class RunController:
         )
         self._placement.request()
 
-    async def open_reconnect_windows(self) -> None:
+    async def open_reconnect_windows(self, *, takeover: bool = False) -> None:
         """Once the server serves: start the lease clocks of agents that held runs when
         it stopped and have not reconnected yet.
 
@@ -255,6 +255,10 @@ class RunController:
         is later: a live agent, back within seconds, gets one lease to reconnect, and a
         server restarting again and again never extends that (the window's start is
         kept in the store too), so a dead agent's runs are retried all the same.
+
+        On a *takeover* (this replica took the leadership over from another), the
+        window is a lease plus the grace: the agents of the replica that went away need
+        time to find another address, and none is lost sooner than that.
         """
         absent = {a: t for a, t in self._absent.items() if not self._link.is_connected(a)}
         self._absent = {}
@@ -269,7 +273,8 @@ class RunController:
                 continue  # reconnected meanwhile
             last = now - (now_wall - last_wall).total_seconds()
             window = now - (now_wall - window_wall).total_seconds()
-            self._arm_lost(agent, last, deadline=max(last + lease + grace, window + lease))
+            window_end = window + lease + (grace if takeover else 0.0)
+            self._arm_lost(agent, last, deadline=max(last + lease + grace, window_end))
 
     async def stop(self) -> None:
         """Stop timers and wait for background work to finish."""

@@ -39,6 +39,7 @@ from gyoza.models.errors import (
 )
 from gyoza.server.handlers import Context, Handler, ScopedInterceptor
 from gyoza.server.logs import REQUEST_ID_METADATA_KEY, current_request_id, log_event
+from gyoza.server.store.leadership import FencedOut
 
 log = logging.getLogger("gyoza.server.errors")
 
@@ -103,6 +104,8 @@ CATALOG: dict[type[BaseException], grpc.StatusCode] = {
     NotAssignedToAgent: grpc.StatusCode.PERMISSION_DENIED,
     MalformedReport: grpc.StatusCode.INVALID_ARGUMENT,
     GyozaError: grpc.StatusCode.FAILED_PRECONDITION,
+    # This replica lost its leadership under the call: another replica serves it.
+    FencedOut: grpc.StatusCode.UNAVAILABLE,
     # A ValueError from the domain is a value it refused.
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,
     # What a generated servicer base class raises for a method nobody implemented.
@@ -220,7 +223,7 @@ def status_for(error: BaseException, request_id: str | None = None) -> ErrorStat
     if code is None:
         suffix = f" (request id {request_id})" if request_id else ""
         return ErrorStatus(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error{suffix}", {})
-    reason = error.reason if isinstance(error, GyozaError) else code.name
+    reason = error.reason if isinstance(error, GyozaError | FencedOut) else code.name
     violations: tuple[tuple[str, str], ...] = ()
     if isinstance(error, InvalidInput):
         violations = tuple((v.field, v.description) for v in error.violations)
@@ -373,3 +376,42 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         return None if handler is None else _decoding(handler)
+
+
+NO_LEADER = "NO_LEADER"
+"""ErrorInfo reason of a call a follower cannot forward: no leader is known."""
+
+LEADER_CHANGED = "LEADER_CHANGED"
+"""ErrorInfo reason of a forwarded call ended because the leader changed."""
+
+LEADER_UNREACHABLE = "LEADER_UNREACHABLE"
+"""ErrorInfo reason of a forwarded call the leader's address did not answer."""
+
+
+def no_leader() -> ApiError:
+    """The UNAVAILABLE of a call a follower gets while no leader is known."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        NO_LEADER,
+        "this replica knows no leader to forward the call to; retry",
+    )
+
+
+def leader_changed(previous: str | None, current: str | None) -> ApiError:
+    """The UNAVAILABLE that ends a forwarded call when the leader changes."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        LEADER_CHANGED,
+        "the leader changed; retry (a stream: reconnect)",
+        {"previous": previous or "", "leader": current or ""},
+    )
+
+
+def leader_unreachable(address: str | None, detail: str) -> ApiError:
+    """The UNAVAILABLE of a forwarded call whose transport to the leader failed."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        LEADER_UNREACHABLE,
+        f"the leader at {address or '?'} did not answer: {detail[:300]}",
+        {"leader": address or ""},
+    )

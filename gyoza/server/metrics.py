@@ -45,6 +45,27 @@ AGENTS_HELD = Gauge(
 
 CONNECTED_AGENTS = Gauge("gyoza_connected_agents", "Agents with a live stream session.")
 
+REPLICA_LEADER = Gauge(
+    "gyoza_replica_leader",
+    "1 while this replica leads (runs the core) on a shared PostgreSQL database, else 0.",
+)
+
+REPLICA_TERM = Gauge(
+    "gyoza_replica_term", "The leadership term this replica last led under (0: never)."
+)
+
+REPLICA_FORWARDED_OPEN = Gauge(
+    "gyoza_replica_forwarded_open_calls",
+    "Calls a follower replica is forwarding to the leader now, by method (Connect: the "
+    "agents whose streams this replica holds).",
+    ["method"],
+)
+
+REPLICA_FORWARDED_CALLS = Gauge(
+    "gyoza_replica_forwarded_calls",
+    "Calls this replica forwarded to a leader since it last became a follower.",
+)
+
 EVENT_APPLY_SECONDS = Histogram(
     "gyoza_event_apply_seconds",
     "Time from receiving an agent report to its committed, published change.",

@@ -69,6 +69,8 @@ class AgentSession:
     #: The agent said in its Hello that it drains by itself (shutting down, or drained
     #: locally): an operator's undrain does not make it take work.
     draining_itself: bool = False
+    #: Id of the server replica holding the stream (see Agent.replica in the API).
+    replica: str = ""
     outbox: asyncio.Queue[agent_service_pb2.ConnectResponse | None] = field(
         default_factory=asyncio.Queue
     )
@@ -307,6 +309,7 @@ class SessionRegistry:
             labels=session.labels,
             capacity=session.capacity,
             version=session.version,
+            replica=session.replica,
         )
         agent.connect_time.FromDatetime(session.connected_at)
         agent.last_seen_time.FromDatetime(session.last_seen_at)

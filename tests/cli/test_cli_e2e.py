@@ -858,6 +858,8 @@ def test_agents_list(stack: Stack) -> None:
     table = stack.ok("agents", "list").stdout
     assert AGENT in table
     assert "24576/24576 MiB free" in table
+    # One server, agents connected to it directly: no replica column.
+    assert "REPLICA" not in table
 
 
 def test_drain(stack: Stack) -> None:

@@ -234,6 +234,7 @@ class Agent(_message.Message):
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name of the agent (its node)."""
     state: Global___AgentState.ValueType
@@ -246,6 +247,11 @@ class Agent(_message.Message):
     """Memory in MiB reserved by its runs."""
     version: _builtins.str
     """Version of the agent software."""
+    replica: _builtins.str
+    """Id of the server replica that holds the agent's stream: the replica the agent
+    connected to, which forwards it to the leader (metadata `x-gyoza-replica`), or the
+    serving replica's own id for a direct connection. Empty when not known.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels the agent declared."""
@@ -285,10 +291,11 @@ class Agent(_message.Message):
         connect_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.str = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "connect_time", b"connect_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "connect_time", b"connect_time", "cpu_reserved", b"cpu_reserved", "gpu_reservations", b"gpu_reservations", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name", "ram_reserved_mb", b"ram_reserved_mb", "runs", b"runs", "session_id", b"session_id", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "connect_time", b"connect_time", "cpu_reserved", b"cpu_reserved", "gpu_reservations", b"gpu_reservations", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name", "ram_reserved_mb", b"ram_reserved_mb", "replica", b"replica", "runs", b"runs", "session_id", b"session_id", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

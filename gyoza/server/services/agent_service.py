@@ -24,6 +24,7 @@ from gyoza.server.agent_leases import AgentLeaseRecorder
 from gyoza.server.auth import authorize_agent_name
 from gyoza.server.control import AckOut, ControlSettings, HeldIn, NackOut, RunController
 from gyoza.server.errors import ApiError, status_for
+from gyoza.server.forward import REPLICA_METADATA_KEY
 from gyoza.server.services import hello_checks, request_checks
 from gyoza.server.sessions import AgentSession, SessionRegistry, SessionState
 from gyoza.server.store import paging
@@ -38,7 +39,14 @@ HELLO_TIMEOUT_S = 30.0
 
 
 class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
-    """Serves agent streams and the fleet views."""
+    """Serves agent streams and the fleet views.
+
+    Parameters
+    ----------
+    replica_id : str
+        This server replica's id: the replica a session records when its stream came
+        straight here, with no ``x-gyoza-replica`` metadata.
+    """
 
     def __init__(
         self,
@@ -48,7 +56,9 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         settings: ControlSettings,
         max_json_bytes: int = 1 << 20,
         leases: AgentLeaseRecorder | None = None,
+        replica_id: str = "",
     ) -> None:
+        self.replica_id = replica_id
         self.controller = controller
         self.sessions = sessions
         self.settings = settings
@@ -77,6 +87,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             )
         hello = first.hello
         hello_checks.check_hello(hello)
+        replica = self._replica(context)
         identity = authorize_agent_name(hello.agent_name, context)
         # Before reconciling: a Hello that may not replace the connected session must not
         # release or drop anything of it either.
@@ -89,6 +100,7 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             state=SessionState.DRAINING if hello.draining else SessionState.CONNECTED,
             identity=identity,
             draining_itself=hello.draining,
+            replica=replica,
         )
         session.touch(loop.time())
         if self.leases is not None:
@@ -189,6 +201,22 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
         finally:
             end(SessionState.DISCONNECTED)
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _replica(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The replica holding this stream: the forwarding one named in the metadata,
+        else this one."""
+        named = [
+            value
+            for key, value in context.invocation_metadata() or ()
+            if key == REPLICA_METADATA_KEY
+        ]
+        if not named:
+            return self.replica_id
+        replica = named[-1]
+        violations = hello_checks.replica_violations(replica, REPLICA_METADATA_KEY)
+        if violations:
+            raise InvalidInput(violations)
+        return str(replica)
 
     async def _read(
         self,

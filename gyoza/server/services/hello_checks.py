@@ -52,6 +52,17 @@ def agent_name_violations(name: str, field: str = "agent_name") -> list[FieldVio
     return []
 
 
+def replica_violations(replica: str | bytes, field: str) -> list[FieldViolation]:
+    """What is wrong with a replica id named in the metadata (nothing: an empty list)."""
+    if not isinstance(replica, str):
+        return [FieldViolation(field, "must be text")]
+    if len(replica) > MAX_NAME_LENGTH:
+        return [FieldViolation(field, f"must be at most {MAX_NAME_LENGTH} characters")]
+    if _has_control(replica) or replica != replica.strip():
+        return [FieldViolation(field, "must have no control characters or outer spaces")]
+    return []
+
+
 def capacity_violations(capacity: agent_pb2.Capacity, field: str) -> list[FieldViolation]:
     """What is wrong with a declared capacity: every violation, each with its field."""
     violations: list[FieldViolation] = []

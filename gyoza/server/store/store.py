@@ -109,6 +109,11 @@ class Store:
         """The database URL, its password masked (for display)."""
         return self._url.render_as_string(hide_password=True)
 
+    def set_fence(self, fence: Callable[[Connection], None] | None) -> None:
+        """Run *fence* first in every write transaction (see ``Writer.fence``): what it
+        raises, such as ``leadership.FencedOut``, fails the writes of that transaction."""
+        self._writer.fence = fence
+
     @property
     def writer_stats(self) -> WriterStats:
         """Group-commit counters of the writer thread."""

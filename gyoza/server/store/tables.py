@@ -238,3 +238,23 @@ agent_drains = Table(
     Column("drained_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("name", name="pk_agent_drains"),
 )
+
+# The replica that runs the core (the controller, the scheduler, the agent sessions) on a
+# shared PostgreSQL database: one row per role, its holder, the address other replicas
+# forward calls to, and a term that every takeover increments. The holder's writes check
+# the term inside their transaction (see leadership.py). Unused on SQLite.
+leadership = Table(
+    "leadership",
+    metadata,
+    Column("name", String(64), nullable=False),
+    Column("holder", String(200), nullable=False),
+    Column("address", String(300), nullable=False),
+    Column("term", BigInteger, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("acquired_at", UTCDateTime, nullable=False),
+    # The holder's lease connection (its backend pid and start): a challenger may take
+    # over at once when that session is gone, instead of waiting for the expiry.
+    Column("session_pid", BigInteger, nullable=True),
+    Column("session_start", UTCDateTime, nullable=True),
+    PrimaryKeyConstraint("name", name="pk_leadership"),
+)

@@ -146,6 +146,12 @@ class Writer:
     on_rollback : Callable[[], None] | None
         Called on the thread whenever a transaction or a write's savepoint is rolled
         back, so that whatever the writes cache about the database can be dropped.
+
+    Attributes
+    ----------
+    fence : Callable[[Connection], None] | None
+        Run first in every transaction, on its connection; what it raises fails every
+        write of the batch (a replica that lost its leadership commits nothing).
     """
 
     def __init__(
@@ -171,6 +177,7 @@ class Writer:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.stats = WriterStats()
+        self.fence: Callable[[Connection], None] | None = None
 
     def start(self) -> None:
         """Start the thread."""
@@ -280,7 +287,7 @@ class Writer:
         stages = _stages(batch)
         self.stats.stages += len(stages)
         conn = self._connection()
-        with _transaction(conn, batch, self._rolled_back):
+        with _transaction(conn, batch, self._rolled_back, self.fence):
             for stage in stages:
                 try:
                     if stage.kind is None or len(stage.jobs) == 1:
@@ -297,7 +304,7 @@ class Writer:
     def _isolated(self, batch: list[_Job[Any]]) -> None:
         """Apply each write in queue order within its own savepoint."""
         conn = self._connection()
-        with _transaction(conn, batch, self._rolled_back):
+        with _transaction(conn, batch, self._rolled_back, self.fence):
             for job in batch:
                 try:
                     with conn.begin_nested():
@@ -325,12 +332,23 @@ class Writer:
 
 
 @contextlib.contextmanager
-def _transaction(conn: Connection, batch: list[_Job[Any]], rolled_back: Callable[[], None]) -> Any:
-    """Commit at the end, or roll back (telling *rolled_back*) and mark no job applied."""
+def _transaction(
+    conn: Connection,
+    batch: list[_Job[Any]],
+    rolled_back: Callable[[], None],
+    fence: Callable[[Connection], None] | None = None,
+) -> Any:
+    """Commit at the end, or roll back (telling *rolled_back*) and mark no job applied.
+
+    *fence* runs first, inside the transaction; what it raises propagates as is (not
+    as a write's own failure), so the whole batch fails with it.
+    """
     for job in batch:
         job.ok, job.result, job.error = False, None, None
     transaction = conn.begin()
     try:
+        if fence is not None:
+            fence(conn)
         yield
         transaction.commit()
     except BaseException:
