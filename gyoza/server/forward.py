@@ -348,6 +348,13 @@ class Forwarder:
         answered = False
         try:
             try:
+                # The leader's headers go on as soon as they come, before any message: a
+                # subscriber waits for them (SubscribeEvents sends them once the
+                # subscription is in place) while no record may come for a long time.
+                initial = await call.initial_metadata()
+                if not call.done():
+                    answered = True
+                    await context.send_initial_metadata(_returned(initial))
                 async for message in call:
                     if not answered:
                         answered = True

@@ -252,6 +252,27 @@ def test_unary_and_server_streaming_calls_pass_through(tmp_path: Path) -> None:
     run(test)
 
 
+def test_a_subscription_gets_the_leaders_headers_before_any_record(tmp_path: Path) -> None:
+    """SubscribeEvents sends its headers once the subscription is in place, with no
+    record yet: a subscriber waiting for them must not wait for the first record."""
+
+    async def test() -> None:
+        async with stack(tmp_path) as s:
+            topic = s.runs.SubscribeEvents(
+                pb.SubscribeEventsRequest(topic="quiet", max_batch=10), timeout=WAIT_S
+            )
+            await asyncio.wait_for(topic.initial_metadata(), WAIT_S / 2)
+            # In place: a run created now is on it.
+            request = adhoc()
+            request.event_delivery.topic = "quiet"
+            created = await s.runs.CreateOpRun(request)
+            first = await topic.read()
+            assert first.run_id == created.op_run.id
+            topic.cancel()
+
+    run(test)
+
+
 def test_errors_keep_their_code_reason_and_details(tmp_path: Path) -> None:
     async def test() -> None:
         async with stack(tmp_path) as s:
