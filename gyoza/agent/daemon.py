@@ -260,6 +260,8 @@ class Agent:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._given_channel = channel
         self._address_index = 0
+        # The address a round of failed tries began at (None: connected since).
+        self._round_start: int | None = None
         self._address: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
@@ -639,11 +641,22 @@ class Agent:
             await self._next_address(servers)
 
     async def _next_address(self, servers: tuple[str, ...]) -> None:
-        """Back off, then try the next address (the same one when there is only one)."""
+        """Pause, then try the next address (the same one when there is only one): the
+        shortest pause while this round of failed tries has addresses left, the growing
+        backoff once every address failed (or the only one)."""
         self._set_state(ConnectionState.DISCONNECTED)
         metrics.RECONNECTS.inc()
-        self._address_index = (self._address_index + 1) % len(servers)
-        delay = self._backoff.next_delay()
+        failed = self._address_index
+        if self._round_start is None:
+            self._round_start = failed
+        self._address_index = (failed + 1) % len(servers)
+        if self._address_index != self._round_start:
+            # Another address of this round is still untried: go to it after the
+            # shortest pause, so that a dead replica costs one failed try, not a
+            # growing backoff. A whole round that failed backs off as one try.
+            delay = self._backoff.initial
+        else:
+            delay = self._backoff.next_delay()
         log.info(
             "agent %s: reconnecting to %s in %.2fs",
             self.name,
@@ -693,6 +706,7 @@ class Agent:
     def on_welcome(self, session: Session, welcome: pb.Welcome) -> None:
         """Welcomed: the connection works; reset the backoff."""
         self._backoff.reset()
+        self._round_start = None
         lease_s = welcome.lease_timeout.ToNanoseconds() / 1e9
         if lease_s > 0:
             # Never back off so long that the server declares this agent lost: its runs

@@ -98,6 +98,24 @@ def test_agent_skips_a_dead_address_and_completes_a_run(patient: Cluster) -> Non
     assert f"connected to {patient.address}" in log
 
 
+def test_dead_addresses_cost_one_short_pause_each_and_a_round_one_backoff(
+    patient: Cluster,
+) -> None:
+    """Two dead addresses before the live one: the agent moves on from each after the
+    shortest pause (not a growing backoff), and reaches the live server in its first
+    round (0.2 s: the agent's first backoff step)."""
+    dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    agent = _agent(patient.tmp, "a1", [*dead, patient.address])
+    patient.agents["a1"] = agent
+    agent.start()
+    patient.wait_agents({"a1"})
+    log = agent.log()
+    moves = [line for line in log.splitlines() if "reconnecting to" in line]
+    assert any(f"reconnecting to {dead[1]} in 0.20s" in line for line in moves), moves
+    assert any(f"reconnecting to {patient.address} in 0.20s" in line for line in moves), moves
+    assert not any(f"reconnecting to {dead[0]}" in line for line in moves), moves
+
+
 def test_agent_fails_over_to_a_server_on_the_same_database(patient: Cluster) -> None:
     """Server A is killed -9 mid-run; server B starts on A's database file at another
     address; the agent moves to B and the run completes with one attempt."""
