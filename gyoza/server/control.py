@@ -474,7 +474,11 @@ class RunController:
     async def reply(
         self, agent: str, run_id: str, attempt: int, accepted: bool, reason: str
     ) -> None:
-        """An agent accepted or refused an assignment; a refusal releases it."""
+        """An agent accepted or refused an assignment; a refusal releases it.
+
+        An acceptance changes nothing (the run is ASSIGNED to the agent already): the
+        agent service relies on that to apply the reports queued on either side of one
+        in a single group."""
         if accepted:
             return
         await self._release(

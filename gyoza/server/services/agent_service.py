@@ -263,8 +263,14 @@ class AgentServiceServicer(agent_service_pb2_grpc.AgentServiceServicer):
             # covers them, and the agent gets one acknowledgement for them.
             pending: list[agent_service_pb2.Report] = []
             while message is not None:
-                if message.WhichOneof("message") == "reports":
+                kind = message.WhichOneof("message")
+                if kind == "reports":
                     pending.extend(message.reports.reports)
+                elif kind == "assignment_reply" and message.assignment_reply.accepted:
+                    # An acceptance changes nothing the reports depend on (the run is
+                    # ASSIGNED to this agent already): it does not split the group, so
+                    # the reports on either side of it still share one commit.
+                    await self._other(session, message)
                 else:
                     if pending:
                         await self._reports(session, pending)
