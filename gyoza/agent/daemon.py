@@ -734,8 +734,18 @@ class Agent:
             log.info("agent %s refuses %s/%d: %s", self.name, run_id, attempt, refusal)
             session.reply(run_id, attempt, accepted=False, reason=refusal)
             return
+        # Holding, replying and starting happen together or not at all: the stream may
+        # end (and this handler be cancelled) while the hold commits, and an attempt held
+        # but never started would wait forever (the next Hello lists it as held). So they
+        # run in a task of the agent's own, which a session's end does not cancel; the
+        # handler waits for it to keep the stream's messages in order.
+        accept = self._spawn(self._accept(session, assignment), name=f"accept {run_id}/{attempt}")
+        await asyncio.shield(accept)
+
+    async def _accept(self, session: Session, assignment: pb.Assignment) -> None:
+        run_id, attempt = assignment.run_id, assignment.attempt
         await self.outbox.hold(assignment)
-        session.reply(run_id, attempt, accepted=True)
+        session.reply(run_id, attempt, accepted=True)  # a no-op once the session ended
         log.info(
             "agent %s accepted %s/%d",
             self.name,

@@ -9,6 +9,7 @@ in tests/integration; these tests pin the agent's side of the protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -321,6 +322,31 @@ def test_unacknowledged_reports_are_resent_in_order_after_a_reconnect(tmp_path: 
             assert contiguous(peer, ("run_r", 1)) == list(range(1, 9))
             assert peer.gaps == [] and peer.duplicates == 0
             assert [r.seq for r in peer.sessions[1].received][:2] == [1, 2]
+
+    with_peer(test, peer)
+
+
+def test_an_assignment_whose_stream_ends_while_it_is_held_still_runs(tmp_path: Path) -> None:
+    """The session's handler is cancelled while the hold commits (the stream ended just
+    then): the attempt is held all the same, so it must also run, not wait forever."""
+    peer = StreamPeer()
+
+    async def test(peer: StreamPeer, address: str) -> None:
+        async with Agent(config(address, tmp_path)) as agent:
+            await asyncio.wait_for(agent.wait_for_state(ConnectionState.CONNECTED), WAIT_S)
+            session = agent._session
+            assert session is not None
+            handler = asyncio.create_task(
+                agent.on_assignment(session, assignment("run_c", progress_steps=2))
+            )
+            await asyncio.sleep(0)  # the handler now waits on the outbox's commit
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            assert agent.outbox.holds("run_c", 1)
+            await peer.until(lambda: peer.ended(("run_c", 1)))
+            seqs = contiguous(peer, ("run_c", 1))
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3  # to its end
 
     with_peer(test, peer)
 
