@@ -87,7 +87,10 @@ def run_changes(
                 if not response.HasField("event") and not first:
                     continue  # the snapshot of a resumed stream
                 first = False
-                sequence = max(sequence, response.sequence)
+                if response.HasField("event"):
+                    # Only a delivered event moves the resume point: the snapshot's
+                    # sequence counts events the server has yet to send after it.
+                    sequence = max(sequence, response.sequence)
                 yield response
         except GyozaClientError as error:
             if error.code is not grpc.StatusCode.UNAVAILABLE or first:
